@@ -1,0 +1,154 @@
+//! Per-vCPU CPUID, derived from what KVM supports (`KVM_GET_SUPPORTED_CPUID`): APIC IDs,
+//! the hypervisor bit, and consistent topology leaves (1, 4, 0xB, 0x1F, 0x8000_0008,
+//! 0x8000_001E) for one socket of `nr_vcpus` single-threaded cores. Intel SDM vol. 2A
+//! "CPUID"; AMD APM vol. 3 appendix E.
+
+use kvm_bindings::{kvm_cpuid_entry2, CpuId};
+
+/// Leaf 1 ECX: hypervisor present.
+const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+/// Leaf 1 EDX: multi-threading (logical processor count valid).
+const LEAF1_EDX_HTT: u32 = 1 << 28;
+/// Leaf 0xB/0x1F level types.
+const LEVEL_SMT: u32 = 1;
+const LEVEL_CORE: u32 = 2;
+
+/// Bits needed to number `n` things (0 for 1).
+fn id_bits(n: u32) -> u32 {
+    if n <= 1 {
+        0
+    } else {
+        32 - (n - 1).leading_zeros()
+    }
+}
+
+fn topology_entry(e: &mut kvm_cpuid_entry2, apic_id: u32, nr_vcpus: u32) {
+    let core_bits = id_bits(nr_vcpus);
+    match e.index {
+        0 => {
+            e.eax = 0;
+            e.ebx = 1;
+            e.ecx = (LEVEL_SMT << 8) | e.index;
+        }
+        1 => {
+            e.eax = core_bits;
+            e.ebx = nr_vcpus;
+            e.ecx = (LEVEL_CORE << 8) | e.index;
+        }
+        _ => {
+            e.eax = 0;
+            e.ebx = 0;
+            e.ecx = e.index;
+        }
+    }
+    e.edx = apic_id;
+}
+
+/// Adjusts `cpuid` (KVM's supported set) for vCPU `vcpu_id` of `nr_vcpus`. The APIC ID
+/// of vCPU n is n.
+pub fn configure(cpuid: &mut CpuId, vcpu_id: u32, nr_vcpus: u32) {
+    let apic_id = vcpu_id;
+    let nr = nr_vcpus.max(1);
+    for e in cpuid.as_mut_slice().iter_mut() {
+        match e.function {
+            0x1 => {
+                e.ebx = (e.ebx & 0x0000_ffff) | (apic_id << 24) | (nr.min(255) << 16);
+                e.ecx |= LEAF1_ECX_HYPERVISOR;
+                if nr > 1 {
+                    e.edx |= LEAF1_EDX_HTT;
+                } else {
+                    e.edx &= !LEAF1_EDX_HTT;
+                }
+            }
+            0x4 => {
+                // Deterministic cache parameters: cores per package − 1 in EAX 31:26,
+                // one thread per cache (EAX 25:14 = 0).
+                if e.eax & 0x1f != 0 {
+                    let cores = nr.min(64) - 1;
+                    e.eax = (e.eax & 0x3fff) | (cores << 26);
+                }
+            }
+            0xb | 0x1f => topology_entry(e, apic_id, nr),
+            0x8000_0008 => {
+                // AMD: ECX 7:0 NC (cores − 1), 15:12 ApicIdCoreIdSize.
+                e.ecx = (e.ecx & !0xf0ff) | (id_bits(nr) << 12) | (nr - 1).min(255);
+            }
+            0x8000_001e => {
+                e.eax = apic_id;
+                // Compute unit ID = core, one thread per unit.
+                e.ebx = (e.ebx & !0xffff) | (apic_id & 0xff);
+                e.ecx &= !0xff;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The APIC ID a vCPU's CPUID reports (leaf 1 EBX 31:24), for checks.
+pub fn apic_id_of(cpuid: &CpuId) -> Option<u32> {
+    cpuid
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 1)
+        .map(|e| e.ebx >> 24)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> CpuId {
+        let leaves = [
+            (0x1, 0, 0x0008_0800, 0, 0),
+            (0xb, 0, 0, 0, 0),
+            (0xb, 1, 0, 0, 0),
+            (0xb, 2, 0, 0, 0),
+            (0x8000_0008, 0, 0, 0, 0x0000_7003),
+            (0x8000_001e, 0, 0, 0x0100, 0),
+        ];
+        let entries: Vec<kvm_cpuid_entry2> = leaves
+            .iter()
+            .map(|(f, i, ebx, ecx, _)| kvm_cpuid_entry2 {
+                function: *f,
+                index: *i,
+                ebx: *ebx,
+                ecx: *ecx,
+                ..Default::default()
+            })
+            .collect();
+        CpuId::from_entries(&entries).expect("cpuid")
+    }
+
+    #[test]
+    fn per_vcpu_apic_ids_and_topology() {
+        for (id, n) in [(0u32, 1u32), (1, 2), (5, 8), (2, 3)] {
+            let mut c = sample();
+            configure(&mut c, id, n);
+            assert_eq!(apic_id_of(&c), Some(id));
+            let s = c.as_slice();
+            let l1 = s.iter().find(|e| e.function == 1).expect("leaf1");
+            assert_eq!((l1.ebx >> 16) & 0xff, n);
+            assert_ne!(l1.ecx & LEAF1_ECX_HYPERVISOR, 0);
+            let b1 = s
+                .iter()
+                .find(|e| e.function == 0xb && e.index == 1)
+                .expect("0xb/1");
+            assert_eq!(b1.ebx, n);
+            assert_eq!(b1.edx, id);
+            assert!(1u32 << b1.eax >= n);
+            assert_eq!((b1.ecx >> 8) & 0xff, LEVEL_CORE);
+            let b2 = s
+                .iter()
+                .find(|e| e.function == 0xb && e.index == 2)
+                .expect("0xb/2");
+            assert_eq!(b2.ebx, 0);
+            let amd = s.iter().find(|e| e.function == 0x8000_0008).expect("amd");
+            assert_eq!(amd.ecx & 0xff, n - 1);
+        }
+    }
+
+    #[test]
+    fn id_bits_values() {
+        assert_eq!([1, 2, 3, 4, 5, 8, 9].map(id_bits), [0, 1, 2, 2, 3, 3, 4]);
+    }
+}

@@ -1,0 +1,13 @@
+//! The x86_64 platform of faultvisor: guest memory layout and e820, the Linux boot
+//! protocol (ELF vmlinux and bzImage through `linux-loader`), long-mode vCPU state,
+//! CPUID and MSR setup, and the ACPI tables (RSDP, XSDT, FADT, MADT, DSDT, MCFG).
+//!
+//! Nothing here issues KVM ioctls: functions fill guest memory or return the register
+//! and CPUID values that the `vmm` crate hands to KVM.
+
+pub mod acpi;
+pub mod boot;
+pub mod cpuid;
+pub mod layout;
+pub mod msr;
+pub mod regs;

@@ -1,0 +1,12 @@
+//! Legacy port-I/O devices: COM1, the i8042 reset line, the debug-exit port, the
+//! boot-timer port and the ACPI (hardware-reduced) sleep and reset registers.
+
+pub mod acpi_pm;
+pub mod debug;
+pub mod i8042;
+pub mod serial;
+
+pub use acpi_pm::AcpiPmDevice;
+pub use debug::{BootTimer, DebugExit};
+pub use i8042::I8042;
+pub use serial::{IoapicPinTrigger, SerialDevice, SerialOutput};

@@ -1,0 +1,5 @@
+//! The `faultvisor` binary: a thin wrapper around the `cli` crate.
+
+fn main() {
+    std::process::exit(cli::main());
+}
