@@ -1,1 +1,445 @@
-//! stub
+//! faultvisor's VMM core, and the only crate that issues KVM ioctls.
+//!
+//! [`Vm::build`] creates a KVM VM with the split irqchip (local APICs in the kernel, the
+//! IOAPIC in userspace, 24 reserved routes) and the x2APIC API, maps guest RAM around
+//! the 32-bit MMIO hole, assembles the devices, loads the kernel, initrd, command line and
+//! ACPI tables, and configures the vCPUs. [`Vm::run`] starts one thread per vCPU plus an
+//! event loop (`event-manager`) for host input, and returns when the guest ends the VM.
+
+pub mod irq;
+mod stdin;
+pub mod vcpu;
+
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use arch::layout::{self, MemoryLayout};
+use devices::exit::{ExitHandle, ExitRequest};
+use devices::ioapic::{IoApic, IOAPIC_BASE, IOAPIC_SIZE};
+use devices::legacy::{acpi_pm, debug, i8042, serial};
+use devices::legacy::{AcpiPmDevice, BootTimer, DebugExit, I8042, IoapicPinTrigger, SerialDevice, SerialOutput};
+use devices::pci::bus::BarAllocator;
+use devices::pci::{Bdf, HostBridge, PciBarWindow, PciConfigIo, PciEcam, PciRoot};
+use kvm_bindings::{
+    kvm_enable_cap, kvm_userspace_memory_region, KVM_CAP_SPLIT_IRQCHIP, KVM_CAP_X2APIC_API,
+    KVM_MAX_CPUID_ENTRIES, KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK, KVM_X2APIC_API_USE_32BIT_IDS,
+};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_device::bus::{MmioAddress, MmioRange, PioAddress, PioRange};
+use vm_device::device_manager::{IoManager, MmioManager, PioManager};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+pub use irq::KvmIrqController;
+
+/// Exit code when the VMM itself fails (bad configuration, host errors).
+pub const EXIT_VMM_ERROR: i32 = 2;
+/// Exit code when the guest crashes (triple fault, KVM internal error).
+pub const EXIT_GUEST_CRASH: i32 = 4;
+/// Smallest guest RAM accepted.
+pub const MIN_MEMORY: u64 = 64 << 20;
+/// Largest vCPU count (APIC IDs must fit the MADT's 8-bit xAPIC entries).
+pub const MAX_VCPUS: u32 = 255;
+
+/// Where the guest's serial console goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SerialConfig {
+    /// The VMM's stdout (and stdin for input).
+    Stdio,
+    /// A file (created or truncated).
+    File(PathBuf),
+    /// Discarded.
+    None,
+}
+
+/// Everything needed to start a VM.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// Kernel image (ELF vmlinux or bzImage).
+    pub kernel: PathBuf,
+    /// Optional initrd.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Guest RAM in bytes.
+    pub mem_size: u64,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Serial console destination.
+    pub serial: SerialConfig,
+    /// When the VMM process started (for the boot timer and start-up logs).
+    pub start: Instant,
+}
+
+/// Errors of building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// `/dev/kvm` could not be opened.
+    #[error("cannot open /dev/kvm: {0}")]
+    KvmOpen(String),
+    /// A KVM ioctl failed.
+    #[error("{0} failed: {1}")]
+    Kvm(&'static str, kvm_ioctls::Error),
+    /// The host KVM lacks something faultvisor needs.
+    #[error("this host's KVM does not support {0}")]
+    MissingCapability(&'static str),
+    /// Guest memory could not be created.
+    #[error("cannot allocate {size} MiB of guest memory: {reason}")]
+    Memory {
+        /// Requested size in MiB.
+        size: u64,
+        /// Why.
+        reason: String,
+    },
+    /// A file could not be opened.
+    #[error("cannot open {what} '{path}': {source}")]
+    File {
+        /// Which file.
+        what: &'static str,
+        /// Path given.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Loading the kernel or initrd failed.
+    #[error(transparent)]
+    Boot(#[from] arch::boot::BootError),
+    /// Building the ACPI tables failed.
+    #[error(transparent)]
+    Acpi(#[from] arch::acpi::AcpiError),
+    /// Interrupt plumbing failed.
+    #[error("interrupt setup failed: {0}")]
+    Interrupt(#[from] devices::interrupt::InterruptError),
+    /// Too many vCPUs.
+    #[error("{requested} vCPUs requested, but at most {max} are supported here")]
+    TooManyVcpus {
+        /// Requested.
+        requested: u32,
+        /// Limit.
+        max: u32,
+    },
+    /// Anything else during setup.
+    #[error("VM setup failed: {0}")]
+    Setup(String),
+}
+
+/// Opens `/dev/kvm` with an explanation of the usual failures.
+pub fn open_kvm() -> Result<Kvm, VmmError> {
+    Kvm::new().map_err(|e| {
+        VmmError::KvmOpen(match e.errno() {
+            libc::ENOENT => {
+                "no such device (KVM is not available: load the kvm module, or enable \
+                 virtualization in the firmware or the outer hypervisor)"
+                    .into()
+            }
+            libc::EACCES | libc::EPERM => {
+                "permission denied (add your user to the 'kvm' group, or run as root)".into()
+            }
+            _ => e.to_string(),
+        })
+    })
+}
+
+/// The largest vCPU count this host's KVM and faultvisor allow.
+pub fn max_vcpus(kvm: &Kvm) -> u32 {
+    (kvm.get_max_vcpus() as u32).min(MAX_VCPUS)
+}
+
+/// Whether the host KVM is `kvm_pvm`, a software KVM that cannot run a stock Linux guest.
+pub fn host_kvm_is_pvm() -> bool {
+    std::path::Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// A VM ready to run.
+pub struct Vm {
+    _kvm: Kvm,
+    vm: Arc<VmFd>,
+    vcpus: Vec<kvm_ioctls::VcpuFd>,
+    io: Arc<IoManager>,
+    ioapic: Arc<Mutex<IoApic>>,
+    serial: Arc<Mutex<SerialDevice>>,
+    serial_stdio: bool,
+    exit: Arc<ExitHandle>,
+    irq: Arc<KvmIrqController>,
+    start: Instant,
+    _mem: GuestMemoryMmap,
+}
+
+fn open(what: &'static str, path: &PathBuf) -> Result<File, VmmError> {
+    File::open(path).map_err(|source| VmmError::File {
+        what,
+        path: path.clone(),
+        source,
+    })
+}
+
+impl Vm {
+    /// Builds the VM described by `cfg`.
+    pub fn build(cfg: &VmConfig) -> Result<Self, VmmError> {
+        let kvm = open_kvm()?;
+        if cfg.vcpus == 0 || cfg.vcpus > max_vcpus(&kvm) {
+            return Err(VmmError::TooManyVcpus {
+                requested: cfg.vcpus,
+                max: max_vcpus(&kvm),
+            });
+        }
+        for (cap, name) in [
+            (Cap::Irqfd, "irqfd (KVM_CAP_IRQFD)"),
+            (Cap::IrqRouting, "GSI routing (KVM_CAP_IRQ_ROUTING)"),
+            (Cap::SplitIrqchip, "the split irqchip (KVM_CAP_SPLIT_IRQCHIP)"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(VmmError::MissingCapability(name));
+            }
+        }
+        let max_routes = kvm.check_extension_int(Cap::IrqRouting).max(64) as u32;
+        let vm = Arc::new(kvm.create_vm().map_err(|e| VmmError::Kvm("KVM_CREATE_VM", e))?);
+        vm.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
+            .map_err(|e| VmmError::Kvm("KVM_SET_TSS_ADDR", e))?;
+
+        // Split irqchip before any vCPU exists: LAPICs in KVM, 24 IOAPIC routes for us.
+        let mut cap = kvm_enable_cap {
+            cap: KVM_CAP_SPLIT_IRQCHIP,
+            ..Default::default()
+        };
+        cap.args[0] = u64::from(irq::IOAPIC_GSIS);
+        vm.enable_cap(&cap)
+            .map_err(|e| VmmError::Kvm("KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)", e))?;
+        if kvm.check_extension(Cap::X2ApicApi) {
+            let mut cap = kvm_enable_cap {
+                cap: KVM_CAP_X2APIC_API,
+                ..Default::default()
+            };
+            cap.args[0] =
+                u64::from(KVM_X2APIC_API_USE_32BIT_IDS | KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK);
+            vm.enable_cap(&cap)
+                .map_err(|e| VmmError::Kvm("KVM_ENABLE_CAP(KVM_CAP_X2APIC_API)", e))?;
+        } else {
+            log::warn!("host KVM lacks KVM_CAP_X2APIC_API; APIC IDs above 254 are unusable");
+        }
+
+        // Guest RAM around the MMIO hole.
+        let mem_layout = MemoryLayout::new(cfg.mem_size);
+        let ranges: Vec<(GuestAddress, usize)> = mem_layout
+            .ram
+            .iter()
+            .map(|(a, s)| (GuestAddress(*a), *s as usize))
+            .collect();
+        let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmmError::Memory {
+            size: cfg.mem_size >> 20,
+            reason: e.to_string(),
+        })?;
+        for (slot, region) in mem.iter().enumerate() {
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+                flags: 0,
+            };
+            // SAFETY: the region is a live mmap owned by `mem`, which the returned `Vm`
+            // keeps alive for as long as the KVM VM exists; the host address range is
+            // exactly the mapping's.
+            unsafe { vm.set_user_memory_region(r) }
+                .map_err(|e| VmmError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+        }
+
+        let irqc = Arc::new(KvmIrqController::new(vm.clone(), max_routes)?);
+        let exit = Arc::new(ExitHandle::new());
+
+        // Devices.
+        let mut io = IoManager::new();
+        let ioapic = Arc::new(Mutex::new(IoApic::new(irqc.clone())));
+        let reg_err = |what: &str| {
+            let what = what.to_string();
+            move |e: vm_device::bus::Error| VmmError::Setup(format!("registering {what}: {e:?}"))
+        };
+        let mmio = |base: u64, size: u64| {
+            MmioRange::new(MmioAddress(base), size)
+                .map_err(|e| VmmError::Setup(format!("MMIO range {base:#x}: {e:?}")))
+        };
+        let pio = |base: u16, size: u16| {
+            PioRange::new(PioAddress(base), size)
+                .map_err(|e| VmmError::Setup(format!("port range {base:#x}: {e:?}")))
+        };
+        io.register_mmio(mmio(IOAPIC_BASE, IOAPIC_SIZE)?, ioapic.clone())
+            .map_err(reg_err("the IOAPIC"))?;
+
+        let serial_stdio = cfg.serial == SerialConfig::Stdio;
+        let out: Box<dyn Write + Send> = match &cfg.serial {
+            SerialConfig::Stdio => Box::new(std::io::stdout()),
+            SerialConfig::File(p) => Box::new(File::create(p).map_err(|source| VmmError::File {
+                what: "serial output file",
+                path: p.clone(),
+                source,
+            })?),
+            SerialConfig::None => Box::new(std::io::sink()),
+        };
+        let serial = Arc::new(Mutex::new(SerialDevice::new(
+            IoapicPinTrigger::new(ioapic.clone(), serial::COM1_PIN),
+            SerialOutput::new(out),
+        )));
+        io.register_pio(pio(serial::COM1_PORT, serial::COM1_PORTS)?, serial.clone())
+            .map_err(reg_err("COM1"))?;
+        io.register_pio(
+            pio(i8042::I8042_PORT, i8042::I8042_PORTS)?,
+            Arc::new(Mutex::new(I8042::new(exit.clone()))),
+        )
+        .map_err(reg_err("the i8042"))?;
+        io.register_pio(
+            pio(debug::DEBUG_EXIT_PORT, 1)?,
+            Arc::new(Mutex::new(DebugExit::new(exit.clone()))),
+        )
+        .map_err(reg_err("the debug-exit port"))?;
+        io.register_pio(
+            pio(debug::BOOT_TIMER_PORT, 1)?,
+            Arc::new(Mutex::new(BootTimer::new(cfg.start))),
+        )
+        .map_err(reg_err("the boot-timer port"))?;
+        io.register_pio(
+            pio(acpi_pm::ACPI_PM_PORT, acpi_pm::ACPI_PM_PORTS)?,
+            Arc::new(Mutex::new(AcpiPmDevice::new(exit.clone()))),
+        )
+        .map_err(reg_err("the ACPI PM registers"))?;
+
+        // PCI: host bridge now; later issues add devices before the root is shared.
+        let mmio64 = mem_layout.pci_mmio64();
+        let _bars = BarAllocator::new((layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE), mmio64)
+            .map_err(|e| VmmError::Setup(format!("PCI windows: {e}")))?;
+        let mut root = PciRoot::new();
+        root.add(Bdf::new(0), Arc::new(Mutex::new(HostBridge::new())))
+            .map_err(|e| VmmError::Setup(e.to_string()))?;
+        let root = Arc::new(root);
+        io.register_mmio(
+            mmio(layout::ECAM_START, layout::ECAM_SIZE)?,
+            Arc::new(PciEcam::new(root.clone())),
+        )
+        .map_err(reg_err("the PCI ECAM window"))?;
+        io.register_pio(
+            pio(devices::pci::bus::CONFIG_ADDRESS_PORT, devices::pci::bus::CONFIG_IO_PORTS)?,
+            Arc::new(PciConfigIo::new(root.clone())),
+        )
+        .map_err(reg_err("the PCI config ports"))?;
+        let window = Arc::new(PciBarWindow::new(root.clone()));
+        io.register_mmio(
+            mmio(layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE)?,
+            window.clone(),
+        )
+        .map_err(reg_err("the 32-bit PCI window"))?;
+        io.register_mmio(mmio(mmio64.0, mmio64.1)?, window)
+            .map_err(reg_err("the 64-bit PCI window"))?;
+
+        // Kernel, initrd, command line, ACPI, zero page.
+        let mut kf = open("kernel", &cfg.kernel)?;
+        let kernel = arch::boot::load_kernel(&mem, &mut kf)?;
+        let initrd = match &cfg.initrd {
+            Some(p) => {
+                let mut f = open("initrd", p)?;
+                Some(arch::boot::load_initrd(&mem, &mem_layout, &kernel, &mut f)?)
+            }
+            None => None,
+        };
+        let cmdline_size = arch::boot::load_command_line(&mem, &cfg.cmdline)?;
+        let acpi_cfg = arch::acpi::AcpiConfig {
+            nr_vcpus: cfg.vcpus,
+            ioapic_address: IOAPIC_BASE as u32,
+            ecam_base: layout::ECAM_START,
+            pci_mmio32: (layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE),
+            pci_mmio64: mmio64,
+            pm_port: acpi_pm::ACPI_PM_PORT,
+            reset_value: acpi_pm::RESET_VALUE,
+            s5_slp_typ: acpi_pm::S5_SLP_TYP,
+            com1: (serial::COM1_PORT, serial::COM1_PIN as u32),
+            extra_tables: Vec::new(),
+        };
+        let rsdp = arch::acpi::create_acpi_tables(&mem, &acpi_cfg)?;
+        arch::boot::write_boot_params(&mem, &mem_layout, &kernel, cmdline_size, initrd, rsdp)?;
+        log::debug!(
+            "kernel {:?} entry {:#x}, initrd {:?}, rsdp {rsdp:#x}",
+            kernel.format,
+            kernel.entry,
+            initrd
+        );
+
+        // vCPUs.
+        let base_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| VmmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+        let mut vcpus = Vec::new();
+        for id in 0..cfg.vcpus {
+            let v = vm
+                .create_vcpu(u64::from(id))
+                .map_err(|e| VmmError::Kvm("KVM_CREATE_VCPU", e))?;
+            vcpu::configure(&v, id, cfg.vcpus, &base_cpuid, &mem, kernel.entry)?;
+            vcpus.push(v);
+        }
+
+        Ok(Self {
+            _kvm: kvm,
+            vm,
+            vcpus,
+            io: Arc::new(io),
+            ioapic,
+            serial,
+            serial_stdio,
+            exit,
+            irq: irqc,
+            start: cfg.start,
+            _mem: mem,
+        })
+    }
+
+    /// The exit handle (to end the VM from outside).
+    pub fn exit_handle(&self) -> Arc<ExitHandle> {
+        self.exit.clone()
+    }
+
+    /// The interrupt controller.
+    pub fn irq_controller(&self) -> Arc<KvmIrqController> {
+        self.irq.clone()
+    }
+
+    /// The KVM VM.
+    pub fn vm_fd(&self) -> Arc<VmFd> {
+        self.vm.clone()
+    }
+
+    /// Runs the VM until the guest ends it; returns why it ended.
+    pub fn run(self) -> Result<ExitRequest, VmmError> {
+        if self.serial_stdio {
+            stdin::spawn_input_loop(self.serial.clone())?;
+        }
+        let mut handles = Vec::new();
+        let first = std::sync::atomic::AtomicBool::new(false);
+        let first = Arc::new(first);
+        for (id, v) in self.vcpus.into_iter().enumerate() {
+            let ctx = vcpu::VcpuContext {
+                io: self.io.clone(),
+                ioapic: self.ioapic.clone(),
+                exit: self.exit.clone(),
+            };
+            let start = self.start;
+            let first = first.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("fv-vcpu{id}"))
+                .spawn(move || {
+                    if id == 0 && !first.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        log::info!(
+                            "first KVM_RUN {} us after VMM start",
+                            start.elapsed().as_micros()
+                        );
+                    }
+                    vcpu::run(v, id as u32, ctx)
+                })
+                .map_err(|e| VmmError::Setup(format!("cannot start a vCPU thread: {e}")))?;
+            handles.push(h);
+        }
+        let req = self.exit.wait(None).unwrap_or(ExitRequest {
+            code: EXIT_VMM_ERROR,
+            reason: "exit handle closed".into(),
+        });
+        Ok(req)
+    }
+}

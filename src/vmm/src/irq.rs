@@ -1,0 +1,169 @@
+//! KVM implementation of [`InterruptController`]: a GSI routing table pushed with
+//! `KVM_SET_GSI_ROUTING` and one irqfd per GSI. GSIs 0..24 are the IOAPIC pins (KVM's
+//! split irqchip reserves them, and scans their level-triggered routes to produce
+//! `KVM_EXIT_IOAPIC_EOI`); MSI and MSI-X vectors get GSIs from 24 up.
+//!
+//! Every MSI message enters KVM through [`KvmIrqController::program_msi`], the single
+//! place where interrupt remapping will translate or block it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use devices::interrupt::{InterruptController, InterruptError, MsiMessage, MsiSource};
+use kvm_bindings::{
+    kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1, kvm_irq_routing_msi,
+    KvmIrqRouting, KVM_IRQ_ROUTING_MSI,
+};
+use kvm_ioctls::VmFd;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// GSIs reserved for the IOAPIC pins.
+pub const IOAPIC_GSIS: u32 = devices::ioapic::NUM_PINS as u32;
+
+struct Routes {
+    table: BTreeMap<u32, kvm_irq_routing_entry>,
+    next_gsi: u32,
+}
+
+/// GSI routing and irqfds over a KVM VM.
+pub struct KvmIrqController {
+    vm: Arc<VmFd>,
+    max_gsi: u32,
+    routes: Mutex<Routes>,
+    irqfds: RwLock<HashMap<u32, EventFd>>,
+}
+
+impl std::fmt::Debug for KvmIrqController {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvmIrqController")
+            .field("max_gsi", &self.max_gsi)
+            .finish()
+    }
+}
+
+fn hv(e: impl std::fmt::Display) -> InterruptError {
+    InterruptError::Hypervisor(e.to_string())
+}
+
+impl KvmIrqController {
+    /// Creates the controller and the irqfds of the IOAPIC pins. `max_routes` is KVM's
+    /// `KVM_CAP_IRQ_ROUTING` value.
+    pub fn new(vm: Arc<VmFd>, max_routes: u32) -> Result<Self, InterruptError> {
+        let c = Self {
+            vm,
+            max_gsi: max_routes.saturating_sub(1).max(IOAPIC_GSIS),
+            routes: Mutex::new(Routes {
+                table: BTreeMap::new(),
+                next_gsi: IOAPIC_GSIS,
+            }),
+            irqfds: RwLock::new(HashMap::new()),
+        };
+        for gsi in 0..IOAPIC_GSIS {
+            c.add_irqfd(gsi)?;
+        }
+        c.commit(&c.lock_routes())?;
+        Ok(c)
+    }
+
+    fn lock_routes(&self) -> MutexGuard<'_, Routes> {
+        match self.routes.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    fn add_irqfd(&self, gsi: u32) -> Result<(), InterruptError> {
+        let fd = EventFd::new(EFD_NONBLOCK).map_err(hv)?;
+        self.vm.register_irqfd(&fd, gsi).map_err(hv)?;
+        match self.irqfds.write() {
+            Ok(mut g) => g.insert(gsi, fd),
+            Err(p) => p.into_inner().insert(gsi, fd),
+        };
+        Ok(())
+    }
+
+    fn commit(&self, routes: &Routes) -> Result<(), InterruptError> {
+        let entries: Vec<kvm_irq_routing_entry> = routes.table.values().copied().collect();
+        let table = KvmIrqRouting::from_entries(&entries).map_err(|e| hv(format!("{e:?}")))?;
+        self.vm.set_gsi_routing(&table).map_err(hv)
+    }
+
+    /// The one entry point of MSI messages into KVM. Interrupt remapping will sit here;
+    /// today the message passes unchanged.
+    pub fn program_msi(&self, _source: MsiSource, msg: MsiMessage) -> Option<MsiMessage> {
+        Some(msg)
+    }
+
+    /// Sends a one-off MSI (no GSI), through the same remapping point.
+    pub fn signal_msi(&self, source: MsiSource, msg: MsiMessage) -> Result<(), InterruptError> {
+        let Some(m) = self.program_msi(source, msg) else {
+            return Ok(());
+        };
+        let msi = kvm_bindings::kvm_msi {
+            address_lo: m.address as u32,
+            address_hi: (m.address >> 32) as u32,
+            data: m.data,
+            ..Default::default()
+        };
+        self.vm.signal_msi(msi).map(|_| ()).map_err(hv)
+    }
+}
+
+impl InterruptController for KvmIrqController {
+    fn allocate_gsi(&self) -> Result<u32, InterruptError> {
+        let gsi = {
+            let mut r = self.lock_routes();
+            if r.next_gsi > self.max_gsi {
+                return Err(InterruptError::GsiExhausted);
+            }
+            let g = r.next_gsi;
+            r.next_gsi += 1;
+            g
+        };
+        self.add_irqfd(gsi)?;
+        Ok(gsi)
+    }
+
+    fn set_msi_route(
+        &self,
+        gsi: u32,
+        source: MsiSource,
+        msg: Option<MsiMessage>,
+    ) -> Result<(), InterruptError> {
+        let mut r = self.lock_routes();
+        if gsi >= r.next_gsi {
+            return Err(InterruptError::UnknownGsi(gsi));
+        }
+        match msg.and_then(|m| self.program_msi(source, m)) {
+            Some(m) => {
+                let entry = kvm_irq_routing_entry {
+                    gsi,
+                    type_: KVM_IRQ_ROUTING_MSI,
+                    u: kvm_irq_routing_entry__bindgen_ty_1 {
+                        msi: kvm_irq_routing_msi {
+                            address_lo: m.address as u32,
+                            address_hi: (m.address >> 32) as u32,
+                            data: m.data,
+                            ..Default::default()
+                        },
+                    },
+                    ..Default::default()
+                };
+                r.table.insert(gsi, entry);
+            }
+            None => {
+                r.table.remove(&gsi);
+            }
+        }
+        self.commit(&r)
+    }
+
+    fn trigger(&self, gsi: u32) -> Result<(), InterruptError> {
+        let g = match self.irqfds.read() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let fd = g.get(&gsi).ok_or(InterruptError::UnknownGsi(gsi))?;
+        fd.write(1).map_err(hv)
+    }
+}

@@ -1,0 +1,184 @@
+//! vCPU setup (CPUID, MSRs, LAPIC LINT1, long-mode registers for the boot vCPU) and the
+//! run loop that dispatches exits: port and MMIO accesses to the `vm-device` I/O
+//! manager, `KVM_EXIT_IOAPIC_EOI` to the userspace IOAPIC, and VM-ending exits to the
+//! [`ExitHandle`].
+
+use std::sync::{Arc, Mutex};
+
+use devices::exit::ExitHandle;
+use devices::ioapic::IoApic;
+use kvm_bindings::{kvm_msr_entry, CpuId, Msrs};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_device::bus::{MmioAddress, PioAddress};
+use vm_device::device_manager::{IoManager, MmioManager, PioManager};
+use vm_memory::GuestMemoryMmap;
+
+use crate::{VmmError, EXIT_GUEST_CRASH};
+
+/// LVT LINT1 register offset in the LAPIC page.
+const APIC_LVT_LINT1: usize = 0x360;
+/// Delivery mode NMI in an LVT entry.
+const APIC_MODE_NMI: u32 = 0x4 << 8;
+/// `KVM_SYSTEM_EVENT_SHUTDOWN`, `_RESET`, `_CRASH`.
+const SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const SYSTEM_EVENT_RESET: u32 = 2;
+
+/// Configures a freshly created vCPU. The boot vCPU (`id == 0`) also gets long-mode
+/// state and starts at `entry`; the others wait for INIT/SIPI in the in-kernel LAPIC.
+pub fn configure(
+    vcpu: &VcpuFd,
+    id: u32,
+    nr_vcpus: u32,
+    base_cpuid: &CpuId,
+    mem: &GuestMemoryMmap,
+    entry: u64,
+) -> Result<(), VmmError> {
+    let kvm_err = |what: &'static str| move |e: kvm_ioctls::Error| VmmError::Kvm(what, e);
+    let mut cpuid = base_cpuid.clone();
+    arch::cpuid::configure(&mut cpuid, id, nr_vcpus);
+    vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+
+    // MSRs one at a time: a host that refuses one must not stop the VM.
+    for (index, data) in arch::msr::boot_msrs() {
+        let msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        }])
+        .map_err(|e| VmmError::Setup(format!("MSR list: {e:?}")))?;
+        match vcpu.set_msrs(&msrs) {
+            Ok(1) => {}
+            Ok(_) => log::debug!("vcpu{id}: host refused MSR {index:#x}; continuing"),
+            Err(e) => log::debug!("vcpu{id}: setting MSR {index:#x} failed ({e}); continuing"),
+        }
+    }
+
+    // LINT1 delivers NMIs (as firmware would leave it).
+    let mut lapic = vcpu.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
+    let reg = &mut lapic.regs[APIC_LVT_LINT1..APIC_LVT_LINT1 + 4];
+    let mut b = [0u8; 4];
+    for (d, s) in b.iter_mut().zip(reg.iter()) {
+        *d = *s as u8;
+    }
+    let v = (u32::from_le_bytes(b) & !0x700) | APIC_MODE_NMI;
+    for (d, s) in reg.iter_mut().zip(v.to_le_bytes()) {
+        *d = s as _;
+    }
+    vcpu.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
+
+    if id == 0 {
+        let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        let sregs = arch::regs::setup_long_mode(mem, sregs)
+            .map_err(|e| VmmError::Setup(e.to_string()))?;
+        vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+        vcpu.set_fpu(&arch::regs::boot_fpu())
+            .map_err(kvm_err("KVM_SET_FPU"))?;
+        vcpu.set_regs(&arch::regs::boot_regs(entry))
+            .map_err(kvm_err("KVM_SET_REGS"))?;
+    }
+    Ok(())
+}
+
+/// What a vCPU thread needs.
+pub struct VcpuContext {
+    /// Port and MMIO devices.
+    pub io: Arc<IoManager>,
+    /// The IOAPIC (for EOI exits).
+    pub ioapic: Arc<Mutex<IoApic>>,
+    /// Where VM-ending events go.
+    pub exit: Arc<ExitHandle>,
+}
+
+fn internal_error_detail(vcpu: &mut VcpuFd) -> String {
+    let run = vcpu.get_kvm_run();
+    // SAFETY: this is called only right after KVM_RUN returned KVM_EXIT_INTERNAL_ERROR,
+    // so the `internal` member of the exit union is the one KVM filled in.
+    let internal = unsafe { run.__bindgen_anon_1.internal };
+    let what = match internal.suberror {
+        1 => "emulation failure (an instruction KVM cannot emulate)",
+        2 => "simultaneous #PF",
+        3 => "delivery event failure",
+        _ => "unknown",
+    };
+    let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+    format!(
+        "KVM internal error {} ({what}) at guest RIP {rip:#x}",
+        internal.suberror
+    )
+}
+
+/// Runs vCPU `id` until the VM ends.
+pub fn run(mut vcpu: VcpuFd, id: u32, ctx: VcpuContext) {
+    loop {
+        if ctx.exit.get().is_some() {
+            return;
+        }
+        match vcpu.run() {
+            Ok(exit) => match exit {
+                VcpuExit::IoIn(port, data) => {
+                    if ctx.io.pio_read(PioAddress(port), data).is_err() {
+                        data.fill(0xff);
+                    }
+                }
+                VcpuExit::IoOut(port, data) => {
+                    let _ = ctx.io.pio_write(PioAddress(port), data);
+                }
+                VcpuExit::MmioRead(addr, data) => {
+                    if ctx.io.mmio_read(MmioAddress(addr), data).is_err() {
+                        data.fill(0xff);
+                    }
+                }
+                VcpuExit::MmioWrite(addr, data) => {
+                    let _ = ctx.io.mmio_write(MmioAddress(addr), data);
+                }
+                VcpuExit::IoapicEoi(vector) => match ctx.ioapic.lock() {
+                    Ok(mut g) => g.end_of_interrupt(vector),
+                    Err(p) => p.into_inner().end_of_interrupt(vector),
+                },
+                VcpuExit::Hlt => {
+                    log::debug!("vcpu{id}: HLT exit");
+                }
+                VcpuExit::Shutdown => {
+                    ctx.exit.request(
+                        EXIT_GUEST_CRASH,
+                        format!("vcpu{id}: guest triple-faulted (KVM_EXIT_SHUTDOWN)"),
+                    );
+                }
+                VcpuExit::SystemEvent(kind, _) => {
+                    let (code, what) = match kind {
+                        SYSTEM_EVENT_SHUTDOWN => (0, "shutdown"),
+                        SYSTEM_EVENT_RESET => (0, "reset"),
+                        _ => (EXIT_GUEST_CRASH, "crash"),
+                    };
+                    ctx.exit
+                        .request(code, format!("vcpu{id}: guest system event: {what}"));
+                }
+                VcpuExit::InternalError => {
+                    let detail = internal_error_detail(&mut vcpu);
+                    ctx.exit
+                        .request(EXIT_GUEST_CRASH, format!("vcpu{id}: {detail}"));
+                }
+                VcpuExit::FailEntry(reason, cpu) => {
+                    ctx.exit.request(
+                        EXIT_GUEST_CRASH,
+                        format!("vcpu{id}: VM entry failed (reason {reason:#x}, host cpu {cpu})"),
+                    );
+                }
+                VcpuExit::Intr => {}
+                other => {
+                    ctx.exit.request(
+                        EXIT_GUEST_CRASH,
+                        format!("vcpu{id}: unexpected exit {other:?}"),
+                    );
+                }
+            },
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => {
+                ctx.exit.request(
+                    EXIT_GUEST_CRASH,
+                    format!("vcpu{id}: KVM_RUN failed: {e}"),
+                );
+            }
+        }
+    }
+}
