@@ -10,13 +10,15 @@ use acpi_tables::aml::{
     ResourceTemplate, IO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags};
-use acpi_tables::Aml;
 use acpi_tables::gas::{AccessSize, AddressSpace as GasSpace, GAS};
-use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
 use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
+use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::layout;
@@ -117,7 +119,11 @@ fn madt(cfg: &AcpiConfig) -> Result<Vec<u8>, AcpiError> {
         LocalInterruptController::Address(layout::LAPIC_START as u32),
     );
     for i in 0..cfg.nr_vcpus {
-        m.add_structure(ProcessorLocalApic::new(i as u8, i as u8, EnabledStatus::Enabled));
+        m.add_structure(ProcessorLocalApic::new(
+            i as u8,
+            i as u8,
+            EnabledStatus::Enabled,
+        ));
     }
     m.add_structure(IoApic::new(0, cfg.ioapic_address, 0));
     let mut bytes = to_bytes(&m);
@@ -196,7 +202,15 @@ fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
 }
 
 fn fadt(cfg: &AcpiConfig, dsdt_addr: u64) -> Vec<u8> {
-    let io8 = |port: u16| GAS::new(GasSpace::SystemIo, 8, 0, AccessSize::ByteAccess, u64::from(port));
+    let io8 = |port: u16| {
+        GAS::new(
+            GasSpace::SystemIo,
+            8,
+            0,
+            AccessSize::ByteAccess,
+            u64::from(port),
+        )
+    };
     let mut b = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
         .dsdt_64(dsdt_addr)
         .flag(Flags::HwReducedAcpi)
@@ -341,11 +355,20 @@ mod tests {
         assert_ne!(flags & (1 << 10), 0, "RESET_REG_SUP");
         // Reset register GAS at 116: system I/O, port 0x602, value 1 at 128.
         assert_eq!(f[116], 1);
-        assert_eq!(u64::from_le_bytes(f[120..128].try_into().expect("8")), 0x602);
+        assert_eq!(
+            u64::from_le_bytes(f[120..128].try_into().expect("8")),
+            0x602
+        );
         assert_eq!(f[128], 1);
         // Sleep control (244) and status (256) registers.
-        assert_eq!(u64::from_le_bytes(f[248..256].try_into().expect("8")), 0x600);
-        assert_eq!(u64::from_le_bytes(f[260..268].try_into().expect("8")), 0x601);
+        assert_eq!(
+            u64::from_le_bytes(f[248..256].try_into().expect("8")),
+            0x600
+        );
+        assert_eq!(
+            u64::from_le_bytes(f[260..268].try_into().expect("8")),
+            0x601
+        );
         assert_eq!(u16::from_le_bytes([f[109], f[110]]), IAPC_BOOT_ARCH);
     }
 
@@ -355,8 +378,15 @@ mod tests {
             let m = mem();
             let p = parse(&m, create_acpi_tables(&m, &cfg(n)).expect("tables"));
             let t = get(&p, b"APIC");
-            assert_eq!(u32::from_le_bytes(t[36..40].try_into().expect("4")), 0xfee0_0000);
-            assert_eq!(u32::from_le_bytes(t[40..44].try_into().expect("4")), 0, "no PCAT_COMPAT");
+            assert_eq!(
+                u32::from_le_bytes(t[36..40].try_into().expect("4")),
+                0xfee0_0000
+            );
+            assert_eq!(
+                u32::from_le_bytes(t[40..44].try_into().expect("4")),
+                0,
+                "no PCAT_COMPAT"
+            );
             let mut off = 44;
             let (mut lapics, mut ioapics, mut isos) = (Vec::new(), 0, 0);
             while off < t.len() {
@@ -384,7 +414,10 @@ mod tests {
         let m = mem();
         let p = parse(&m, create_acpi_tables(&m, &cfg(1)).expect("tables"));
         let mc = get(&p, b"MCFG");
-        assert_eq!(u64::from_le_bytes(mc[44..52].try_into().expect("8")), layout::ECAM_START);
+        assert_eq!(
+            u64::from_le_bytes(mc[44..52].try_into().expect("8")),
+            layout::ECAM_START
+        );
         assert_eq!((mc[54], mc[55]), (0, 0), "bus range 0..0");
         let d = get(&p, b"DSDT");
         let has = |s: &[u8]| d.windows(s.len()).any(|w| w == s);
@@ -412,6 +445,9 @@ mod tests {
         ));
         let mut c = cfg(1);
         c.extra_tables.push(vec![0u8; 200 * 1024]);
-        assert!(matches!(create_acpi_tables(&m, &c), Err(AcpiError::TooBig(_))));
+        assert!(matches!(
+            create_acpi_tables(&m, &c),
+            Err(AcpiError::TooBig(_))
+        ));
     }
 }

@@ -48,7 +48,9 @@ pub enum BootError {
     #[error("cannot load the kernel: {0}")]
     Load(linux_loader::loader::Error),
     /// The initrd does not fit below the kernel's limit.
-    #[error("the initrd ({size} bytes) does not fit in guest memory below {limit:#x} after the kernel")]
+    #[error(
+        "the initrd ({size} bytes) does not fit in guest memory below {limit:#x} after the kernel"
+    )]
     InitrdTooBig {
         /// Initrd size.
         size: u64,
@@ -99,7 +101,10 @@ pub fn detect_format(file: &mut File) -> Result<KernelFormat, BootError> {
         return Ok(KernelFormat::Elf);
     }
     // bzImage: "HdrS" at 0x202.
-    if file.seek(SeekFrom::Start(0x202)).is_ok() && file.read_exact(&mut hdr).is_ok() && u32::from_le_bytes(hdr) == HDR_MAGIC {
+    if file.seek(SeekFrom::Start(0x202)).is_ok()
+        && file.read_exact(&mut hdr).is_ok()
+        && u32::from_le_bytes(hdr) == HDR_MAGIC
+    {
         return Ok(KernelFormat::BzImage);
     }
     Err(BootError::NotAKernel(
@@ -191,7 +196,8 @@ pub fn load_initrd(
 
 /// Validates `cmdline` and writes it at [`layout::CMDLINE_START`].
 pub fn load_command_line(mem: &GuestMemoryMmap, cmdline: &str) -> Result<u32, BootError> {
-    let mut c = Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(|e| BootError::Cmdline(e.to_string()))?;
+    let mut c =
+        Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(|e| BootError::Cmdline(e.to_string()))?;
     c.insert_str(cmdline)
         .map_err(|e| BootError::Cmdline(e.to_string()))?;
     load_cmdline(mem, GuestAddress(layout::CMDLINE_START), &c)
@@ -245,6 +251,29 @@ pub fn write_boot_params(
     .map_err(|e| BootError::Memory(e.to_string()))
 }
 
+/// Writes a 16-byte real-mode stub at the reset vector that writes `value` to the
+/// reset port and halts, so a guest that reboots "through the BIOS" (Linux does on a
+/// hardware-reduced ACPI platform without EFI unless `reboot=` says otherwise) resets
+/// the platform the way firmware would.
+pub fn write_reset_vector_stub(
+    mem: &GuestMemoryMmap,
+    port: u16,
+    value: u8,
+) -> Result<(), BootError> {
+    let [plo, phi] = port.to_le_bytes();
+    let stub: [u8; 16] = [
+        0xb0, value, // mov al, value
+        0xba, plo, phi,  // mov dx, port
+        0xee, // out dx, al
+        0xfa, // cli
+        0xf4, // hlt
+        0xeb, 0xfd, // jmp hlt
+        0x90, 0x90, 0x90, 0x90, 0x90, 0x90,
+    ];
+    mem.write_slice(&stub, GuestAddress(layout::RESET_VECTOR))
+        .map_err(|e| BootError::Memory(e.to_string()))
+}
+
 /// Reads back the zero page (tests and diagnostics).
 pub fn read_boot_params(mem: &GuestMemoryMmap) -> Option<boot_params> {
     mem.read_obj(GuestAddress(layout::ZERO_PAGE_START)).ok()
@@ -293,7 +322,12 @@ mod tests {
     #[test]
     fn garbage_is_not_a_kernel() {
         let (_, m) = mem(64 << 20);
-        for data in [&b""[..], b"abc", b"hello world, not a kernel", &[0u8; 4096][..]] {
+        for data in [
+            &b""[..],
+            b"abc",
+            b"hello world, not a kernel",
+            &[0u8; 4096][..],
+        ] {
             let mut f = tmpfile(data);
             let e = load_kernel(&m, &mut f).expect_err("must fail");
             assert!(e.to_string().starts_with("not a kernel image"), "{e}");
@@ -355,6 +389,16 @@ mod tests {
             .expect("read");
         assert_eq!(&s[..19], b"console=ttyS0 quiet");
         assert_eq!(s[19], 0);
+    }
+
+    #[test]
+    fn reset_stub_targets_the_reset_port() {
+        let (_, m) = mem(64 << 20);
+        write_reset_vector_stub(&m, 0x602, 1).expect("stub");
+        let mut s = [0u8; 16];
+        m.read_slice(&mut s, GuestAddress(layout::RESET_VECTOR))
+            .expect("read");
+        assert_eq!(&s[..6], &[0xb0, 1, 0xba, 0x02, 0x06, 0xee]);
     }
 
     #[test]

@@ -29,8 +29,10 @@ pub const CMDLINE_MAX_SIZE: usize = 0x10000;
 pub const EBDA_START: u64 = 0x9fc00;
 /// ACPI tables area.
 pub const ACPI_START: u64 = 0xe0000;
-/// End of the ACPI tables area.
-pub const ACPI_END: u64 = 0x100000;
+/// End of the ACPI tables area (the reset-vector stub lives above it).
+pub const ACPI_END: u64 = 0xff000;
+/// The x86 reset vector (F000:FFF0), where a BIOS reboot jumps.
+pub const RESET_VECTOR: u64 = 0xffff0;
 /// Start of high memory (the kernel loads here).
 pub const HIMEM_START: u64 = 0x100000;
 /// Start of the 32-bit MMIO hole.

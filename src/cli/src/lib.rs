@@ -14,7 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use vmm::{SerialConfig, VmConfig, EXIT_VMM_ERROR};
 
 /// Default kernel command line for the default guest (and when `--cmdline` is absent).
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 quiet panic=-1 reboot=acpi";
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 quiet";
 
 const RUN_EXAMPLES: &str = "\
 Examples:
@@ -290,7 +290,10 @@ mod tests {
     #[test]
     fn defaults() {
         let a = args(&[]);
-        assert_eq!((a.memory.as_str(), a.vcpus, a.serial.as_str()), ("512M", 2, "stdio"));
+        assert_eq!(
+            (a.memory.as_str(), a.vcpus, a.serial.as_str()),
+            ("512M", 2, "stdio")
+        );
         assert!(a.kernel.is_none());
     }
 
@@ -319,15 +322,39 @@ mod tests {
         let exe = std::env::current_exe().expect("exe");
         let exe = exe.to_str().expect("utf8");
         let cases: Vec<(Vec<&str>, &str)> = vec![
-            (vec!["--kernel", "/nonexistent/vmlinux"], "cannot read kernel '/nonexistent/vmlinux': entity not found"),
-            (vec!["--kernel", "/"], "cannot read kernel '/': not a regular file"),
+            (
+                vec!["--kernel", "/nonexistent/vmlinux"],
+                "cannot read kernel '/nonexistent/vmlinux': entity not found",
+            ),
+            (
+                vec!["--kernel", "/"],
+                "cannot read kernel '/': not a regular file",
+            ),
             (vec!["--kernel", "/etc/hostname"], "not a kernel image"),
-            (vec!["--kernel", exe, "--memory", "32M"], "below the minimum of 64M"),
-            (vec!["--kernel", exe, "--memory", "64T"], "more than this host's"),
-            (vec!["--kernel", exe, "--memory", "lots"], "invalid --memory 'lots'"),
-            (vec!["--kernel", exe, "--vcpus", "0"], "--vcpus must be at least 1"),
-            (vec!["--kernel", exe, "--serial", "tty"], "invalid --serial 'tty'"),
-            (vec!["--kernel", exe, "--initrd", "/nonexistent/initrd"], "cannot read initrd"),
+            (
+                vec!["--kernel", exe, "--memory", "32M"],
+                "below the minimum of 64M",
+            ),
+            (
+                vec!["--kernel", exe, "--memory", "64T"],
+                "more than this host's",
+            ),
+            (
+                vec!["--kernel", exe, "--memory", "lots"],
+                "invalid --memory 'lots'",
+            ),
+            (
+                vec!["--kernel", exe, "--vcpus", "0"],
+                "--vcpus must be at least 1",
+            ),
+            (
+                vec!["--kernel", exe, "--serial", "tty"],
+                "invalid --serial 'tty'",
+            ),
+            (
+                vec!["--kernel", exe, "--initrd", "/nonexistent/initrd"],
+                "cannot read initrd",
+            ),
         ];
         for (a, want) in cases {
             let e = err(&a);
@@ -350,7 +377,14 @@ mod tests {
     fn elf_kernel_passes_validation() {
         let exe = std::env::current_exe().expect("exe");
         let cfg = build_config(
-            &args(&["--kernel", exe.to_str().expect("utf8"), "--memory", "128M", "--vcpus", "3"]),
+            &args(&[
+                "--kernel",
+                exe.to_str().expect("utf8"),
+                "--memory",
+                "128M",
+                "--vcpus",
+                "3",
+            ]),
             Instant::now(),
         )
         .expect("valid");

@@ -35,7 +35,15 @@ mod tests {
         assert_eq!(parse_size("2GiB"), Ok(2 << 30));
         assert_eq!(parse_size("65536K"), Ok(64 << 20));
         assert_eq!(parse_size("1536mb"), Ok(1536 << 20));
-        for bad in ["", "M", "1X", "-5M", "1.5G", "99999999999999999999", "16777216T"] {
+        for bad in [
+            "",
+            "M",
+            "1X",
+            "-5M",
+            "1.5G",
+            "99999999999999999999",
+            "16777216T",
+        ] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
     }

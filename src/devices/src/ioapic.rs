@@ -277,11 +277,10 @@ impl IoApic {
     fn update_route(&mut self, pin: usize) {
         let e = self.entries[pin];
         let msg = if e.masked() { None } else { Some(e.to_msi()) };
-        if let Err(err) = self.irq.set_msi_route(
-            pin as u32,
-            MsiSource::Ioapic { pin: pin as u8 },
-            msg,
-        ) {
+        if let Err(err) =
+            self.irq
+                .set_msi_route(pin as u32, MsiSource::Ioapic { pin: pin as u8 }, msg)
+        {
             log::warn!("ioapic: pin {pin}: cannot update route: {err}");
         }
     }
@@ -512,7 +511,12 @@ mod tests {
     #[test]
     fn remote_irr_and_delivery_status_are_read_only() {
         let (_, mut io) = setup();
-        program(&mut io, 3, 0x33 | REMOTE_IRR_BIT as u32 | DELIVERY_STATUS_BIT as u32, 0);
+        program(
+            &mut io,
+            3,
+            0x33 | REMOTE_IRR_BIT as u32 | DELIVERY_STATUS_BIT as u32,
+            0,
+        );
         let lo = read_reg(&mut io, REG_REDTBL + 6);
         assert_eq!(lo & (REMOTE_IRR_BIT | DELIVERY_STATUS_BIT) as u32, 0);
     }
@@ -552,8 +556,12 @@ mod tests {
         rec.take();
         program(&mut io, 7, 0x37, 2 << 24);
         let log = rec.take();
-        let route_pos = log.iter().position(|r| matches!(r, Recorded::Route(7, _, Some(_))));
-        let trig_pos = log.iter().position(|r| matches!(r, Recorded::Trigger(7, Some(_))));
+        let route_pos = log
+            .iter()
+            .position(|r| matches!(r, Recorded::Route(7, _, Some(_))));
+        let trig_pos = log
+            .iter()
+            .position(|r| matches!(r, Recorded::Trigger(7, Some(_))));
         assert!(route_pos.is_some() && trig_pos.is_some() && route_pos < trig_pos);
     }
 

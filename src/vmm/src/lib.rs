@@ -20,7 +20,9 @@ use arch::layout::{self, MemoryLayout};
 use devices::exit::{ExitHandle, ExitRequest};
 use devices::ioapic::{IoApic, IOAPIC_BASE, IOAPIC_SIZE};
 use devices::legacy::{acpi_pm, debug, i8042, serial};
-use devices::legacy::{AcpiPmDevice, BootTimer, DebugExit, I8042, IoapicPinTrigger, SerialDevice, SerialOutput};
+use devices::legacy::{
+    AcpiPmDevice, BootTimer, DebugExit, IoapicPinTrigger, SerialDevice, SerialOutput, I8042,
+};
 use devices::pci::bus::BarAllocator;
 use devices::pci::{Bdf, HostBridge, PciBarWindow, PciConfigIo, PciEcam, PciRoot};
 use kvm_bindings::{
@@ -129,11 +131,9 @@ pub enum VmmError {
 pub fn open_kvm() -> Result<Kvm, VmmError> {
     Kvm::new().map_err(|e| {
         VmmError::KvmOpen(match e.errno() {
-            libc::ENOENT => {
-                "no such device (KVM is not available: load the kvm module, or enable \
+            libc::ENOENT => "no such device (KVM is not available: load the kvm module, or enable \
                  virtualization in the firmware or the outer hypervisor)"
-                    .into()
-            }
+                .into(),
             libc::EACCES | libc::EPERM => {
                 "permission denied (add your user to the 'kvm' group, or run as root)".into()
             }
@@ -188,14 +188,20 @@ impl Vm {
         for (cap, name) in [
             (Cap::Irqfd, "irqfd (KVM_CAP_IRQFD)"),
             (Cap::IrqRouting, "GSI routing (KVM_CAP_IRQ_ROUTING)"),
-            (Cap::SplitIrqchip, "the split irqchip (KVM_CAP_SPLIT_IRQCHIP)"),
+            (
+                Cap::SplitIrqchip,
+                "the split irqchip (KVM_CAP_SPLIT_IRQCHIP)",
+            ),
         ] {
             if !kvm.check_extension(cap) {
                 return Err(VmmError::MissingCapability(name));
             }
         }
         let max_routes = kvm.check_extension_int(Cap::IrqRouting).max(64) as u32;
-        let vm = Arc::new(kvm.create_vm().map_err(|e| VmmError::Kvm("KVM_CREATE_VM", e))?);
+        let vm = Arc::new(
+            kvm.create_vm()
+                .map_err(|e| VmmError::Kvm("KVM_CREATE_VM", e))?,
+        );
         vm.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
             .map_err(|e| VmmError::Kvm("KVM_SET_TSS_ADDR", e))?;
 
@@ -270,11 +276,13 @@ impl Vm {
         let serial_stdio = cfg.serial == SerialConfig::Stdio;
         let out: Box<dyn Write + Send> = match &cfg.serial {
             SerialConfig::Stdio => Box::new(std::io::stdout()),
-            SerialConfig::File(p) => Box::new(File::create(p).map_err(|source| VmmError::File {
-                what: "serial output file",
-                path: p.clone(),
-                source,
-            })?),
+            SerialConfig::File(p) => {
+                Box::new(File::create(p).map_err(|source| VmmError::File {
+                    what: "serial output file",
+                    path: p.clone(),
+                    source,
+                })?)
+            }
             SerialConfig::None => Box::new(std::io::sink()),
         };
         let serial = Arc::new(Mutex::new(SerialDevice::new(
@@ -318,7 +326,10 @@ impl Vm {
         )
         .map_err(reg_err("the PCI ECAM window"))?;
         io.register_pio(
-            pio(devices::pci::bus::CONFIG_ADDRESS_PORT, devices::pci::bus::CONFIG_IO_PORTS)?,
+            pio(
+                devices::pci::bus::CONFIG_ADDRESS_PORT,
+                devices::pci::bus::CONFIG_IO_PORTS,
+            )?,
             Arc::new(PciConfigIo::new(root.clone())),
         )
         .map_err(reg_err("the PCI config ports"))?;
@@ -355,6 +366,11 @@ impl Vm {
             extra_tables: Vec::new(),
         };
         let rsdp = arch::acpi::create_acpi_tables(&mem, &acpi_cfg)?;
+        arch::boot::write_reset_vector_stub(
+            &mem,
+            acpi_pm::ACPI_PM_PORT + acpi_pm::RESET,
+            acpi_pm::RESET_VALUE,
+        )?;
         arch::boot::write_boot_params(&mem, &mem_layout, &kernel, cmdline_size, initrd, rsdp)?;
         log::debug!(
             "kernel {:?} entry {:#x}, initrd {:?}, rsdp {rsdp:#x}",

@@ -40,7 +40,8 @@ impl MutEventSubscriber for StdinInput {
     fn init(&mut self, ops: &mut EventOps) {
         let stdin = std::io::stdin();
         if let Err(e) = ops.add(Events::new(&stdin.as_raw_fd(), EventSet::IN)) {
-            log::warn!("serial input from stdin is unavailable: {e:?}");
+            // /dev/null and regular files cannot be polled; there is no input then.
+            log::debug!("serial input from stdin is unavailable: {e:?}");
         }
     }
 }

@@ -68,8 +68,8 @@ pub fn configure(
 
     if id == 0 {
         let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-        let sregs = arch::regs::setup_long_mode(mem, sregs)
-            .map_err(|e| VmmError::Setup(e.to_string()))?;
+        let sregs =
+            arch::regs::setup_long_mode(mem, sregs).map_err(|e| VmmError::Setup(e.to_string()))?;
         vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
         vcpu.set_fpu(&arch::regs::boot_fpu())
             .map_err(kvm_err("KVM_SET_FPU"))?;
@@ -119,16 +119,20 @@ pub fn run(mut vcpu: VcpuFd, id: u32, ctx: VcpuContext) {
                     if ctx.io.pio_read(PioAddress(port), data).is_err() {
                         data.fill(0xff);
                     }
+                    log::trace!("vcpu{id}: in {port:#x} -> {data:x?}");
                 }
                 VcpuExit::IoOut(port, data) => {
+                    log::trace!("vcpu{id}: out {port:#x} <- {data:x?}");
                     let _ = ctx.io.pio_write(PioAddress(port), data);
                 }
                 VcpuExit::MmioRead(addr, data) => {
                     if ctx.io.mmio_read(MmioAddress(addr), data).is_err() {
                         data.fill(0xff);
                     }
+                    log::trace!("vcpu{id}: mmio {addr:#x} -> {data:x?}");
                 }
                 VcpuExit::MmioWrite(addr, data) => {
+                    log::trace!("vcpu{id}: mmio {addr:#x} <- {data:x?}");
                     let _ = ctx.io.mmio_write(MmioAddress(addr), data);
                 }
                 VcpuExit::IoapicEoi(vector) => match ctx.ioapic.lock() {
@@ -174,10 +178,8 @@ pub fn run(mut vcpu: VcpuFd, id: u32, ctx: VcpuContext) {
             },
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
             Err(e) => {
-                ctx.exit.request(
-                    EXIT_GUEST_CRASH,
-                    format!("vcpu{id}: KVM_RUN failed: {e}"),
-                );
+                ctx.exit
+                    .request(EXIT_GUEST_CRASH, format!("vcpu{id}: KVM_RUN failed: {e}"));
             }
         }
     }

@@ -63,7 +63,8 @@ impl MutDevicePio for AcpiPmDevice {
                 }
             }
             RESET if v == RESET_VALUE => {
-                self.exit.request(0, "guest reset through the ACPI reset register");
+                self.exit
+                    .request(0, "guest reset through the ACPI reset register");
             }
             _ => {}
         }
@@ -92,7 +93,9 @@ mod tests {
         pm.pio_write(base, RESET, &[0x06]);
         assert_eq!(exit.get(), None);
         pm.pio_write(base, RESET, &[RESET_VALUE]);
-        assert!(exit.get().is_some_and(|r| r.code == 0 && r.reason.contains("reset")));
+        assert!(exit
+            .get()
+            .is_some_and(|r| r.code == 0 && r.reason.contains("reset")));
         let mut d = [0u8; 1];
         pm.pio_read(base, SLEEP_STATUS, &mut d);
         assert_eq!(d[0], WAK_STS);

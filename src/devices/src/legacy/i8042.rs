@@ -21,7 +21,8 @@ impl Trigger for ResetTrigger {
     type E = std::convert::Infallible;
 
     fn trigger(&self) -> Result<(), Self::E> {
-        self.0.request(0, "guest reset through the i8042 controller");
+        self.0
+            .request(0, "guest reset through the i8042 controller");
         Ok(())
     }
 }

@@ -379,11 +379,7 @@ mod tests {
     }
 
     impl TestDev {
-        fn new(
-            bdf: Bdf,
-            alloc: &mut BarAllocator,
-            irq: Arc<RecordingController>,
-        ) -> Self {
+        fn new(bdf: Bdf, alloc: &mut BarAllocator, irq: Arc<RecordingController>) -> Self {
             let mut config = PciConfig::new(0x1234, 0xbeef, 0xff_00_00, 1);
             let b0 = Bar {
                 kind: BarKind::Mem32,
@@ -466,7 +462,11 @@ mod tests {
     }
 
     fn ecam_wr32(e: &PciEcam, dev: u8, reg: u64, v: u32) {
-        e.mmio_write(MmioAddress(0), (u64::from(dev) << 15) | reg, &v.to_le_bytes());
+        e.mmio_write(
+            MmioAddress(0),
+            (u64::from(dev) << 15) | reg,
+            &v.to_le_bytes(),
+        );
     }
 
     #[test]
@@ -507,7 +507,11 @@ mod tests {
         win.mmio_read(MmioAddress(0xc010_0000), 0, &mut d);
         assert_eq!(d, [0xff; 4]);
         ecam_wr32(&ecam, 1, 0x04, u32::from(CMD_MEMORY));
-        win.mmio_write(MmioAddress(0xc010_0000), 0x10, &0x1234_5678u32.to_le_bytes());
+        win.mmio_write(
+            MmioAddress(0xc010_0000),
+            0x10,
+            &0x1234_5678u32.to_le_bytes(),
+        );
         win.mmio_read(MmioAddress(0xc010_0000), 0x10, &mut d);
         assert_eq!(u32::from_le_bytes(d), 0x1234_5678);
     }
@@ -560,7 +564,18 @@ mod tests {
     fn hostile_config_accesses() {
         let (root, _, _) = build();
         let ecam = PciEcam::new(root.clone());
-        for off in [0u64, 1, 2, 3, 0xffc, 0xfff, 0x1000, 0x8000, 0x10_0000, u64::MAX] {
+        for off in [
+            0u64,
+            1,
+            2,
+            3,
+            0xffc,
+            0xfff,
+            0x1000,
+            0x8000,
+            0x10_0000,
+            u64::MAX,
+        ] {
             for len in [0usize, 1, 2, 3, 4, 8] {
                 let mut buf = vec![0xffu8; len];
                 ecam.mmio_read(MmioAddress(0), off, &mut buf);

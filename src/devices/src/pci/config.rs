@@ -171,9 +171,7 @@ impl PciConfig {
     /// the VMM since there is no firmware).
     pub fn add_bar(&mut self, idx: usize, bar: Bar, address: u64) -> Result<(), ConfigError> {
         let regs_needed = if bar.kind == BarKind::Mem64 { 2 } else { 1 };
-        if idx + regs_needed > 6
-            || self.taken[idx..idx + regs_needed].iter().any(|t| *t)
-        {
+        if idx + regs_needed > 6 || self.taken[idx..idx + regs_needed].iter().any(|t| *t) {
             return Err(ConfigError::BadBar(idx));
         }
         if !bar.size.is_power_of_two() || bar.size < 16 {
@@ -216,9 +214,7 @@ impl PciConfig {
         Some(match bar.kind {
             BarKind::Io => u64::from(self.regs[r] & !0x3),
             BarKind::Mem32 => u64::from(self.regs[r] & !0xf),
-            BarKind::Mem64 => {
-                u64::from(self.regs[r] & !0xf) | (u64::from(self.regs[r + 1]) << 32)
-            }
+            BarKind::Mem64 => u64::from(self.regs[r] & !0xf) | (u64::from(self.regs[r + 1]) << 32),
         })
     }
 

@@ -36,7 +36,9 @@ impl Bdf {
 
     /// The 16-bit requester ID (bus 15:8, device 7:3, function 2:0).
     pub fn requester_id(&self) -> u16 {
-        (u16::from(self.bus) << 8) | (u16::from(self.device & 0x1f) << 3) | u16::from(self.function & 7)
+        (u16::from(self.bus) << 8)
+            | (u16::from(self.device & 0x1f) << 3)
+            | u16::from(self.function & 7)
     }
 }
 

@@ -147,8 +147,8 @@ impl Msi {
         let enabled = self.enabled(config);
         let n = self.enabled_vectors(config);
         for v in 0..self.nvec {
-            let want = (enabled && v < n && !self.masked(config, v))
-                .then(|| self.message(config, v));
+            let want =
+                (enabled && v < n && !self.masked(config, v)).then(|| self.message(config, v));
             if want != self.routed[v as usize] {
                 if want.is_none() && self.gsis[v as usize].is_none() {
                     continue;
@@ -216,7 +216,10 @@ mod tests {
         wr(&mut c, cap + DATA, &0x0045u16.to_le_bytes());
         wr(&mut c, cap + CTRL, &1u16.to_le_bytes());
         msi.update(&mut c);
-        assert_eq!(rec.route(24).map(|m| (m.vector(), m.destination())), Some((0x45, 2)));
+        assert_eq!(
+            rec.route(24).map(|m| (m.vector(), m.destination())),
+            Some((0x45, 2))
+        );
         assert!(msi.trigger(&mut c, 0));
         assert_eq!(rec.delivered().len(), 1);
         // Masked: pending, then delivered on unmask.

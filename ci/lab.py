@@ -1,0 +1,268 @@
+#!/usr/bin/env python3
+"""The nested lab: runs faultvisor where a stock Linux guest can boot.
+
+On a host whose /dev/kvm is a hardware KVM, faultvisor runs directly. On a host
+whose KVM cannot run Linux (the software `kvm_pvm`, or no KVM at all), the lab
+boots an L1 VM with Debian's QEMU under TCG emulating an AMD EPYC with SVM and
+NPT; the L1 kernel loads kvm-amd, which gives a working /dev/kvm, and a
+statically linked faultvisor runs inside it. Each job is one faultvisor process
+(one VM); one L1 boot runs many jobs in sequence. The L2 console streams back
+through L1's serial port and is split per job.
+
+Library use (tests/linux): run_jobs([Job(...), ...]) -> {name: JobResult}.
+Command line:
+  ci/lab.py boot [faultvisor run options]   boot one VM, console on stdout
+  ci/lab.py mode                            print direct|nested|unavailable
+"""
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "resources", "guest"))
+from cpio import CpioWriter  # noqa: E402
+
+TARGET = "x86_64-unknown-linux-gnu"
+L1_MEMORY = "3072"
+L1_CMDLINE = "console=ttyS0 quiet panic=-1 loglevel=3"
+BEGIN = "@@LAB-BEGIN "
+END = "@@LAB-END "
+
+
+def log(msg):
+    print(f"[lab] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Job:
+    """One faultvisor run. `args` are `faultvisor run` options; the strings
+    {kernel}, {bzimage} and {initrd} are replaced by the default guest's files."""
+    name: str
+    args: list
+    timeout: int = 240
+
+
+@dataclass
+class JobResult:
+    name: str
+    rc: int = None
+    output: str = ""
+    seconds: float = None
+    lines: list = field(default_factory=list)
+
+
+def mode():
+    """direct (hardware KVM here), nested (QEMU TCG lab) or unavailable."""
+    if os.environ.get("FAULTVISOR_LAB") in ("direct", "nested"):
+        return os.environ["FAULTVISOR_LAB"]
+    if os.path.exists("/dev/kvm") and not os.path.exists("/sys/module/kvm_pvm"):
+        return "direct"
+    if shutil.which("qemu-system-x86_64"):
+        return "nested"
+    return "unavailable"
+
+
+def unavailable_reason():
+    return ("no hardware KVM and no qemu-system-x86_64 for the nested lab "
+            "(install it with: apt-get install qemu-system-x86)")
+
+
+def guest_dir():
+    """Builds (idempotently) and returns the default guest directory."""
+    script = os.path.join(ROOT, "resources", "guest", "build.py")
+    subprocess.run([sys.executable, script], check=True, stdout=sys.stderr)
+    out = subprocess.run([sys.executable, script, "--print-dir"], check=True,
+                         capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def build_vmm(static):
+    """Builds faultvisor (statically linked for the lab) and returns its path."""
+    env = dict(os.environ)
+    cmd = ["cargo", "build", "--release", "--bin", "faultvisor"]
+    if static:
+        env["RUSTFLAGS"] = (env.get("RUSTFLAGS", "") + " -C target-feature=+crt-static").strip()
+        env["CARGO_TARGET_DIR"] = os.path.join(ROOT, "target", "lab")
+        cmd += ["--target", TARGET]
+        path = os.path.join(ROOT, "target", "lab", TARGET, "release", "faultvisor")
+    else:
+        path = os.path.join(env.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")),
+                            "release", "faultvisor")
+    log("building faultvisor" + (" (static, for the nested lab)" if static else ""))
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=sys.stderr)
+    return path
+
+
+def _subst(args, files):
+    return [a.format(**files) for a in args]
+
+
+def _run_direct(jobs, echo):
+    gdir = guest_dir()
+    vmm = build_vmm(static=False)
+    files = {"kernel": f"{gdir}/vmlinux", "bzimage": f"{gdir}/bzImage",
+             "initrd": f"{gdir}/initramfs.cpio"}
+    results = {}
+    for job in jobs:
+        cmd = [vmm, "run", *_subst(job.args, files)]
+        log(f"job {job.name}: {shlex.join(cmd)}")
+        t0 = time.monotonic()
+        try:
+            p = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, timeout=job.timeout)
+            rc, out = p.returncode, p.stdout.decode(errors="replace")
+        except subprocess.TimeoutExpired as e:
+            rc, out = None, (e.stdout or b"").decode(errors="replace")
+        if echo:
+            sys.stdout.write(out)
+        results[job.name] = JobResult(job.name, rc, out, time.monotonic() - t0,
+                                      out.splitlines())
+    return results
+
+
+def _job_script(jobs, files):
+    lines = ["#!/bin/sh", "cd /lab"]
+    for job in jobs:
+        cmd = shlex.join(["/lab/faultvisor", "run", *_subst(job.args, files)])
+        lines += [
+            f"echo '{BEGIN}{job.name}'",
+            "t0=$(cat /proc/uptime)",
+            f"timeout -s KILL {job.timeout} {cmd} </dev/null 2>&1",
+            "rc=$?",
+            "t1=$(cat /proc/uptime)",
+            f"echo \"{END}{job.name} rc=$rc t0=${{t0%% *}} t1=${{t1%% *}}\"",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _run_nested(jobs, echo, extra_files=None):
+    gdir = guest_dir()
+    vmm = build_vmm(static=True)
+    files = {"kernel": "/lab/vmlinux", "bzimage": "/lab/bzImage",
+             "initrd": "/lab/initramfs.cpio"}
+    tmp = tempfile.mkdtemp(prefix="fv-lab-")
+    try:
+        extra = os.path.join(tmp, "extra.cpio")
+        w = CpioWriter(extra)
+        w.add_file("lab/faultvisor", vmm, 0o755)
+        w.add_file("lab/vmlinux", os.path.join(gdir, "vmlinux"), 0o644)
+        w.add_file("lab/bzImage", os.path.join(gdir, "bzImage"), 0o644)
+        w.add_file("lab/initramfs.cpio", os.path.join(gdir, "initramfs.cpio"), 0o644)
+        for name, src in (extra_files or {}).items():
+            w.add_file(f"lab/{name}", src, 0o755)
+        w.add_bytes("lab/job.sh", _job_script(jobs, files).encode(), 0o755)
+        w.close()
+        initrd = os.path.join(tmp, "l1.cpio")
+        with open(initrd, "wb") as out:
+            for part in (os.path.join(gdir, "lab-base.cpio"), extra):
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out)
+        cmd = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "EPYC,+svm,+npt",
+               "-smp", "1", "-m", L1_MEMORY, "-display", "none", "-serial", "stdio",
+               "-monitor", "none", "-no-reboot", "-nodefaults",
+               "-kernel", os.path.join(gdir, "bzImage"), "-initrd", initrd,
+               "-append", L1_CMDLINE]
+        total = 120 + sum(j.timeout for j in jobs)
+        log(f"booting the nested lab (L1: QEMU TCG, EPYC+svm+npt) for {len(jobs)} job(s)")
+        t0 = time.monotonic()
+        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT)
+        results, current, lines = {}, None, []
+        kvm_ready = None
+        deadline = t0 + total
+        logdir = os.path.join(ROOT, "target", "lab-logs")
+        os.makedirs(logdir, exist_ok=True)
+        logpath = os.path.join(logdir, time.strftime("lab-%Y%m%d-%H%M%S.log"))
+        with open(logpath, "w") as logf:
+            for raw in p.stdout:
+                line = raw.decode(errors="replace").rstrip("\r\n")
+                logf.write(line + "\n")
+                if time.monotonic() > deadline:
+                    p.kill()
+                    break
+                if line.startswith("LAB-READY"):
+                    kvm_ready = "kvm=yes" in line
+                    log(f"L1 up after {time.monotonic() - t0:.1f}s ({line})")
+                    continue
+                if line.startswith(BEGIN):
+                    current = line[len(BEGIN):].strip()
+                    lines = []
+                    results[current] = JobResult(current)
+                    jt0 = time.monotonic()
+                    continue
+                if line.startswith(END) and current:
+                    m = re.search(r"rc=(\d+) t0=([\d.]+) t1=([\d.]+)", line)
+                    r = results[current]
+                    if m:
+                        r.rc = int(m.group(1))
+                        r.seconds = float(m.group(3)) - float(m.group(2))
+                    r.lines = lines
+                    r.output = "\n".join(lines)
+                    log(f"job {current}: rc={r.rc} in {time.monotonic() - jt0:.1f}s")
+                    current = None
+                    continue
+                if current is not None:
+                    lines.append(line)
+                if echo:
+                    print(line, flush=True)
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+        if current is not None:
+            results[current].lines = lines
+            results[current].output = "\n".join(lines)
+        if kvm_ready is False:
+            raise RuntimeError("the nested lab's L1 kernel has no /dev/kvm (log: "
+                               f"{logpath})")
+        log(f"lab done in {time.monotonic() - t0:.1f}s (console log: {logpath})")
+        return results
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_jobs(jobs, echo=False, extra_files=None):
+    """Runs each job in its own faultvisor process; returns {name: JobResult}."""
+    m = mode()
+    if m == "direct":
+        return _run_direct(jobs, echo)
+    if m == "nested":
+        return _run_nested(jobs, echo, extra_files)
+    raise RuntimeError(unavailable_reason())
+
+
+def main(argv):
+    if len(argv) >= 1 and argv[0] == "mode":
+        print(mode())
+        return 0
+    if len(argv) >= 1 and argv[0] == "boot":
+        args = argv[1:]
+        if "--kernel" not in args:
+            args = ["--kernel", "{kernel}", "--initrd", "{initrd}", *args]
+        m = mode()
+        if m == "nested":
+            log("this host's KVM cannot run a stock Linux guest "
+                "(software kvm_pvm or no KVM): running the guest inside the nested lab")
+        elif m == "unavailable":
+            log(unavailable_reason())
+            return 2
+        res = run_jobs([Job("boot", args, timeout=600)], echo=True)
+        r = res.get("boot")
+        if r is None or r.rc is None:
+            log("the VM did not finish")
+            return 2
+        log(f"faultvisor exited with {r.rc}")
+        return r.rc
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

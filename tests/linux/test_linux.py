@@ -1,0 +1,112 @@
+"""Linux tier: the Debian cloud kernel boots on faultvisor to its init.
+
+Where this host's KVM can run Linux the VMs run directly; elsewhere (the
+software kvm_pvm) they run in the nested lab (ci/lab.py). Each VM is its own
+faultvisor process; one lab boot is shared by all of them.
+
+Run: python3 -m unittest discover -s tests/linux -v
+"""
+
+import os
+import re
+import sys
+import unittest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "ci"))
+import lab  # noqa: E402
+
+BASE = "console=ttyS0 quiet panic=-1"
+JOBS = [
+    lab.Job("one-vcpu", ["--kernel", "{kernel}", "--initrd", "{initrd}", "--vcpus", "1",
+                         "--memory", "512M",
+                         "--cmdline", f"{BASE} fv.checks=cpus,serial-irq,pci,modules"]),
+    lab.Job("two-vcpus", ["--kernel", "{kernel}", "--initrd", "{initrd}", "--vcpus", "2",
+                          "--memory", "768M",
+                          "--cmdline", f"{BASE} fv.checks=cpus,interrupts fv.end=reboot"]),
+    lab.Job("bzimage", ["--kernel", "{bzimage}", "--initrd", "{initrd}", "--vcpus", "1",
+                        "--cmdline", f"{BASE} fv.checks=cpus fv.end=exit:3"]),
+]
+
+_results = None
+_skip = None
+
+
+def results():
+    global _results, _skip
+    if _results is None and _skip is None:
+        if lab.mode() == "unavailable":
+            _skip = "LINUX TIER SKIPPED: " + lab.unavailable_reason()
+            print("\n" + "!" * 78 + "\n" + _skip + "\n" + "!" * 78, file=sys.stderr)
+        else:
+            _results = lab.run_jobs(JOBS)
+    if _skip:
+        raise unittest.SkipTest(_skip)
+    return _results
+
+
+def job(name):
+    r = results().get(name)
+    if r is None:
+        raise AssertionError(f"job {name} never started (see target/lab-logs)")
+    return r
+
+
+def check(r, key):
+    for line in r.lines:
+        m = re.search(rf"FV-CHECK {key} (.*)", line)
+        if m:
+            return m.group(1)
+    raise AssertionError(f"{r.name}: no 'FV-CHECK {key}' line in the console:\n{r.output}")
+
+
+class LinuxBoot(unittest.TestCase):
+    def test_one_vcpu_reaches_init(self):
+        r = job("one-vcpu")
+        self.assertTrue(any("FAULTVISOR-INIT uptime=" in l for l in r.lines), r.output)
+        self.assertEqual(check(r, "cpus"), "online=1")
+
+    def test_two_vcpus_reach_init(self):
+        r = job("two-vcpus")
+        self.assertTrue(any("FAULTVISOR-INIT uptime=" in l for l in r.lines), r.output)
+        self.assertEqual(check(r, "cpus"), "online=2")
+
+    def test_serial_interrupt_counts_through_the_ioapic(self):
+        r = job("one-vcpu")
+        m = re.match(r"before=(-?\d+) after=(-?\d+) line=\[(.*)\]", check(r, "serial-irq"))
+        self.assertIsNotNone(m)
+        before, after, line = int(m.group(1)), int(m.group(2)), m.group(3)
+        self.assertIn("IO-APIC", line)
+        self.assertIn("4-edge", line)
+        self.assertIn("ttyS0", line)
+        self.assertGreater(before, 0)
+        self.assertGreater(after, before, "ttyS0 interrupt count did not go up")
+
+    def test_poweroff_exits_zero(self):
+        r = job("one-vcpu")
+        self.assertEqual(r.rc, 0, r.output)
+        self.assertTrue(any("guest powered off (ACPI S5)" in l for l in r.lines), r.output)
+
+    def test_reboot_exits_zero(self):
+        r = job("two-vcpus")
+        self.assertEqual(r.rc, 0, r.output)
+        self.assertTrue(any("reset" in l and "VM ended" in l for l in r.lines), r.output)
+
+    def test_pci_host_bridge_and_virtio_modules(self):
+        r = job("one-vcpu")
+        pci = [l for l in r.lines if "FV-CHECK pci " in l]
+        self.assertTrue(any("0000:00:00.0 0x1b36:0x0008 class=0x060000" in l for l in pci),
+                        r.output)
+        self.assertEqual(check(r, "modules"), "ok")
+
+    def test_boot_timer_logs_guest_boot_time(self):
+        r = job("one-vcpu")
+        self.assertTrue(any("Guest-boot-time = " in l for l in r.lines), r.output)
+
+    def test_bzimage_boots_and_debug_exit_sets_code(self):
+        r = job("bzimage")
+        self.assertEqual(check(r, "cpus"), "online=1")
+        self.assertEqual(r.rc, 7, r.output)
+
+
+if __name__ == "__main__":
+    unittest.main()
