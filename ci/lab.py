@@ -47,6 +47,8 @@ class Job:
     name: str
     args: list
     timeout: int = 240
+    # A raw shell command (nested lab only) run instead of `faultvisor run args`.
+    raw: str = None
 
 
 @dataclass
@@ -130,7 +132,10 @@ def _run_direct(jobs, echo):
 def _job_script(jobs, files):
     lines = ["#!/bin/sh", "cd /lab"]
     for job in jobs:
-        cmd = shlex.join(["/lab/faultvisor", "run", *_subst(job.args, files)])
+        if job.raw:
+            cmd = job.raw.format(**files)
+        else:
+            cmd = shlex.join(["/lab/faultvisor", "run", *_subst(job.args, files)])
         lines += [
             f"echo '{BEGIN}{job.name}'",
             "t0=$(cat /proc/uptime)",

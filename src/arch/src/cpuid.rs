@@ -60,13 +60,11 @@ pub fn configure(cpuid: &mut CpuId, vcpu_id: u32, nr_vcpus: u32) {
                     e.edx &= !LEAF1_EDX_HTT;
                 }
             }
-            0x4 => {
-                // Deterministic cache parameters: cores per package − 1 in EAX 31:26,
-                // one thread per cache (EAX 25:14 = 0).
-                if e.eax & 0x1f != 0 {
-                    let cores = nr.min(64) - 1;
-                    e.eax = (e.eax & 0x3fff) | (cores << 26);
-                }
+            // Deterministic cache parameters (valid subleaves have a cache type):
+            // cores per package − 1 in EAX 31:26, one thread per cache (EAX 25:14 = 0).
+            0x4 if e.eax & 0x1f != 0 => {
+                let cores = nr.min(64) - 1;
+                e.eax = (e.eax & 0x3fff) | (cores << 26);
             }
             0xb | 0x1f => topology_entry(e, apic_id, nr),
             0x8000_0008 => {

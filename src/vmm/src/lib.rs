@@ -78,8 +78,8 @@ pub struct VmConfig {
 /// Errors of building or running a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
-    /// `/dev/kvm` could not be opened.
-    #[error("cannot open /dev/kvm: {0}")]
+    /// The KVM device could not be opened (the message starts with its path).
+    #[error("cannot open {0}")]
     KvmOpen(String),
     /// A KVM ioctl failed.
     #[error("{0} failed: {1}")]
@@ -127,19 +127,39 @@ pub enum VmmError {
     Setup(String),
 }
 
-/// Opens `/dev/kvm` with an explanation of the usual failures.
+/// The KVM device path: `/dev/kvm`, or `$FAULTVISOR_KVM_DEVICE` (for tests and
+/// unusual hosts).
+pub fn kvm_device_path() -> PathBuf {
+    std::env::var_os("FAULTVISOR_KVM_DEVICE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/dev/kvm"))
+}
+
+/// Opens the KVM device with an explanation of the usual failures.
 pub fn open_kvm() -> Result<Kvm, VmmError> {
-    Kvm::new().map_err(|e| {
-        VmmError::KvmOpen(match e.errno() {
-            libc::ENOENT => "no such device (KVM is not available: load the kvm module, or enable \
+    use std::os::unix::ffi::OsStrExt;
+    let path = kvm_device_path();
+    let shown = path.display().to_string();
+    let cpath = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| VmmError::KvmOpen(format!("{shown}: path contains a NUL byte")))?;
+    Kvm::new_with_path(&cpath)
+        .map_err(|e| {
+            VmmError::KvmOpen(match e.errno() {
+                libc::ENOENT => {
+                    "no such device (KVM is not available: load the kvm module, or enable \
                  virtualization in the firmware or the outer hypervisor)"
-                .into(),
-            libc::EACCES | libc::EPERM => {
-                "permission denied (add your user to the 'kvm' group, or run as root)".into()
-            }
-            _ => e.to_string(),
+                        .into()
+                }
+                libc::EACCES | libc::EPERM => {
+                    "permission denied (add your user to the 'kvm' group, or run as root)".into()
+                }
+                _ => e.to_string(),
+            })
         })
-    })
+        .map_err(|e| match e {
+            VmmError::KvmOpen(m) => VmmError::KvmOpen(format!("{shown}: {m}")),
+            other => other,
+        })
 }
 
 /// The largest vCPU count this host's KVM and faultvisor allow.

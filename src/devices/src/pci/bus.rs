@@ -136,7 +136,7 @@ impl PciRoot {
     /// Guest configuration write; writes to absent functions are dropped.
     pub fn config_write(&self, bdf: Bdf, off: usize, data: &[u8]) {
         let len = data.len();
-        if !matches!(len, 1 | 2 | 4) || off % len != 0 || off + len > super::config::CONFIG_SIZE {
+        if !PciConfig::valid_access(off, len) {
             self.anomalies.record(
                 "pci",
                 format_args!("{len}-byte config write at {bdf} offset {off:#x}"),

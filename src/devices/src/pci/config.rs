@@ -338,11 +338,16 @@ impl PciConfig {
         }
     }
 
+    /// Whether a guest access of `len` bytes at `off` is well formed: 1, 2 or 4 bytes,
+    /// naturally aligned, inside the configuration space.
+    pub fn valid_access(off: usize, len: usize) -> bool {
+        matches!(len, 1 | 2 | 4) && off.is_multiple_of(len) && off + len <= CONFIG_SIZE
+    }
+
     /// Guest read of `data.len()` bytes at byte `off`. Accesses that are not 1, 2 or 4
     /// bytes, straddle a dword or fall outside the space read as all ones.
     pub fn read(&self, off: usize, data: &mut [u8]) {
-        let len = data.len();
-        if !matches!(len, 1 | 2 | 4) || off % len != 0 || off + len > CONFIG_SIZE {
+        if !Self::valid_access(off, data.len()) {
             data.fill(0xff);
             return;
         }
@@ -354,8 +359,7 @@ impl PciConfig {
 
     /// Guest write; returns false (and changes nothing) for malformed accesses.
     pub fn write(&mut self, off: usize, data: &[u8]) -> bool {
-        let len = data.len();
-        if !matches!(len, 1 | 2 | 4) || off % len != 0 || off + len > CONFIG_SIZE {
+        if !Self::valid_access(off, data.len()) {
             return false;
         }
         let sh = (off % 4) * 8;

@@ -252,7 +252,7 @@ impl Msix {
         let word = ((rel % ENTRY_SIZE) / 4) as usize;
         match (data.len(), rel % 4) {
             (4, 0) => data.copy_from_slice(&self.table[v][word].to_le_bytes()),
-            (8, 0) if word % 2 == 0 => {
+            (8, 0) if word.is_multiple_of(2) => {
                 let q = u64::from(self.table[v][word]) | (u64::from(self.table[v][word + 1]) << 32);
                 data.copy_from_slice(&q.to_le_bytes());
             }
@@ -272,7 +272,7 @@ impl Msix {
                 b.copy_from_slice(data);
                 self.store(v, word, u32::from_le_bytes(b));
             }
-            (8, 0) if word % 2 == 0 => {
+            (8, 0) if word.is_multiple_of(2) => {
                 let mut b = [0u8; 8];
                 b.copy_from_slice(data);
                 let q = u64::from_le_bytes(b);

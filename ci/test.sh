@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what the tests need on a fresh machine, then runs
+# every check of rust-vmm-ci/test_description.json (fmt, clippy, doc, unit and
+# integration tests on this host's KVM, the Linux tier in the nested lab where the
+# host KVM cannot run Linux, commit format). Ends with "N passed, N failed".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_pkgs=()
+command -v qemu-system-x86_64 >/dev/null || need_pkgs+=(qemu-system-x86)
+command -v lz4 >/dev/null || need_pkgs+=(lz4)
+command -v gcc >/dev/null || need_pkgs+=(gcc libc6-dev)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ]; then
+        echo "[test] installing ${need_pkgs[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+    else
+        echo "[test] missing ${need_pkgs[*]}; install them (apt-get install ${need_pkgs[*]}) or the Linux tier skips"
+    fi
+fi
+rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
+
+exec python3 rust-vmm-ci/run.py "$@"
