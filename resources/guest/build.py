@@ -209,6 +209,10 @@ def main():
 
     log(f"output directory: {out}")
     kpkg = resolve_kernel_package()
+    if kpkg is None and os.geteuid() == 0:
+        log("apt has no package lists yet: running apt-get update")
+        subprocess.run(["apt-get", "update", "-qq"], check=False)
+        kpkg = resolve_kernel_package()
     debs = os.path.join(out, "debs")
     cached_kernel = None
     if kpkg is None:

@@ -30,10 +30,7 @@ impl ExitHandle {
 
     /// Asks the VMM to end the VM with `code`. Only the first request counts.
     pub fn request(&self, code: i32, reason: impl Into<String>) {
-        let mut st = match self.state.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut st = crate::sync::lock(&self.state);
         if st.is_none() {
             *st = Some(ExitRequest {
                 code,
@@ -45,36 +42,28 @@ impl ExitHandle {
 
     /// The request, if one was made.
     pub fn get(&self) -> Option<ExitRequest> {
-        match self.state.lock() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        crate::sync::lock(&self.state).clone()
     }
 
     /// Blocks until a request is made or `timeout` passes (None: forever).
     pub fn wait(&self, timeout: Option<Duration>) -> Option<ExitRequest> {
-        let mut st = match self.state.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut st = crate::sync::lock(&self.state);
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
         while st.is_none() {
             match deadline {
                 None => {
-                    st = match self.cond.wait(st) {
-                        Ok(g) => g,
-                        Err(p) => p.into_inner(),
-                    }
+                    st = self.cond.wait(st).unwrap_or_else(|p| p.into_inner());
                 }
                 Some(d) => {
                     let now = std::time::Instant::now();
                     if now >= d {
                         break;
                     }
-                    st = match self.cond.wait_timeout(st, d - now) {
-                        Ok((g, _)) => g,
-                        Err(p) => p.into_inner().0,
-                    }
+                    st = self
+                        .cond
+                        .wait_timeout(st, d - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
                 }
             }
         }

@@ -123,10 +123,7 @@ impl RecordingController {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, RecInner> {
-        match self.inner.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        crate::sync::lock(&self.inner)
     }
 
     /// Takes the recorded events, leaving the log empty.

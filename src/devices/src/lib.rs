@@ -13,5 +13,6 @@ pub mod ioapic;
 pub mod legacy;
 pub mod pci;
 mod ratelimit;
+pub mod sync;
 
 pub use ratelimit::GuestAnomalies;

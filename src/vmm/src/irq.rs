@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use devices::interrupt::{InterruptController, InterruptError, MsiMessage, MsiSource};
+use devices::sync::{lock, read, write};
 use kvm_bindings::{
     kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1, kvm_irq_routing_msi, KvmIrqRouting,
     KVM_IRQ_ROUTING_MSI,
@@ -66,19 +67,13 @@ impl KvmIrqController {
     }
 
     fn lock_routes(&self) -> MutexGuard<'_, Routes> {
-        match self.routes.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        lock(&self.routes)
     }
 
     fn add_irqfd(&self, gsi: u32) -> Result<(), InterruptError> {
         let fd = EventFd::new(EFD_NONBLOCK).map_err(hv)?;
         self.vm.register_irqfd(&fd, gsi).map_err(hv)?;
-        match self.irqfds.write() {
-            Ok(mut g) => g.insert(gsi, fd),
-            Err(p) => p.into_inner().insert(gsi, fd),
-        };
+        write(&self.irqfds).insert(gsi, fd);
         Ok(())
     }
 
@@ -159,10 +154,7 @@ impl InterruptController for KvmIrqController {
     }
 
     fn trigger(&self, gsi: u32) -> Result<(), InterruptError> {
-        let g = match self.irqfds.read() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let g = read(&self.irqfds);
         let fd = g.get(&gsi).ok_or(InterruptError::UnknownGsi(gsi))?;
         fd.write(1).map_err(hv)
     }

@@ -143,23 +143,21 @@ pub fn open_kvm() -> Result<Kvm, VmmError> {
     let cpath = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|_| VmmError::KvmOpen(format!("{shown}: path contains a NUL byte")))?;
     Kvm::new_with_path(&cpath)
-        .map_err(|e| {
-            VmmError::KvmOpen(match e.errno() {
-                libc::ENOENT => {
-                    "no such device (KVM is not available: load the kvm module, or enable \
-                 virtualization in the firmware or the outer hypervisor)"
-                        .into()
-                }
-                libc::EACCES | libc::EPERM => {
-                    "permission denied (add your user to the 'kvm' group, or run as root)".into()
-                }
-                _ => e.to_string(),
-            })
-        })
-        .map_err(|e| match e {
-            VmmError::KvmOpen(m) => VmmError::KvmOpen(format!("{shown}: {m}")),
-            other => other,
-        })
+        .map_err(|e| VmmError::KvmOpen(format!("{shown}: {}", describe_open_error(&e))))
+}
+
+/// Explains why opening the KVM device failed, with what to do about it.
+fn describe_open_error(e: &kvm_ioctls::Error) -> String {
+    match e.errno() {
+        libc::ENOENT | libc::ENODEV | libc::ENXIO => "no such device (KVM is not available: \
+             load the kvm module, or enable virtualization in the firmware or the outer \
+             hypervisor)"
+            .into(),
+        libc::EACCES | libc::EPERM => {
+            "permission denied (add your user to the 'kvm' group, or run as root)".into()
+        }
+        _ => e.to_string(),
+    }
 }
 
 /// The largest vCPU count this host's KVM and faultvisor allow.
@@ -490,5 +488,31 @@ impl Vm {
             reason: "exit handle closed".into(),
         });
         Ok(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kvm_open_errors_say_what_to_do() {
+        let e = |n| describe_open_error(&kvm_ioctls::Error::new(n));
+        assert!(e(libc::ENOENT).starts_with("no such device (KVM is not available"));
+        assert!(e(libc::EACCES).contains("add your user to the 'kvm' group"));
+        assert!(e(libc::EPERM).starts_with("permission denied"));
+        assert!(!e(libc::EIO).is_empty());
+    }
+
+    #[test]
+    fn missing_kvm_device_is_a_clean_error() {
+        std::env::set_var("FAULTVISOR_KVM_DEVICE", "/nonexistent/kvm");
+        let r = open_kvm();
+        std::env::remove_var("FAULTVISOR_KVM_DEVICE");
+        let msg = r.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            msg.starts_with("cannot open /nonexistent/kvm: no such device"),
+            "{msg}"
+        );
     }
 }

@@ -6,6 +6,7 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
 use devices::legacy::SerialDevice;
+use devices::sync::lock;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
 
@@ -18,20 +19,13 @@ struct StdinInput {
 impl MutEventSubscriber for StdinInput {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let mut buf = [0u8; 64];
-        let room = match self.serial.lock() {
-            Ok(g) => g.input_capacity(),
-            Err(p) => p.into_inner().input_capacity(),
-        }
-        .clamp(1, buf.len());
+        let room = lock(&self.serial).input_capacity().clamp(1, buf.len());
         match std::io::stdin().read(&mut buf[..room]) {
             Ok(0) | Err(_) => {
                 let _ = ops.remove(events);
             }
             Ok(n) => {
-                let mut s = match self.serial.lock() {
-                    Ok(g) => g,
-                    Err(p) => p.into_inner(),
-                };
+                let mut s = lock(&self.serial);
                 s.enqueue_input(&buf[..n]);
             }
         }

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use devices::exit::ExitHandle;
 use devices::ioapic::IoApic;
+use devices::sync::lock;
 use kvm_bindings::{kvm_msr_entry, CpuId, Msrs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_device::bus::{MmioAddress, PioAddress};
@@ -135,10 +136,7 @@ pub fn run(mut vcpu: VcpuFd, id: u32, ctx: VcpuContext) {
                     log::trace!("vcpu{id}: mmio {addr:#x} <- {data:x?}");
                     let _ = ctx.io.mmio_write(MmioAddress(addr), data);
                 }
-                VcpuExit::IoapicEoi(vector) => match ctx.ioapic.lock() {
-                    Ok(mut g) => g.end_of_interrupt(vector),
-                    Err(p) => p.into_inner().end_of_interrupt(vector),
-                },
+                VcpuExit::IoapicEoi(vector) => lock(&ctx.ioapic).end_of_interrupt(vector),
                 VcpuExit::Hlt => {
                     log::debug!("vcpu{id}: HLT exit");
                 }

@@ -88,10 +88,7 @@ impl MutDevicePio for BootTimer {
             t.as_micros(),
             t.as_millis()
         );
-        match self.seen.lock() {
-            Ok(mut g) => g.push(t),
-            Err(p) => p.into_inner().push(t),
-        }
+        crate::sync::lock(&self.seen).push(t);
     }
 }
 

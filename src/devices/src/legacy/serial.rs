@@ -33,10 +33,7 @@ impl Trigger for IoapicPinTrigger {
     type E = std::convert::Infallible;
 
     fn trigger(&self) -> Result<(), Self::E> {
-        let mut io = match self.ioapic.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut io = crate::sync::lock(&self.ioapic);
         io.pulse(self.pin);
         Ok(())
     }

@@ -5,7 +5,7 @@
 //! ECAM offset layout: bus 27:20, device 19:15, function 14:12, register 11:0.
 //! CF8 layout: enable 31, bus 23:16, device 15:11, function 10:8, register 7:2.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use vm_allocator::{AddressAllocator, AllocPolicy};
 use vm_device::bus::{MmioAddress, MmioAddressOffset, PioAddress, PioAddressOffset};
@@ -13,6 +13,7 @@ use vm_device::{DeviceMmio, DevicePio};
 
 use super::config::{BarKind, PciConfig};
 use super::{Bdf, PciDevice};
+use crate::sync::lock;
 use crate::GuestAnomalies;
 
 /// Port of the CONFIG_ADDRESS register.
@@ -22,13 +23,6 @@ pub const CONFIG_IO_PORTS: u16 = 8;
 
 /// A shared PCI function.
 pub type SharedPciDevice = Arc<Mutex<dyn PciDevice>>;
-
-fn lock(d: &SharedPciDevice) -> MutexGuard<'_, dyn PciDevice + 'static> {
-    match d.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
-}
 
 /// Errors of building the PCI topology (VMM side).
 #[derive(Debug, thiserror::Error)]
@@ -230,10 +224,7 @@ impl PciConfigIo {
     }
 
     fn target(&self, data_offset: u64) -> Option<(Bdf, usize)> {
-        let a = match self.address.lock() {
-            Ok(g) => *g,
-            Err(p) => *p.into_inner(),
-        };
+        let a = *lock(&self.address);
         if a & (1 << 31) == 0 || (a >> 16) & 0xff != 0 {
             return None;
         }
@@ -248,10 +239,7 @@ impl PciConfigIo {
     }
 
     fn set_address(&self, f: impl FnOnce(u32) -> u32) {
-        let mut g = match self.address.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut g = lock(&self.address);
         *g = f(*g);
     }
 }
@@ -261,10 +249,7 @@ impl DevicePio for PciConfigIo {
         let offset = u64::from(offset);
         if offset < 4 {
             if offset == 0 && data.len() == 4 {
-                let a = match self.address.lock() {
-                    Ok(g) => *g,
-                    Err(p) => *p.into_inner(),
-                };
+                let a = *lock(&self.address);
                 data.copy_from_slice(&a.to_le_bytes());
             } else {
                 data.fill(0xff);
