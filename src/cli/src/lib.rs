@@ -2,7 +2,8 @@
 //! messages, logging, and the `run` command that boots a VM with the `vmm` crate.
 //!
 //! Exit codes: 0 the guest powered off or reset; `(v << 1) | 1` the guest wrote `v` to
-//! the debug-exit port; 2 a usage or VMM error; 4 the guest crashed.
+//! the debug-exit port; 2 a usage or VMM error; 4 the guest crashed; 70 an internal
+//! error (a bug, reported on one line).
 
 mod logger;
 pub mod size;
@@ -12,6 +13,9 @@ use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
 use vmm::{SerialConfig, VmConfig, EXIT_VMM_ERROR};
+
+/// Exit code after an internal error (a bug in faultvisor).
+pub const EXIT_INTERNAL_ERROR: i32 = 70;
 
 /// Default kernel command line for the default guest (and when `--cmdline` is absent).
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 quiet";
@@ -230,6 +234,22 @@ fn run(args: &RunArgs, start: Instant) -> Result<i32, CliError> {
 /// Entry point; returns the process exit code.
 pub fn main() -> i32 {
     let start = Instant::now();
+    // A bug must not leave a VM half-running or print a backtrace: report it on one
+    // line and end the whole process (vCPU threads included).
+    std::panic::set_hook(Box::new(|info| {
+        let what = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!("faultvisor: internal error: {what}{at} (please report this)");
+        std::process::exit(EXIT_INTERNAL_ERROR);
+    }));
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

@@ -546,6 +546,34 @@ mod tests {
     }
 
     #[test]
+    fn random_config_and_bar_traffic_never_panics() {
+        let (root, _, _) = build();
+        let ecam = PciEcam::new(root.clone());
+        let io = PciConfigIo::new(root.clone());
+        let win = PciBarWindow::new(root.clone());
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = [1usize, 2, 4, 8, 3][(x % 5) as usize];
+            let mut buf = vec![(x >> 8) as u8; len];
+            let off = (x >> 16) & 0x1_ffff;
+            match (x >> 40) % 6 {
+                0 => ecam.mmio_write(MmioAddress(0), off, &buf),
+                1 => ecam.mmio_read(MmioAddress(0), off, &mut buf),
+                2 => io.pio_write(PioAddress(0xcf8), (x >> 48) as u16 % 8, &buf),
+                3 => io.pio_read(PioAddress(0xcf8), (x >> 48) as u16 % 8, &mut buf),
+                4 => win.mmio_write(MmioAddress(W32.0), off, &buf),
+                _ => win.mmio_read(MmioAddress(W64.0), off, &mut buf),
+            }
+        }
+        // Identity registers are read-only whatever the guest wrote.
+        assert_eq!(ecam_rd32(&ecam, 0, 0), 0x0008_1b36);
+        assert_eq!(ecam_rd32(&ecam, 1, 0), 0xbeef_1234);
+    }
+
+    #[test]
     fn hostile_config_accesses() {
         let (root, _, _) = build();
         let ecam = PciEcam::new(root.clone());
