@@ -7,6 +7,7 @@
 
 mod logger;
 pub mod size;
+mod terminal;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -226,7 +227,12 @@ fn run(args: &RunArgs, start: Instant) -> Result<i32, CliError> {
         );
     }
     let vm = vmm::Vm::build(&cfg)?;
-    let req = vm.run()?;
+    if cfg.serial == SerialConfig::Stdio && terminal::enter_raw_mode() {
+        log::info!("console in raw mode: Ctrl-A x quits, Ctrl-A Ctrl-A sends Ctrl-A");
+    }
+    let req = vm.run();
+    terminal::restore();
+    let req = req?;
     log::info!("VM ended: {} (exit code {})", req.reason, req.code);
     Ok(req.code)
 }
@@ -247,6 +253,7 @@ pub fn main() -> i32 {
             .location()
             .map(|l| format!(" at {}:{}", l.file(), l.line()))
             .unwrap_or_default();
+        terminal::restore();
         eprintln!("faultvisor: internal error: {what}{at} (please report this)");
         std::process::exit(EXIT_INTERNAL_ERROR);
     }));

@@ -456,7 +456,7 @@ impl Vm {
     /// Runs the VM until the guest ends it; returns why it ended.
     pub fn run(self) -> Result<ExitRequest, VmmError> {
         if self.serial_stdio {
-            stdin::spawn_input_loop(self.serial.clone())?;
+            stdin::spawn_input_loop(self.serial.clone(), self.exit.clone())?;
         }
         let mut handles = Vec::new();
         let first = std::sync::atomic::AtomicBool::new(false);

@@ -5,6 +5,7 @@ use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
+use devices::exit::ExitHandle;
 use devices::legacy::SerialDevice;
 use devices::sync::lock;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
@@ -12,8 +13,36 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::VmmError;
 
+/// Ctrl-A, the escape key of the console (as in QEMU's `-serial stdio`).
+const ESCAPE: u8 = 0x01;
+
 struct StdinInput {
     serial: Arc<Mutex<SerialDevice>>,
+    exit: Arc<ExitHandle>,
+    escaped: bool,
+}
+
+impl StdinInput {
+    /// Filters the escape sequences out of `input`: Ctrl-A x ends the VM, Ctrl-A Ctrl-A
+    /// is a literal Ctrl-A, Ctrl-A followed by anything else is dropped with it.
+    fn filter(&mut self, input: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(input.len());
+        for &b in input {
+            if self.escaped {
+                self.escaped = false;
+                match b {
+                    b'x' | b'X' => self.exit.request(0, "the user pressed Ctrl-A x"),
+                    ESCAPE => out.push(ESCAPE),
+                    _ => {}
+                }
+            } else if b == ESCAPE {
+                self.escaped = true;
+            } else {
+                out.push(b);
+            }
+        }
+        out
+    }
 }
 
 impl MutEventSubscriber for StdinInput {
@@ -25,8 +54,8 @@ impl MutEventSubscriber for StdinInput {
                 let _ = ops.remove(events);
             }
             Ok(n) => {
-                let mut s = lock(&self.serial);
-                s.enqueue_input(&buf[..n]);
+                let bytes = self.filter(&buf[..n]);
+                lock(&self.serial).enqueue_input(&bytes);
             }
         }
     }
@@ -41,10 +70,17 @@ impl MutEventSubscriber for StdinInput {
 }
 
 /// Starts the input thread.
-pub fn spawn_input_loop(serial: Arc<Mutex<SerialDevice>>) -> Result<(), VmmError> {
+pub fn spawn_input_loop(
+    serial: Arc<Mutex<SerialDevice>>,
+    exit: Arc<ExitHandle>,
+) -> Result<(), VmmError> {
     let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
         .map_err(|e| VmmError::Setup(format!("event manager: {e:?}")))?;
-    em.add_subscriber(Arc::new(Mutex::new(StdinInput { serial })));
+    em.add_subscriber(Arc::new(Mutex::new(StdinInput {
+        serial,
+        exit,
+        escaped: false,
+    })));
     std::thread::Builder::new()
         .name("fv-events".into())
         .spawn(move || loop {
@@ -55,4 +91,38 @@ pub fn spawn_input_loop(serial: Arc<Mutex<SerialDevice>>) -> Result<(), VmmError
         })
         .map_err(|e| VmmError::Setup(format!("cannot start the event thread: {e}")))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devices::interrupt::RecordingController;
+    use devices::ioapic::IoApic;
+    use devices::legacy::{IoapicPinTrigger, SerialOutput};
+
+    fn input() -> StdinInput {
+        let rec = Arc::new(RecordingController::new(24, 30));
+        let io = Arc::new(Mutex::new(IoApic::new(rec)));
+        StdinInput {
+            serial: Arc::new(Mutex::new(SerialDevice::new(
+                IoapicPinTrigger::new(io, 4),
+                SerialOutput::new(Box::new(std::io::sink())),
+            ))),
+            exit: Arc::new(ExitHandle::new()),
+            escaped: false,
+        }
+    }
+
+    #[test]
+    fn escape_sequences() {
+        let mut i = input();
+        assert_eq!(i.filter(b"ls\r"), b"ls\r");
+        assert_eq!(i.filter(&[ESCAPE, ESCAPE, b'a']), vec![ESCAPE, b'a']);
+        assert_eq!(i.filter(&[ESCAPE, b'q', b'b']), vec![b'b']);
+        // Split across reads.
+        assert!(i.filter(&[ESCAPE]).is_empty());
+        assert_eq!(i.exit.get(), None);
+        assert!(i.filter(b"x").is_empty());
+        assert_eq!(i.exit.get().map(|r| r.code), Some(0));
+    }
 }
