@@ -23,7 +23,6 @@ use devices::legacy::{acpi_pm, debug, i8042, serial};
 use devices::legacy::{
     AcpiPmDevice, BootTimer, DebugExit, IoapicPinTrigger, SerialDevice, SerialOutput, I8042,
 };
-use devices::pci::bus::BarAllocator;
 use devices::pci::{Bdf, HostBridge, PciBarWindow, PciConfigIo, PciEcam, PciRoot};
 use kvm_bindings::{
     kvm_enable_cap, kvm_userspace_memory_region, KVM_CAP_SPLIT_IRQCHIP, KVM_CAP_X2APIC_API,
@@ -345,8 +344,6 @@ impl Vm {
 
         // PCI: host bridge now; later issues add devices before the root is shared.
         let mmio64 = mem_layout.pci_mmio64();
-        let _bars = BarAllocator::new((layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE), mmio64)
-            .map_err(|e| VmmError::Setup(format!("PCI windows: {e}")))?;
         let mut root = PciRoot::new();
         root.add(Bdf::new(0), Arc::new(Mutex::new(HostBridge::new())))
             .map_err(|e| VmmError::Setup(e.to_string()))?;
