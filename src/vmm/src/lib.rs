@@ -455,9 +455,6 @@ impl Vm {
         if self.serial_stdio {
             stdin::spawn_input_loop(self.serial.clone(), self.exit.clone())?;
         }
-        let mut handles = Vec::new();
-        let first = std::sync::atomic::AtomicBool::new(false);
-        let first = Arc::new(first);
         for (id, v) in self.vcpus.into_iter().enumerate() {
             let ctx = vcpu::VcpuContext {
                 io: self.io.clone(),
@@ -465,11 +462,11 @@ impl Vm {
                 exit: self.exit.clone(),
             };
             let start = self.start;
-            let first = first.clone();
-            let h = std::thread::Builder::new()
+            // The threads are not joined: the VMM process ends when the VM does.
+            std::thread::Builder::new()
                 .name(format!("fv-vcpu{id}"))
                 .spawn(move || {
-                    if id == 0 && !first.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    if id == 0 {
                         log::info!(
                             "first KVM_RUN {} us after VMM start",
                             start.elapsed().as_micros()
@@ -478,7 +475,6 @@ impl Vm {
                     vcpu::run(v, id as u32, ctx)
                 })
                 .map_err(|e| VmmError::Setup(format!("cannot start a vCPU thread: {e}")))?;
-            handles.push(h);
         }
         let req = self.exit.wait(None).unwrap_or(ExitRequest {
             code: EXIT_VMM_ERROR,
