@@ -80,7 +80,7 @@ def qemu_bundle(tmp):
 
 
 def jobs(iterations, nested):
-    fv = "/lab/faultvisor" if nested else None
+    fv = "/lab/faultvisor" if nested else "{vmm}"
     q = ("/lab/qemu/lib/ld.so --library-path /lab/qemu/lib /lab/qemu/qemu-system-x86_64 "
          "-L /lab/qemu/share") if nested else "qemu-system-x86_64"
     out = []
@@ -125,8 +125,8 @@ def main():
         vmm = lab.build_vmm(static=False)
         results = {}
         for n, _, _, cmd in specs:
-            cmd = cmd.replace("None", vmm).format(
-                kernel=f"{gdir}/vmlinux", bzimage=f"{gdir}/bzImage",
+            cmd = cmd.format(
+                vmm=vmm, kernel=f"{gdir}/vmlinux", bzimage=f"{gdir}/bzImage",
                 initrd=f"{gdir}/initramfs.cpio")
             p = subprocess.run(["sh", measure, str(MEM_MIB), "sh", "-c", cmd],
                                capture_output=True, text=True, timeout=300)
