@@ -43,7 +43,8 @@ def log(msg):
 @dataclass
 class Job:
     """One faultvisor run. `args` are `faultvisor run` options; the strings
-    {kernel}, {bzimage} and {initrd} are replaced by the default guest's files."""
+    {kernel}, {bzimage} and {initrd} are replaced by the default guest's files,
+    {probe} by the probe guest embedded in faultvisor."""
     name: str
     args: list
     timeout: int = 240
@@ -102,6 +103,13 @@ def build_vmm(static):
     return path
 
 
+def write_probe(vmm, dest):
+    """Extracts the probe guest embedded in the faultvisor binary `vmm`."""
+    subprocess.run([vmm, "demo", "--write-probe", dest], check=True,
+                   stdout=subprocess.DEVNULL)
+    return dest
+
+
 def _subst(args, files):
     return [a.format(**files) for a in args]
 
@@ -109,8 +117,10 @@ def _subst(args, files):
 def _run_direct(jobs, echo):
     gdir = guest_dir()
     vmm = build_vmm(static=False)
+    probe_dir = tempfile.mkdtemp(prefix="fv-probe-")
     files = {"kernel": f"{gdir}/vmlinux", "bzimage": f"{gdir}/bzImage",
-             "initrd": f"{gdir}/initramfs.cpio"}
+             "initrd": f"{gdir}/initramfs.cpio",
+             "probe": write_probe(vmm, os.path.join(probe_dir, "probe.elf"))}
     results = {}
     for job in jobs:
         cmd = [vmm, "run", *_subst(job.args, files)]
@@ -151,15 +161,17 @@ def _run_nested(jobs, echo, extra_files=None):
     gdir = guest_dir()
     vmm = build_vmm(static=True)
     files = {"kernel": "/lab/vmlinux", "bzimage": "/lab/bzImage",
-             "initrd": "/lab/initramfs.cpio"}
+             "initrd": "/lab/initramfs.cpio", "probe": "/lab/probe.elf"}
     tmp = tempfile.mkdtemp(prefix="fv-lab-")
     try:
+        probe = write_probe(vmm, os.path.join(tmp, "probe.elf"))
         extra = os.path.join(tmp, "extra.cpio")
         w = CpioWriter(extra)
         w.add_file("lab/faultvisor", vmm, 0o755)
         w.add_file("lab/vmlinux", os.path.join(gdir, "vmlinux"), 0o644)
         w.add_file("lab/bzImage", os.path.join(gdir, "bzImage"), 0o644)
         w.add_file("lab/initramfs.cpio", os.path.join(gdir, "initramfs.cpio"), 0o644)
+        w.add_file("lab/probe.elf", probe, 0o644)
         for name, src in (extra_files or {}).items():
             w.add_file(f"lab/{name}", src, 0o755)
         w.add_bytes("lab/job.sh", _job_script(jobs, files).encode(), 0o755)

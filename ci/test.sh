@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what the tests need on a fresh machine, then runs
 # every check of rust-vmm-ci/test_description.json (fmt, clippy, doc, unit and
-# integration tests on this host's KVM, the Linux tier in the nested lab where the
-# host KVM cannot run Linux, commit format). Ends with "N passed, N failed".
+# integration tests on this host's KVM including the probe guest, the Linux tier in
+# the nested lab where the host KVM cannot run Linux, commit format). Ends with "N passed, N failed".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +10,7 @@ need_pkgs=()
 command -v qemu-system-x86_64 >/dev/null || need_pkgs+=(qemu-system-x86)
 command -v lz4 >/dev/null || need_pkgs+=(lz4)
 command -v gcc >/dev/null || need_pkgs+=(gcc libc6-dev)
+command -v objdump >/dev/null || need_pkgs+=(binutils)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
         echo "[test] installing ${need_pkgs[*]}"
@@ -20,5 +21,8 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
     fi
 fi
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
+# The probe guest is a freestanding kernel (src/probe); src/cli/build.rs builds it.
+rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-none \
+    || rustup target add x86_64-unknown-none
 
 exec python3 rust-vmm-ci/run.py "$@"

@@ -5,6 +5,7 @@
 //! the debug-exit port; 2 a usage or VMM error; 4 the guest crashed; 70 an internal
 //! error (a bug, reported on one line).
 
+pub mod demo;
 mod logger;
 pub mod size;
 mod terminal;
@@ -55,6 +56,10 @@ pub enum Command {
     /// Boot a VM: the default Debian guest, or the kernel you name.
     #[command(after_help = RUN_EXAMPLES)]
     Run(RunArgs),
+    /// Boot the probe guest built into this binary and show what it sees: IOAPIC,
+    /// MSI and MSI-X delivery, exceptions, serial interrupts (works on any KVM).
+    #[command(after_help = demo::DEMO_EXAMPLES)]
+    Demo(demo::DemoArgs),
 }
 
 /// Arguments of `faultvisor run`.
@@ -79,6 +84,14 @@ pub struct RunArgs {
     /// Serial console: stdio, file=PATH or none.
     #[arg(long, value_name = "DEST", default_value = "stdio")]
     pub serial: String,
+    /// Add a PCI device (repeatable): `test` is fv-test (1234:fa17), the probe guest's
+    /// interrupt source. Options: bdf=00:DD.0.
+    #[arg(long = "device", value_name = "KIND[,bdf=00:DD.0]", value_parser = parse_device)]
+    pub devices: Vec<vmm::DeviceSpec>,
+}
+
+fn parse_device(s: &str) -> Result<vmm::DeviceSpec, String> {
+    s.parse()
 }
 
 /// A user-facing error: one line, non-zero exit.
@@ -214,6 +227,7 @@ pub fn build_config(args: &RunArgs, start: Instant) -> Result<VmConfig, CliError
         mem_size,
         vcpus: args.vcpus,
         serial,
+        devices: args.devices.clone(),
         start,
     })
 }
@@ -294,6 +308,7 @@ pub fn main() -> i32 {
     }
     let result = match &cli.command {
         Command::Run(a) => run(a, start),
+        Command::Demo(a) => demo::run(a, start),
     };
     match result {
         Ok(code) => code,
@@ -313,6 +328,7 @@ mod tests {
         v.extend_from_slice(extra);
         match Cli::try_parse_from(v).expect("parse").command {
             Command::Run(a) => a,
+            Command::Demo(_) => unreachable!("run was parsed"),
         }
     }
 

@@ -22,7 +22,7 @@
 //! | 55:48 | extended destination ID    | RW     |
 //! | 63:56 | destination                | RW     |
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use vm_device::bus::{MmioAddress, MmioAddressOffset};
 use vm_device::MutDeviceMmio;
@@ -142,6 +142,35 @@ pub struct PinStats {
     pub masked: u64,
     /// Raises of a level pin whose previous interrupt was not yet EOI'd (coalesced).
     pub coalesced: u64,
+}
+
+/// One IOAPIC input pin as a device sees it: an interrupt line it drives.
+#[derive(Clone)]
+pub struct IoapicLine {
+    ioapic: Arc<Mutex<IoApic>>,
+    pin: usize,
+}
+
+impl IoapicLine {
+    /// The line into `pin` of `ioapic`.
+    pub fn new(ioapic: Arc<Mutex<IoApic>>, pin: usize) -> Self {
+        Self { ioapic, pin }
+    }
+
+    /// The pin (= GSI) number.
+    pub fn pin(&self) -> usize {
+        self.pin
+    }
+
+    /// Drives the line level (level-triggered sources).
+    pub fn set_level(&self, asserted: bool) {
+        crate::sync::lock(&self.ioapic).set_level(self.pin, asserted);
+    }
+
+    /// Raises an edge (edge-triggered sources).
+    pub fn pulse(&self) {
+        crate::sync::lock(&self.ioapic).pulse(self.pin);
+    }
 }
 
 /// The userspace IOAPIC.

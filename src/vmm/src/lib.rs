@@ -6,6 +6,7 @@
 //! ACPI tables, and configures the vCPUs. [`Vm::run`] starts one thread per vCPU plus an
 //! event loop (`event-manager`) for host input, and returns when the guest ends the VM.
 
+pub mod device_spec;
 pub mod irq;
 mod stdin;
 pub mod vcpu;
@@ -18,12 +19,15 @@ use std::time::Instant;
 
 use arch::layout::{self, MemoryLayout};
 use devices::exit::{ExitHandle, ExitRequest};
+use devices::ioapic::IoapicLine;
 use devices::ioapic::{IoApic, IOAPIC_BASE, IOAPIC_SIZE};
 use devices::legacy::{acpi_pm, debug, i8042, serial};
 use devices::legacy::{
     AcpiPmDevice, BootTimer, DebugExit, IoapicPinTrigger, SerialDevice, SerialOutput, I8042,
 };
-use devices::pci::{Bdf, HostBridge, PciBarWindow, PciConfigIo, PciEcam, PciRoot};
+use devices::pci::bus::BarAllocator;
+use devices::pci::testdev::TestDevice;
+use devices::pci::{BarKind, Bdf, HostBridge, PciBarWindow, PciConfigIo, PciEcam, PciRoot};
 use kvm_bindings::{
     kvm_enable_cap, kvm_userspace_memory_region, KVM_CAP_SPLIT_IRQCHIP, KVM_CAP_X2APIC_API,
     KVM_MAX_CPUID_ENTRIES, KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK, KVM_X2APIC_API_USE_32BIT_IDS,
@@ -33,6 +37,7 @@ use vm_device::bus::{MmioAddress, MmioRange, PioAddress, PioRange};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
+pub use device_spec::{DeviceKind, DeviceSpec};
 pub use irq::KvmIrqController;
 
 /// Exit code when the VMM itself fails (bad configuration, host errors).
@@ -49,6 +54,8 @@ pub const MAX_VCPUS: u32 = 255;
 pub enum SerialConfig {
     /// The VMM's stdout (and stdin for input).
     Stdio,
+    /// The VMM's stdout, no input (stdin stays untouched).
+    Stdout,
     /// A file (created or truncated).
     File(PathBuf),
     /// Discarded.
@@ -70,6 +77,8 @@ pub struct VmConfig {
     pub vcpus: u32,
     /// Serial console destination.
     pub serial: SerialConfig,
+    /// PCI devices beyond the host bridge, in command-line order.
+    pub devices: Vec<DeviceSpec>,
     /// When the VMM process started (for the boot timer and start-up logs).
     pub start: Instant,
 }
@@ -121,6 +130,9 @@ pub enum VmmError {
         /// Limit.
         max: u32,
     },
+    /// A `--device` could not be added.
+    #[error("device {0}: {1}")]
+    Device(&'static str, String),
     /// Anything else during setup.
     #[error("VM setup failed: {0}")]
     Setup(String),
@@ -305,7 +317,7 @@ impl Vm {
 
         let serial_stdio = cfg.serial == SerialConfig::Stdio;
         let out: Box<dyn Write + Send> = match &cfg.serial {
-            SerialConfig::Stdio => Box::new(std::io::stdout()),
+            SerialConfig::Stdio | SerialConfig::Stdout => Box::new(std::io::stdout()),
             SerialConfig::File(p) => {
                 Box::new(File::create(p).map_err(|source| VmmError::File {
                     what: "serial output file",
@@ -342,11 +354,44 @@ impl Vm {
         )
         .map_err(reg_err("the ACPI PM registers"))?;
 
-        // PCI: host bridge now; later issues add devices before the root is shared.
+        // PCI: the host bridge, then the --device list (explicit addresses first, so
+        // that automatic ones take the slots left over).
         let mmio64 = mem_layout.pci_mmio64();
         let mut root = PciRoot::new();
         root.add(Bdf::new(0), Arc::new(Mutex::new(HostBridge::new())))
             .map_err(|e| VmmError::Setup(e.to_string()))?;
+        let mut bars =
+            BarAllocator::new((layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE), mmio64)
+                .map_err(|e| VmmError::Setup(format!("PCI windows: {e}")))?;
+        let mut specs: Vec<&DeviceSpec> = cfg.devices.iter().filter(|d| d.bdf.is_some()).collect();
+        specs.extend(cfg.devices.iter().filter(|d| d.bdf.is_none()));
+        for spec in specs {
+            let bdf = match spec.bdf {
+                Some(b) => b,
+                None => root
+                    .free_slot(1)
+                    .map_err(|e| VmmError::Device(spec.kind.name(), e.to_string()))?,
+            };
+            let dev_err = |e: String| VmmError::Device(spec.kind.name(), e);
+            match spec.kind {
+                DeviceKind::Test => {
+                    let bar0 = bars
+                        .allocate(BarKind::Mem32, 0x1000)
+                        .map_err(|e| dev_err(e.to_string()))?;
+                    let bar1 = bars
+                        .allocate(BarKind::Mem32, 0x1000)
+                        .map_err(|e| dev_err(e.to_string()))?;
+                    // INTA of slot d goes to pin 16 + d % 8 (pins 16..23 are PCI's).
+                    let pin = 16 + usize::from(bdf.device % 8);
+                    let line = IoapicLine::new(ioapic.clone(), pin);
+                    let dev = TestDevice::new(bdf, bar0, bar1, irqc.clone(), Some(line))
+                        .map_err(|e| dev_err(e.to_string()))?;
+                    root.add(bdf, Arc::new(Mutex::new(dev)))
+                        .map_err(|e| dev_err(e.to_string()))?;
+                    log::info!("device test (fv-test 1234:fa17) at {bdf}, BAR0 {bar0:#x}, INTA -> IOAPIC pin {pin}");
+                }
+            }
+        }
         let root = Arc::new(root);
         io.register_mmio(
             mmio(layout::ECAM_START, layout::ECAM_SIZE)?,

@@ -108,6 +108,23 @@ fn internal_error_detail(vcpu: &mut VcpuFd) -> String {
     )
 }
 
+/// Spurious-interrupt vector register offset in the LAPIC page.
+const APIC_SVR: usize = 0xf0;
+/// SVR bit 12: suppress EOI broadcast.
+const APIC_SVR_SUPPRESS_EOI_BROADCAST: u32 = 1 << 12;
+
+/// Whether this vCPU's local APIC has EOI-broadcast suppression on.
+fn eoi_broadcast_suppressed(vcpu: &VcpuFd) -> bool {
+    let Ok(lapic) = vcpu.get_lapic() else {
+        return false;
+    };
+    let mut b = [0u8; 4];
+    for (d, s) in b.iter_mut().zip(&lapic.regs[APIC_SVR..APIC_SVR + 4]) {
+        *d = *s as u8;
+    }
+    u32::from_le_bytes(b) & APIC_SVR_SUPPRESS_EOI_BROADCAST != 0
+}
+
 /// Runs vCPU `id` until the VM ends.
 pub fn run(mut vcpu: VcpuFd, id: u32, ctx: VcpuContext) {
     loop {
@@ -136,7 +153,17 @@ pub fn run(mut vcpu: VcpuFd, id: u32, ctx: VcpuContext) {
                     log::trace!("vcpu{id}: mmio {addr:#x} <- {data:x?}");
                     let _ = ctx.io.mmio_write(MmioAddress(addr), data);
                 }
-                VcpuExit::IoapicEoi(vector) => lock(&ctx.ioapic).end_of_interrupt(vector),
+                VcpuExit::IoapicEoi(vector) => {
+                    // KVM forwards every EOI of a level-triggered IOAPIC vector, even
+                    // when the guest asked its local APIC to suppress EOI broadcasts
+                    // (directed EOI: SVR bit 12); the guest then ends the interrupt
+                    // through the IOAPIC's EOI register instead.
+                    if eoi_broadcast_suppressed(&vcpu) {
+                        log::trace!("vcpu{id}: EOI {vector:#x} not broadcast (directed EOI)");
+                    } else {
+                        lock(&ctx.ioapic).end_of_interrupt(vector);
+                    }
+                }
                 VcpuExit::Hlt => {
                     log::debug!("vcpu{id}: HLT exit");
                 }

@@ -7,7 +7,7 @@ use vm_device::bus::{PioAddress, PioAddressOffset};
 use vm_device::MutDevicePio;
 use vm_superio::{Serial, Trigger};
 
-use crate::ioapic::IoApic;
+use crate::ioapic::{IoApic, IoapicLine};
 
 /// COM1's base port.
 pub const COM1_PORT: u16 = 0x3f8;
@@ -17,15 +17,12 @@ pub const COM1_PORTS: u16 = 8;
 pub const COM1_PIN: usize = 4;
 
 /// Raises an edge on an IOAPIC pin (the serial port's interrupt line).
-pub struct IoapicPinTrigger {
-    ioapic: Arc<Mutex<IoApic>>,
-    pin: usize,
-}
+pub struct IoapicPinTrigger(IoapicLine);
 
 impl IoapicPinTrigger {
     /// A trigger for `pin` of `ioapic`.
     pub fn new(ioapic: Arc<Mutex<IoApic>>, pin: usize) -> Self {
-        Self { ioapic, pin }
+        Self(IoapicLine::new(ioapic, pin))
     }
 }
 
@@ -33,8 +30,7 @@ impl Trigger for IoapicPinTrigger {
     type E = std::convert::Infallible;
 
     fn trigger(&self) -> Result<(), Self::E> {
-        let mut io = crate::sync::lock(&self.ioapic);
-        io.pulse(self.pin);
+        self.0.pulse();
         Ok(())
     }
 }

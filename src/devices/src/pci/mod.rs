@@ -9,6 +9,7 @@ pub mod bus;
 pub mod config;
 pub mod msi;
 pub mod msix;
+pub mod testdev;
 
 pub use bus::{HostBridge, PciBarWindow, PciConfigIo, PciEcam, PciRoot};
 pub use config::{Bar, BarKind, PciConfig};
@@ -128,6 +129,9 @@ impl PciInterrupts {
             };
         }
         if let Some(m) = self.msi.as_mut().filter(|m| m.enabled(config)) {
+            if !m.accepts(config, u32::from(v)) {
+                return Signal::Dropped;
+            }
             return match m.trigger(config, u32::from(v)) {
                 true => Signal::Delivered,
                 false => Signal::Pending,

@@ -176,6 +176,12 @@ impl Msi {
         }
     }
 
+    /// Whether vector `v` exists under the current configuration (enabled, within the
+    /// enabled count).
+    pub fn accepts(&self, config: &PciConfig, v: u32) -> bool {
+        self.enabled(config) && v < self.enabled_vectors(config)
+    }
+
     /// Signals vector `v`. Returns true if a message went out; false if MSI is disabled
     /// or the vector is out of range (dropped) or masked (left pending).
     pub fn trigger(&mut self, config: &mut PciConfig, v: u32) -> bool {

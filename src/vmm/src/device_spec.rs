@@ -1,0 +1,99 @@
+//! `--device KIND[,key=value...]`: which PCI devices a VM gets.
+
+use std::str::FromStr;
+
+use devices::pci::Bdf;
+
+/// Device models that `--device` can add.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// `fv-test` (1234:fa17): raises MSI / MSI-X vectors and drives INTx on request;
+    /// the probe guest's interrupt source.
+    Test,
+}
+
+impl DeviceKind {
+    /// Names accepted on the command line.
+    pub const NAMES: &'static [&'static str] = &["test"];
+
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Test => "test",
+        }
+    }
+}
+
+/// One `--device` argument.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceSpec {
+    /// Model.
+    pub kind: DeviceKind,
+    /// Requested PCI address (`bdf=00:04.0`); the lowest free slot otherwise.
+    pub bdf: Option<Bdf>,
+}
+
+impl FromStr for DeviceSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut parts = s.split(',');
+        let name = parts.next().unwrap_or_default().trim();
+        let kind = match name {
+            "test" => DeviceKind::Test,
+            "" => return Err("empty device name (known: test)".into()),
+            other => {
+                return Err(format!(
+                    "unknown device '{other}' (known: {})",
+                    DeviceKind::NAMES.join(", ")
+                ))
+            }
+        };
+        let mut spec = DeviceSpec { kind, bdf: None };
+        for opt in parts {
+            let (k, v) = opt
+                .split_once('=')
+                .ok_or_else(|| format!("device {name}: '{opt}' is not key=value"))?;
+            match k {
+                "bdf" => {
+                    let bdf: Bdf = v.parse().map_err(|e| format!("device {name}: bdf: {e}"))?;
+                    if bdf.bus != 0 || bdf.function != 0 || bdf.device == 0 {
+                        return Err(format!(
+                            "device {name}: bdf={v}: use 00:DD.0 with DD between 01 and 1f \
+                             (00:00.0 is the host bridge)"
+                        ));
+                    }
+                    spec.bdf = Some(bdf);
+                }
+                _ => return Err(format!("device {name}: unknown option '{k}' (known: bdf)")),
+            }
+        }
+        Ok(spec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_rejects() {
+        let d: DeviceSpec = "test".parse().expect("test");
+        assert_eq!(d.kind, DeviceKind::Test);
+        assert_eq!(d.bdf, None);
+        let d: DeviceSpec = "test,bdf=00:05.0".parse().expect("bdf");
+        assert_eq!(d.bdf, Some(Bdf::new(5)));
+        for (bad, msg) in [
+            ("", "empty device name"),
+            ("nope", "unknown device 'nope' (known: test)"),
+            ("test,bdf", "'bdf' is not key=value"),
+            ("test,bdf=zz", "bdf: 'zz' is not a PCI address"),
+            ("test,bdf=00:00.0", "00:00.0 is the host bridge"),
+            ("test,bdf=01:02.0", "use 00:DD.0"),
+            ("test,speed=3", "unknown option 'speed'"),
+        ] {
+            let e = bad.parse::<DeviceSpec>().expect_err(bad);
+            assert!(e.contains(msg), "{bad}: {e}");
+        }
+    }
+}
