@@ -298,10 +298,12 @@ pub fn main() -> i32 {
             };
         }
     };
+    // The demo's output is the guest's report: only warnings by default.
     let level = cli
         .log_level
         .clone()
-        .or_else(|| std::env::var("FAULTVISOR_LOG").ok());
+        .or_else(|| std::env::var("FAULTVISOR_LOG").ok())
+        .or_else(|| matches!(cli.command, Command::Demo(_)).then(|| "warn".to_string()));
     if let Err(e) = logger::init(level.as_deref(), start) {
         eprintln!("faultvisor: error: {e}");
         return EXIT_VMM_ERROR;

@@ -101,6 +101,15 @@ cpu_stacks:
     .skip {stack_size} * {max_cpus}
 stacks_top0 = cpu_stacks + {stack_size}
 
+    .macro load_data_segments
+    movw $0x10, %ax
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    movw %ax, %fs
+    movw %ax, %gs
+    .endm
+
     .section .text.boot, "ax"
     .code64
     .globl entry64
@@ -128,12 +137,7 @@ fill_pd64:
 
 long_common:
     lgdt boot_gdtr
-    movw $0x10, %ax
-    movw %ax, %ds
-    movw %ax, %es
-    movw %ax, %ss
-    movw %ax, %fs
-    movw %ax, %gs
+    load_data_segments
     pushq $0x08
     leaq 2f(%rip), %rax
     pushq %rax
@@ -218,12 +222,7 @@ ap_entry32:
     movl ap_stack_top, %esp
     call enter_long_mode32
     .code64
-    movw $0x10, %ax
-    movw %ax, %ds
-    movw %ax, %es
-    movw %ax, %ss
-    movw %ax, %fs
-    movw %ax, %gs
+    load_data_segments
     movq ap_stack_top(%rip), %rsp
     call ap_main
 4:  cli
