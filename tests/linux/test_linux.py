@@ -28,6 +28,9 @@ JOBS = [
                           "--cmdline", f"{BASE} fv.checks=cpus,interrupts fv.end=reboot"]),
     lab.Job("bzimage", ["--kernel", "{bzimage}", "--initrd", "{initrd}", "--vcpus", "1",
                         "--cmdline", f"{BASE} fv.checks=cpus fv.end=exit:3"]),
+    lab.Job("iommu-edu", ["--kernel", "{kernel}", "--initrd", "{initrd}", "--vcpus", "2",
+                          "--memory", "512M", "--device", "edu,bdf=00:04.0", "--cmdline",
+                          f"{BASE} intel_iommu=on fv.checks=iommu,edu-dma"]),
     lab.Job("probe-x2apic", ["--kernel", "{probe}", "--vcpus", "2", "--memory", "64M",
                              "--device", "test", "--cmdline",
                              "probe.tests=boot.*,apic.*,exc.*,pci.*,ioapic.*,serial.*,"
@@ -117,6 +120,42 @@ class LinuxBoot(unittest.TestCase):
         r = job("bzimage")
         self.assertEqual(check(r, "cpus"), "online=1")
         self.assertEqual(r.rc, 7, r.output)
+
+
+class IntelIommu(unittest.TestCase):
+    """Linux 6.1 with intel_iommu=on accepts the emulated VT-d unit, and an edu DMA
+    programmed from guest userspace to unmapped addresses becomes a DMAR fault that
+    the guest's dmar_fault() prints, for the right device and address."""
+
+    def dmesg(self):
+        return [l for l in job("iommu-edu").lines if "DMAR" in l]
+
+    def test_unit_is_found_and_enabled(self):
+        text = "\n".join(self.dmesg())
+        r = job("iommu-edu")
+        self.assertIn("DMAR: dmar0: reg_base_addr fed90000 ver 1:0", text, r.output)
+        self.assertIn("DMAR: dmar0: Using Queued invalidation", text, r.output)
+        self.assertIn("DMAR: Intel(R) Virtualization Technology for Directed I/O", text,
+                      r.output)
+        self.assertEqual(r.rc, 0, r.output)
+
+    def test_edu_dma_faults_are_printed_by_the_guest(self):
+        text = "\n".join(self.dmesg())
+        r = job("iommu-edu")
+        self.assertRegex(text, r"DMAR: \[DMA Write NO_PASID\] Request device \[00:04\.0\] "
+                               r"fault addr 0x1234000 \[fault reason 0x05\] "
+                               r"PTE Write access is not set", r.output)
+        self.assertRegex(text, r"DMAR: \[DMA Read NO_PASID\] Request device \[00:04\.0\] "
+                               r"fault addr 0x2345000 \[fault reason 0x06\] "
+                               r"PTE Read access is not set", r.output)
+        # The device reported the failure instead of ending the VM (QEMU aborts).
+        m = re.search(r"FV-CHECK edu-dma .*live=(\S+) write-cmd=(\S+) write-err=(\S+) "
+                      r"read-cmd=(\S+) read-err=(\S+)", r.output)
+        self.assertIsNotNone(m, r.output)
+        self.assertEqual(m.group(1).lower(), "0xedcba987")
+        self.assertEqual(int(m.group(3), 16), 0x502, "IOMMU fault, reason 5")
+        self.assertEqual(int(m.group(5), 16), 0x602, "IOMMU fault, reason 6")
+        self.assertEqual(int(m.group(2), 16) & 0x101, 0x100, "error bit, run bit clear")
 
 
 def tap(r):

@@ -137,6 +137,32 @@ fn madt(cfg: &AcpiConfig) -> Result<Vec<u8>, AcpiError> {
     Ok(bytes)
 }
 
+/// The DMAR table (VT-d §8): host address width `haw_bits`, one DRHD at `reg_base`
+/// with INCLUDE_PCI_ALL (every PCI device is behind it, whatever the topology), and a
+/// device scope for the IOAPIC with MADT ID `ioapic_id` on the pseudo bus 0xFF (source
+/// ID 0xFF00, as QEMU's Q35). No interrupt remapping flag, no RMRR, no ATSR.
+pub fn dmar(haw_bits: u8, reg_base: u64, ioapic_id: u8) -> Vec<u8> {
+    let mut t = Sdt::new(*b"DMAR", 36, 1, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    t.append(haw_bits.saturating_sub(1)); // HAW is width - 1
+    t.append(0u8); // flags
+    t.append_slice(&[0u8; 10]);
+    // DRHD: type 0, length 16 + one 8-byte scope, INCLUDE_PCI_ALL, size 0 (4 KiB),
+    // segment 0, register base.
+    t.append(0u16);
+    t.append(24u16);
+    t.append(1u8);
+    t.append(0u8);
+    t.append(0u16);
+    t.append(reg_base);
+    // IOAPIC device scope: type 3, length 8, enumeration ID, start bus 0xFF, path 00.0.
+    t.append_slice(&[3, 8, 0, 0, ioapic_id, 0xff, 0, 0]);
+    let mut bytes = t.as_slice().to_vec();
+    let len = bytes.len() as u32;
+    bytes[4..8].copy_from_slice(&len.to_le_bytes());
+    fix_checksum(&mut bytes);
+    bytes
+}
+
 fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     let (m32, s32) = cfg.pci_mmio32;
     let (m64, s64) = cfg.pci_mmio64;
@@ -434,6 +460,31 @@ mod tests {
         c.extra_tables.push(t);
         let p = parse(&m, create_acpi_tables(&m, &c).expect("tables"));
         assert_eq!(get(&p, b"DMAR").len(), 48);
+    }
+
+    #[test]
+    fn dmar_layout() {
+        let d = dmar(48, 0xfed9_0000, 0);
+        assert_eq!(&d[0..4], b"DMAR");
+        assert_eq!(d.len(), 48 + 16 + 8, "72 bytes: header, DRHD, IOAPIC scope");
+        assert_eq!(
+            u32::from_le_bytes([d[4], d[5], d[6], d[7]]) as usize,
+            d.len()
+        );
+        assert!(checksum_ok(&d));
+        assert_eq!(d[36], 47, "HAW = width - 1");
+        assert_eq!(d[37], 0, "no INTR_REMAP");
+        let drhd = &d[48..];
+        assert_eq!(
+            (drhd[0], drhd[2], drhd[4]),
+            (0, 24, 1),
+            "DRHD, length 24, INCLUDE_PCI_ALL"
+        );
+        assert_eq!(
+            u64::from_le_bytes(drhd[8..16].try_into().expect("8")),
+            0xfed9_0000
+        );
+        assert_eq!(&drhd[16..24], &[3, 8, 0, 0, 0, 0xff, 0, 0]);
     }
 
     #[test]

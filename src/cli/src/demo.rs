@@ -147,6 +147,7 @@ pub fn run(args: &DemoArgs, start: Instant) -> Result<i32, CliError> {
             kind: DeviceKind::Test,
             bdf: None,
         }],
+        iommu: vmm::IommuMode::Auto,
         start,
     };
     println!(

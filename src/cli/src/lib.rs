@@ -85,9 +85,18 @@ pub struct RunArgs {
     #[arg(long, value_name = "DEST", default_value = "stdio")]
     pub serial: String,
     /// Add a PCI device (repeatable): `test` is fv-test (1234:fa17), the probe guest's
-    /// interrupt source. Options: bdf=00:DD.0.
+    /// interrupt source; `edu` is QEMU's educational device (1234:11e8) with its DMA
+    /// engine behind the IOMMU. Options: bdf=00:DD.0.
     #[arg(long = "device", value_name = "KIND[,bdf=00:DD.0]", value_parser = parse_device)]
     pub devices: Vec<vmm::DeviceSpec>,
+    /// IOMMU: intel (an emulated VT-d unit and its DMAR table), off, or auto (intel
+    /// when a device does DMA, such as edu).
+    #[arg(long, value_name = "MODE", default_value = "auto", value_parser = parse_iommu)]
+    pub iommu: vmm::IommuMode,
+}
+
+fn parse_iommu(s: &str) -> Result<vmm::IommuMode, String> {
+    s.parse()
 }
 
 fn parse_device(s: &str) -> Result<vmm::DeviceSpec, String> {
@@ -228,6 +237,7 @@ pub fn build_config(args: &RunArgs, start: Instant) -> Result<VmConfig, CliError
         vcpus: args.vcpus,
         serial,
         devices: args.devices.clone(),
+        iommu: args.iommu,
         start,
     })
 }

@@ -10,6 +10,7 @@
 pub mod exit;
 pub mod interrupt;
 pub mod ioapic;
+pub mod iommu;
 pub mod legacy;
 pub mod pci;
 mod ratelimit;

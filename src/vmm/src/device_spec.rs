@@ -10,17 +10,26 @@ pub enum DeviceKind {
     /// `fv-test` (1234:fa17): raises MSI / MSI-X vectors and drives INTx on request;
     /// the probe guest's interrupt source.
     Test,
+    /// edu-compatible (1234:11e8): QEMU's educational device with its DMA engine, whose
+    /// transfers go through the IOMMU.
+    Edu,
 }
 
 impl DeviceKind {
     /// Names accepted on the command line.
-    pub const NAMES: &'static [&'static str] = &["test"];
+    pub const NAMES: &'static [&'static str] = &["edu", "test"];
 
     /// The name used on the command line.
     pub fn name(self) -> &'static str {
         match self {
             Self::Test => "test",
+            Self::Edu => "edu",
         }
+    }
+
+    /// Whether the device does DMA (and so wants an IOMMU by default).
+    pub fn does_dma(self) -> bool {
+        matches!(self, Self::Edu)
     }
 }
 
@@ -41,7 +50,13 @@ impl FromStr for DeviceSpec {
         let name = parts.next().unwrap_or_default().trim();
         let kind = match name {
             "test" => DeviceKind::Test,
-            "" => return Err("empty device name (known: test)".into()),
+            "edu" => DeviceKind::Edu,
+            "" => {
+                return Err(format!(
+                    "empty device name (known: {})",
+                    DeviceKind::NAMES.join(", ")
+                ))
+            }
             other => {
                 return Err(format!(
                     "unknown device '{other}' (known: {})",
@@ -83,9 +98,12 @@ mod tests {
         assert_eq!(d.bdf, None);
         let d: DeviceSpec = "test,bdf=00:05.0".parse().expect("bdf");
         assert_eq!(d.bdf, Some(Bdf::new(5)));
+        let d: DeviceSpec = "edu,bdf=00:04.0".parse().expect("edu");
+        assert_eq!((d.kind, d.bdf), (DeviceKind::Edu, Some(Bdf::new(4))));
+        assert!(d.kind.does_dma() && !DeviceKind::Test.does_dma());
         for (bad, msg) in [
             ("", "empty device name"),
-            ("nope", "unknown device 'nope' (known: test)"),
+            ("nope", "unknown device 'nope' (known: edu, test)"),
             ("test,bdf", "'bdf' is not key=value"),
             ("test,bdf=zz", "bdf: 'zz' is not a PCI address"),
             ("test,bdf=00:00.0", "00:00.0 is the host bridge"),
@@ -94,6 +112,42 @@ mod tests {
         ] {
             let e = bad.parse::<DeviceSpec>().expect_err(bad);
             assert!(e.contains(msg), "{bad}: {e}");
+        }
+    }
+}
+
+/// `--iommu`: whether the VM gets the VT-d unit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IommuMode {
+    /// Intel VT-d when a device does DMA, none otherwise.
+    #[default]
+    Auto,
+    /// Always an Intel VT-d unit (with its DMAR table).
+    Intel,
+    /// No IOMMU: devices reach guest memory directly.
+    Off,
+}
+
+impl FromStr for IommuMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "intel" => Ok(Self::Intel),
+            "off" => Ok(Self::Off),
+            "auto" => Ok(Self::Auto),
+            _ => Err(format!("'{s}' is not an IOMMU mode (intel, off or auto)")),
+        }
+    }
+}
+
+impl IommuMode {
+    /// Whether a VM with `devices` gets the unit.
+    pub fn enabled(self, devices: &[DeviceSpec]) -> bool {
+        match self {
+            Self::Intel => true,
+            Self::Off => false,
+            Self::Auto => devices.iter().any(|d| d.kind.does_dma()),
         }
     }
 }

@@ -21,11 +21,13 @@ use arch::layout::{self, MemoryLayout};
 use devices::exit::{ExitHandle, ExitRequest};
 use devices::ioapic::IoapicLine;
 use devices::ioapic::{IoApic, IOAPIC_BASE, IOAPIC_SIZE};
+use devices::iommu::{DmaHandle, Vtd, VtdMmio, VTD_BASE, VTD_SIZE};
 use devices::legacy::{acpi_pm, debug, i8042, serial};
 use devices::legacy::{
     AcpiPmDevice, BootTimer, DebugExit, IoapicPinTrigger, SerialDevice, SerialOutput, I8042,
 };
 use devices::pci::bus::BarAllocator;
+use devices::pci::edu::Edu;
 use devices::pci::testdev::TestDevice;
 use devices::pci::{BarKind, Bdf, HostBridge, PciBarWindow, PciConfigIo, PciEcam, PciRoot};
 use kvm_bindings::{
@@ -37,7 +39,7 @@ use vm_device::bus::{MmioAddress, MmioRange, PioAddress, PioRange};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-pub use device_spec::{DeviceKind, DeviceSpec};
+pub use device_spec::{DeviceKind, DeviceSpec, IommuMode};
 pub use irq::KvmIrqController;
 
 /// Exit code when the VMM itself fails (bad configuration, host errors).
@@ -79,6 +81,8 @@ pub struct VmConfig {
     pub serial: SerialConfig,
     /// PCI devices beyond the host bridge, in command-line order.
     pub devices: Vec<DeviceSpec>,
+    /// Whether to emulate the VT-d unit.
+    pub iommu: IommuMode,
     /// When the VMM process started (for the boot timer and start-up logs).
     pub start: Instant,
 }
@@ -354,6 +358,21 @@ impl Vm {
         )
         .map_err(reg_err("the ACPI PM registers"))?;
 
+        // The VT-d unit, before the devices whose DMA it translates.
+        let vtd = if cfg.iommu.enabled(&cfg.devices) {
+            let v = Arc::new(Vtd::new(mem.clone(), irqc.clone()));
+            io.register_mmio(mmio(VTD_BASE, VTD_SIZE)?, Arc::new(VtdMmio(v.clone())))
+                .map_err(reg_err("the VT-d unit"))?;
+            log::info!("Intel VT-d unit at {VTD_BASE:#x}");
+            Some(v)
+        } else {
+            None
+        };
+        let dma_handle = |bdf: Bdf| match &vtd {
+            Some(v) => v.handle(bdf.requester_id()),
+            None => DmaHandle::direct(mem.clone(), bdf.requester_id()),
+        };
+
         // PCI: the host bridge, then the --device list (explicit addresses first, so
         // that automatic ones take the slots left over).
         let mmio64 = mem_layout.pci_mmio64();
@@ -389,6 +408,21 @@ impl Vm {
                     root.add(bdf, Arc::new(Mutex::new(dev)))
                         .map_err(|e| dev_err(e.to_string()))?;
                     log::info!("device test (fv-test 1234:fa17) at {bdf}, BAR0 {bar0:#x}, INTA -> IOAPIC pin {pin}");
+                }
+                DeviceKind::Edu => {
+                    let bar0 = bars
+                        .allocate(BarKind::Mem32, devices::pci::edu::BAR0_SIZE)
+                        .map_err(|e| dev_err(e.to_string()))?;
+                    let pin = 16 + usize::from(bdf.device % 8);
+                    let line = IoapicLine::new(ioapic.clone(), pin);
+                    let dev = Edu::new(bdf, bar0, irqc.clone(), Some(line), dma_handle(bdf))
+                        .map_err(|e| dev_err(e.to_string()))?;
+                    root.add(bdf, Arc::new(Mutex::new(dev)))
+                        .map_err(|e| dev_err(e.to_string()))?;
+                    log::info!(
+                        "device edu (1234:11e8) at {bdf}, BAR0 {bar0:#x}, INTA -> IOAPIC pin {pin}, DMA {}",
+                        if vtd.is_some() { "through VT-d" } else { "direct" }
+                    );
                 }
             }
         }
@@ -436,7 +470,10 @@ impl Vm {
             reset_value: acpi_pm::RESET_VALUE,
             s5_slp_typ: acpi_pm::S5_SLP_TYP,
             com1: (serial::COM1_PORT, serial::COM1_PIN as u32),
-            extra_tables: Vec::new(),
+            extra_tables: match vtd {
+                Some(_) => vec![arch::acpi::dmar(devices::iommu::HAW_BITS, VTD_BASE, 0)],
+                None => Vec::new(),
+            },
         };
         let rsdp = arch::acpi::create_acpi_tables(&mem, &acpi_cfg)?;
         arch::boot::write_reset_vector_stub(

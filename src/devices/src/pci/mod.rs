@@ -7,6 +7,7 @@
 
 pub mod bus;
 pub mod config;
+pub mod edu;
 pub mod msi;
 pub mod msix;
 pub mod testdev;

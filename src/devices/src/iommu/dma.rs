@@ -1,0 +1,214 @@
+//! The DMA API of device models: one [`DmaHandle`] per requester ID.
+//!
+//! With translation off (or no IOMMU at all) an access goes straight to guest memory.
+//! With translation on, every page the access touches is translated first (per-handle
+//! cache, then the walk); only when all of them are allowed are bytes moved, so a
+//! faulting request writes nothing and reads nothing. One fault is recorded per request,
+//! at the first page that failed.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use super::walk::{self, Context, FaultReason, Mapping};
+use super::Vtd;
+use crate::sync::lock;
+
+/// Why a DMA did not happen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DmaError {
+    /// The IOMMU refused the access (and recorded the fault unless FPD was set).
+    #[error("DMA {} at IOVA {iova:#x} faulted: reason {:#x} ({})", if *.write { "write" } else { "read" }, *.reason as u8, .reason.linux_text())]
+    Fault {
+        /// First faulting address.
+        iova: u64,
+        /// Fault reason.
+        reason: FaultReason,
+        /// A write to memory (else a read).
+        write: bool,
+    },
+    /// The (translated) address is not guest RAM: the access is dropped, as a master
+    /// abort on hardware.
+    #[error("DMA to {gpa:#x}, which is not guest RAM")]
+    NotRam {
+        /// Guest-physical address.
+        gpa: u64,
+    },
+}
+
+/// Cached translations of one requester, valid for one invalidation generation.
+#[derive(Default)]
+struct Cache {
+    generation: u64,
+    context: Option<Context>,
+    /// (page shift, IOVA >> page shift) → mapping.
+    tlb: HashMap<(u32, u64), Mapping>,
+}
+
+/// Largest number of cached translations per handle (the cache empties when full).
+const CACHE_ENTRIES: usize = 512;
+
+/// A device's path to guest memory.
+pub struct DmaHandle {
+    sid: u16,
+    inner: Inner,
+}
+
+enum Inner {
+    Direct(GuestMemoryMmap),
+    Translated { vtd: Arc<Vtd>, cache: Mutex<Cache> },
+}
+
+impl DmaHandle {
+    /// A handle without an IOMMU: IOVA = guest-physical address.
+    pub fn direct(mem: GuestMemoryMmap, sid: u16) -> Self {
+        Self {
+            sid,
+            inner: Inner::Direct(mem),
+        }
+    }
+
+    pub(super) fn translated(vtd: Arc<Vtd>, sid: u16) -> Self {
+        Self {
+            sid,
+            inner: Inner::Translated {
+                vtd,
+                cache: Mutex::new(Cache::default()),
+            },
+        }
+    }
+
+    /// The requester ID.
+    pub fn sid(&self) -> u16 {
+        self.sid
+    }
+
+    /// Reads guest memory at `iova` into `buf` (a device read: "DMA Read").
+    pub fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        let segs = self.resolve(iova, buf.len(), false)?;
+        let mem = self.memory();
+        let mut done = 0;
+        for (gpa, len) in segs {
+            mem.read_slice(&mut buf[done..done + len], GuestAddress(gpa))
+                .map_err(|_| DmaError::NotRam { gpa })?;
+            done += len;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` to guest memory at `iova` (a device write: "DMA Write").
+    pub fn write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError> {
+        let segs = self.resolve(iova, data.len(), true)?;
+        let mem = self.memory();
+        let mut done = 0;
+        for (gpa, len) in segs {
+            mem.write_slice(&data[done..done + len], GuestAddress(gpa))
+                .map_err(|_| DmaError::NotRam { gpa })?;
+            done += len;
+        }
+        Ok(())
+    }
+
+    fn memory(&self) -> &GuestMemoryMmap {
+        match &self.inner {
+            Inner::Direct(m) => m,
+            Inner::Translated { vtd, .. } => vtd.memory(),
+        }
+    }
+
+    /// Translates `[iova, iova + len)` into guest-physical segments, all checked to be
+    /// RAM, before anything moves.
+    fn resolve(&self, iova: u64, len: usize, write: bool) -> Result<Vec<(u64, usize)>, DmaError> {
+        let mut segs = Vec::new();
+        if len == 0 {
+            return Ok(segs);
+        }
+        let end = iova.checked_add(len as u64 - 1).ok_or(DmaError::Fault {
+            iova,
+            reason: FaultReason::BeyondMgaw,
+            write,
+        })?;
+        let mut at = iova;
+        loop {
+            let page_end = at | 0xfff;
+            let chunk_end = page_end.min(end);
+            let n = (chunk_end - at + 1) as usize;
+            let gpa = self.translate(at, write)?;
+            let mem = self.memory();
+            if !mem.check_range(GuestAddress(gpa), n) {
+                return Err(DmaError::NotRam { gpa });
+            }
+            match segs.last_mut() {
+                Some((g, l)) if *g + *l as u64 == gpa => *l += n,
+                _ => segs.push((gpa, n)),
+            }
+            if chunk_end == end {
+                return Ok(segs);
+            }
+            at = chunk_end + 1;
+        }
+    }
+
+    /// Translates one address; records a fault on failure.
+    pub fn translate(&self, iova: u64, write: bool) -> Result<u64, DmaError> {
+        let (vtd, cache) = match &self.inner {
+            Inner::Direct(_) => return Ok(iova),
+            Inner::Translated { vtd, cache } => (vtd, cache),
+        };
+        if !vtd.translating() {
+            return Ok(iova);
+        }
+        let generation = vtd.generation();
+        let mut c = lock(cache);
+        if c.generation != generation {
+            c.context = None;
+            c.tlb.clear();
+            c.generation = generation;
+        }
+        for shift in [12u32, 21, 30] {
+            if let Some(m) = c.tlb.get(&(shift, iova >> shift)) {
+                if (write && m.write) || (!write && m.read) {
+                    return Ok(m.gpa(iova));
+                }
+            }
+        }
+        let mem = vtd.memory();
+        let ctx = match c.context {
+            Some(ctx) => ctx,
+            None => match walk::context_entry(mem, vtd.root(), self.sid) {
+                Ok(ctx) => {
+                    c.context = Some(ctx);
+                    ctx
+                }
+                Err(reason) => {
+                    drop(c);
+                    vtd.record_fault(self.sid, iova, !write, reason, false);
+                    return Err(DmaError::Fault {
+                        iova,
+                        reason,
+                        write,
+                    });
+                }
+            },
+        };
+        match walk::walk(mem, &ctx, iova, write) {
+            Ok(m) => {
+                if c.tlb.len() >= CACHE_ENTRIES {
+                    c.tlb.clear();
+                }
+                c.tlb.insert((m.page_shift, iova >> m.page_shift), m);
+                Ok(m.gpa(iova))
+            }
+            Err(reason) => {
+                drop(c);
+                vtd.record_fault(self.sid, iova, !write, reason, ctx.fpd);
+                Err(DmaError::Fault {
+                    iova,
+                    reason,
+                    write,
+                })
+            }
+        }
+    }
+}

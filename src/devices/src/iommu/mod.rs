@@ -1,0 +1,718 @@
+//! An emulated Intel VT-d DMA-remapping unit (legacy mode) with guest-visible faults.
+//!
+//! - [`Vtd`] is the register file at [`VTD_BASE`] (4 KiB: GCMD/GSTS, RTADDR, CCMD,
+//!   IOTLB/IVA at `IRO`, the invalidation queue, the fault registers and
+//!   [`NUM_FAULT_RECORDS`] fault-recording registers at `FRO`), and the fault logic:
+//!   the FRCD ring with F bits, FSTS PPF/PFO/FRI/IQE, FECTL IM/IP and the fault-event MSI.
+//! - [`DmaHandle`] is what a device model holds: reads and writes by one requester ID go
+//!   through the unit when translation is on (TE) and straight to guest memory
+//!   otherwise. A faulting request moves no byte, records one fault and returns
+//!   [`DmaError::Fault`].
+//!
+//! Concurrency: the register file sits behind a mutex that only MMIO, invalidations and
+//! fault recording take. Translation uses per-handle caches (context + IOTLB) validated
+//! against one atomic invalidation generation, so an IOTLB hit takes no shared lock.
+//! Any invalidation (CCMD, IOTLB register, a queued context/IOTLB/IEC descriptor, SRTP,
+//! a TE change) bumps the generation and so empties every cache; not-present results are
+//! never cached (caching mode is off).
+//!
+//! Reference: ../shared/docs/vtd-reference.md (register layout §2, walk §4, faults §5).
+
+mod dma;
+mod walk;
+
+pub use dma::{DmaError, DmaHandle};
+pub use walk::{Context, FaultReason, Mapping};
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use vm_device::bus::{MmioAddress, MmioAddressOffset};
+use vm_device::DeviceMmio;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::interrupt::{InterruptController, MsiMessage, MsiSource};
+use crate::sync::lock;
+use crate::GuestAnomalies;
+
+/// Host address width the DMAR table announces.
+pub const HAW_BITS: u8 = walk::HAW as u8;
+/// Base of the register page (as on QEMU's Q35).
+pub const VTD_BASE: u64 = 0xfed9_0000;
+/// Size of the register page.
+pub const VTD_SIZE: u64 = 0x1000;
+/// Fault-recording registers (QEMU has 1).
+pub const NUM_FAULT_RECORDS: usize = 16;
+/// IOTLB registers at `IRO * 16`.
+const IRO: u64 = 0x10;
+/// Fault-recording registers at `FRO * 16`.
+const FRO: u64 = 0x20;
+
+/// Register offsets.
+pub mod reg {
+    /// Version.
+    pub const VER: u64 = 0x000;
+    /// Capabilities.
+    pub const CAP: u64 = 0x008;
+    /// Extended capabilities.
+    pub const ECAP: u64 = 0x010;
+    /// Global command.
+    pub const GCMD: u64 = 0x018;
+    /// Global status.
+    pub const GSTS: u64 = 0x01c;
+    /// Root table address.
+    pub const RTADDR: u64 = 0x020;
+    /// Context command.
+    pub const CCMD: u64 = 0x028;
+    /// Fault status.
+    pub const FSTS: u64 = 0x034;
+    /// Fault event control.
+    pub const FECTL: u64 = 0x038;
+    /// Fault event data.
+    pub const FEDATA: u64 = 0x03c;
+    /// Fault event address.
+    pub const FEADDR: u64 = 0x040;
+    /// Fault event upper address.
+    pub const FEUADDR: u64 = 0x044;
+    /// Invalidation queue head.
+    pub const IQH: u64 = 0x080;
+    /// Invalidation queue tail.
+    pub const IQT: u64 = 0x088;
+    /// Invalidation queue address.
+    pub const IQA: u64 = 0x090;
+    /// Invalidation completion status.
+    pub const ICS: u64 = 0x09c;
+    /// Invalidation event control.
+    pub const IECTL: u64 = 0x0a0;
+    /// Invalidation event data.
+    pub const IEDATA: u64 = 0x0a4;
+    /// Invalidation event address.
+    pub const IEADDR: u64 = 0x0a8;
+    /// Invalidation event upper address.
+    pub const IEUADDR: u64 = 0x0ac;
+    /// Invalidation queue error record.
+    pub const IQERCD: u64 = 0x0b0;
+    /// Invalidate address (page-selective IOTLB invalidation).
+    pub const IVA: u64 = super::IRO * 16;
+    /// IOTLB invalidate.
+    pub const IOTLB: u64 = super::IRO * 16 + 8;
+    /// First fault-recording register.
+    pub const FRCD: u64 = super::FRO * 16;
+}
+
+/// GCMD/GSTS bits.
+pub mod gcmd {
+    /// Translation enable.
+    pub const TE: u32 = 1 << 31;
+    /// Set root table pointer.
+    pub const SRTP: u32 = 1 << 30;
+    /// Write buffer flush.
+    pub const WBF: u32 = 1 << 27;
+    /// Queued invalidation enable.
+    pub const QIE: u32 = 1 << 26;
+}
+
+/// FSTS bits.
+pub mod fsts {
+    /// Primary fault overflow (W1C).
+    pub const PFO: u32 = 1 << 0;
+    /// Primary pending fault (read-only: OR of the F bits).
+    pub const PPF: u32 = 1 << 1;
+    /// Invalidation queue error (W1C).
+    pub const IQE: u32 = 1 << 4;
+}
+
+/// FECTL bits.
+const FECTL_IM: u32 = 1 << 31;
+const FECTL_IP: u32 = 1 << 30;
+
+/// Capability register value: ND 6, SAGAW 39/48-bit, MGAW 47, FRO, 2 MiB and 1 GiB
+/// superpages, page-selective invalidation, NFR, MAMV 18. No caching mode, no RWBF,
+/// no protected memory ranges.
+pub const CAP: u64 = 6
+    | (walk::SAGAW << 8)
+    | (((walk::MGAW_BITS - 1) as u64) << 16)
+    | (FRO << 24)
+    | (0x3 << 34)
+    | (1 << 39)
+    | (((NUM_FAULT_RECORDS - 1) as u64) << 40)
+    | (18 << 48);
+/// Extended capability register value: page-walk coherency, queued invalidation, IRO.
+pub const ECAP: u64 = 1 | (1 << 1) | (IRO << 8);
+
+/// One fault as the FRCD ring holds it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultRecord {
+    /// Faulting page address.
+    pub page: u64,
+    /// Requester ID.
+    pub sid: u16,
+    /// Reason code.
+    pub reason: u8,
+    /// A read (DMA Read) rather than a write.
+    pub read: bool,
+    /// The F bit.
+    pub pending: bool,
+}
+
+impl FaultRecord {
+    fn lo(&self) -> u64 {
+        self.page & !0xfff
+    }
+
+    fn hi(&self) -> u64 {
+        u64::from(self.sid)
+            | (u64::from(self.reason) << 32)
+            | (u64::from(self.read) << 62)
+            | (u64::from(self.pending) << 63)
+    }
+}
+
+/// Counters of what the unit did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VtdStats {
+    /// Faults recorded in an FRCD.
+    pub faults_recorded: u64,
+    /// Faults dropped because every record was pending (PFO) or PFO was already set.
+    pub faults_overflowed: u64,
+    /// Faults suppressed by FPD.
+    pub faults_suppressed: u64,
+    /// Fault-event MSIs sent.
+    pub fault_events: u64,
+    /// Queued-invalidation descriptors processed.
+    pub qi_descriptors: u64,
+    /// Invalidations (register or queued) that emptied the caches.
+    pub invalidations: u64,
+}
+
+struct Regs {
+    gsts: u32,
+    rtaddr: u64,
+    ccmd: u64,
+    fsts: u32,
+    fectl: u32,
+    fedata: u32,
+    feaddr: u32,
+    feuaddr: u32,
+    iqh: u64,
+    iqt: u64,
+    iqa: u64,
+    ics: u32,
+    iectl: u32,
+    iedata: u32,
+    ieaddr: u32,
+    ieuaddr: u32,
+    iqercd: u64,
+    iva: u64,
+    iotlb: u64,
+    frcd: [FaultRecord; NUM_FAULT_RECORDS],
+    next_frcd: usize,
+    stats: VtdStats,
+    event_gsi: Option<u32>,
+    event_route: Option<MsiMessage>,
+}
+
+/// The remapping unit.
+pub struct Vtd {
+    regs: Mutex<Regs>,
+    mem: GuestMemoryMmap,
+    irq: Arc<dyn InterruptController>,
+    /// GSTS.TES, readable without the register lock.
+    te: AtomicBool,
+    /// The root table latched by SRTP.
+    root: AtomicU64,
+    /// Bumped by every invalidation; caches tagged with an older value are stale.
+    generation: AtomicU64,
+    anomalies: GuestAnomalies,
+}
+
+impl Vtd {
+    /// A unit in its reset state, translating for `mem` and signalling faults through
+    /// `irq`.
+    pub fn new(mem: GuestMemoryMmap, irq: Arc<dyn InterruptController>) -> Self {
+        Self {
+            regs: Mutex::new(Regs {
+                gsts: 0,
+                rtaddr: 0,
+                ccmd: 0,
+                fsts: 0,
+                fectl: FECTL_IM,
+                fedata: 0,
+                feaddr: 0,
+                feuaddr: 0,
+                iqh: 0,
+                iqt: 0,
+                iqa: 0,
+                ics: 0,
+                iectl: FECTL_IM,
+                iedata: 0,
+                ieaddr: 0,
+                ieuaddr: 0,
+                iqercd: 0,
+                iva: 0,
+                iotlb: 0,
+                frcd: [FaultRecord::default(); NUM_FAULT_RECORDS],
+                next_frcd: 0,
+                stats: VtdStats::default(),
+                event_gsi: None,
+                event_route: None,
+            }),
+            mem,
+            irq,
+            te: AtomicBool::new(false),
+            root: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
+            anomalies: GuestAnomalies::new(),
+        }
+    }
+
+    /// A DMA handle for requester `sid` (bus << 8 | devfn).
+    pub fn handle(self: &Arc<Self>, sid: u16) -> DmaHandle {
+        DmaHandle::translated(self.clone(), sid)
+    }
+
+    /// Whether translation is enabled (GSTS.TES).
+    pub fn translating(&self) -> bool {
+        self.te.load(Ordering::Acquire)
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> VtdStats {
+        lock(&self.regs).stats
+    }
+
+    /// The fault-recording registers, index order.
+    pub fn fault_records(&self) -> [FaultRecord; NUM_FAULT_RECORDS] {
+        lock(&self.regs).frcd
+    }
+
+    /// Guest accesses refused so far.
+    pub fn anomalies(&self) -> u64 {
+        self.anomalies.count()
+    }
+
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn root(&self) -> u64 {
+        self.root.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    fn invalidate_all(&self, r: &mut Regs) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        r.stats.invalidations += 1;
+    }
+
+    /// Records a fault for `sid` at `iova` (unless FPD suppresses it) and raises the
+    /// fault event when the rules of VT-d §7.3 say so.
+    pub(crate) fn record_fault(
+        &self,
+        sid: u16,
+        iova: u64,
+        read: bool,
+        reason: FaultReason,
+        fpd: bool,
+    ) {
+        let mut r = lock(&self.regs);
+        if fpd && reason.qualified() {
+            r.stats.faults_suppressed += 1;
+            return;
+        }
+        let before = self.fsts_value(&r);
+        if r.fsts & fsts::PFO != 0 {
+            r.stats.faults_overflowed += 1;
+            return;
+        }
+        let i = r.next_frcd;
+        if r.frcd[i].pending {
+            r.fsts |= fsts::PFO;
+            r.stats.faults_overflowed += 1;
+            // Overflow is itself an event when nothing else is pending.
+            self.fault_event(&mut r, before);
+            return;
+        }
+        r.frcd[i] = FaultRecord {
+            page: iova & !0xfff,
+            sid,
+            reason: reason as u8,
+            read,
+            pending: true,
+        };
+        r.next_frcd = (i + 1) % NUM_FAULT_RECORDS;
+        r.stats.faults_recorded += 1;
+        if before & fsts::PPF == 0 {
+            r.fsts = (r.fsts & !(0xff << 8)) | ((i as u32) << 8);
+        }
+        log::debug!(
+            "vtd: fault {:#x} ({}) {} sid {sid:#06x} iova {iova:#x} -> FRCD {i}",
+            reason as u8,
+            reason.linux_text(),
+            if read { "read" } else { "write" }
+        );
+        self.fault_event(&mut r, before);
+    }
+
+    /// FSTS as the guest reads it (PPF derived from the F bits).
+    fn fsts_value(&self, r: &Regs) -> u32 {
+        let ppf = r.frcd.iter().any(|f| f.pending);
+        (r.fsts & !fsts::PPF) | if ppf { fsts::PPF } else { 0 }
+    }
+
+    /// Raises the fault event unless a condition was already being serviced
+    /// (`before` is FSTS before the new condition).
+    fn fault_event(&self, r: &mut Regs, before: u32) {
+        if before & (fsts::PPF | fsts::PFO | fsts::IQE) != 0 {
+            return;
+        }
+        r.fectl |= FECTL_IP;
+        if r.fectl & FECTL_IM == 0 {
+            self.send_fault_event(r);
+        }
+    }
+
+    fn send_fault_event(&self, r: &mut Regs) {
+        r.fectl &= !FECTL_IP;
+        let msg = MsiMessage {
+            address: u64::from(r.feaddr) | (u64::from(r.feuaddr) << 32),
+            data: r.fedata,
+        };
+        let gsi = match r.event_gsi {
+            Some(g) => g,
+            None => match self.irq.allocate_gsi() {
+                Ok(g) => {
+                    r.event_gsi = Some(g);
+                    g
+                }
+                Err(e) => {
+                    log::warn!("vtd: no GSI for the fault event: {e}");
+                    return;
+                }
+            },
+        };
+        if r.event_route != Some(msg) {
+            if let Err(e) = self.irq.set_msi_route(gsi, MsiSource::Platform, Some(msg)) {
+                log::warn!("vtd: fault event route: {e}");
+                return;
+            }
+            r.event_route = Some(msg);
+        }
+        match self.irq.trigger(gsi) {
+            Ok(()) => r.stats.fault_events += 1,
+            Err(e) => log::warn!("vtd: fault event: {e}"),
+        }
+    }
+
+    fn iq_error(&self, r: &mut Regs, code: u64) {
+        let before = self.fsts_value(r);
+        r.fsts |= fsts::IQE;
+        r.iqercd = (r.iqercd & !0xf) | (code & 0xf);
+        self.fault_event(r, before);
+    }
+
+    /// Processes the invalidation queue from IQH to IQT, synchronously.
+    fn process_queue(&self, r: &mut Regs) {
+        if r.gsts & gcmd::QIE == 0 || r.fsts & fsts::IQE != 0 {
+            return;
+        }
+        let base = r.iqa & !0xfff & ((1 << walk::HAW) - 1);
+        if r.iqa & (1 << 11) != 0 {
+            // 256-bit descriptors exist only in scalable mode (ECAP.SMTS = 0).
+            self.iq_error(r, 5);
+            return;
+        }
+        let entries = 256u64 << (r.iqa & 7);
+        let tail = (r.iqt >> 4) & 0x7fff;
+        if tail >= entries {
+            self.iq_error(r, 1);
+            return;
+        }
+        let mut head = (r.iqh >> 4) & 0x7fff;
+        if head >= entries {
+            head = 0;
+        }
+        // At most one lap: head reaches tail within `entries` steps.
+        for _ in 0..entries {
+            if head == tail {
+                break;
+            }
+            let at = base + head * 16;
+            let (lo, hi) = match (
+                self.mem.read_obj::<u64>(GuestAddress(at)),
+                self.mem.read_obj::<u64>(GuestAddress(at + 8)),
+            ) {
+                (Ok(l), Ok(h)) => (l, h),
+                _ => {
+                    r.iqh = head << 4;
+                    self.iq_error(r, 2);
+                    return;
+                }
+            };
+            if !self.descriptor(r, lo, hi) {
+                r.iqh = head << 4;
+                return;
+            }
+            r.stats.qi_descriptors += 1;
+            head = (head + 1) % entries;
+        }
+        r.iqh = head << 4;
+    }
+
+    /// Executes one 128-bit descriptor; false (with IQE set) if it is invalid.
+    fn descriptor(&self, r: &mut Regs, lo: u64, hi: u64) -> bool {
+        let bad = |s: &Self, r: &mut Regs, code| {
+            s.iq_error(r, code);
+            false
+        };
+        match lo & 0xf {
+            // Context-cache invalidate.
+            1 => {
+                if hi != 0 || lo & 0xfffc_0000_0000_ffc0 != 0 || (lo >> 4) & 3 == 0 {
+                    return bad(self, r, 4);
+                }
+                self.invalidate_all(r);
+            }
+            // IOTLB invalidate.
+            2 => {
+                if lo & 0xffff_ffff_0000_ff00 != 0 || (lo >> 4) & 3 == 0 || hi & 0xf80 != 0 {
+                    return bad(self, r, 4);
+                }
+                self.invalidate_all(r);
+            }
+            // Device-TLB and interrupt-entry-cache invalidations: nothing cached here
+            // (no ATS, no interrupt remapping); accepted.
+            3 | 4 => {}
+            // Invalidation wait.
+            5 => {
+                if lo & (1 << 5) != 0 {
+                    let addr = hi & !3;
+                    let data = (lo >> 32) as u32;
+                    if self.mem.write_obj(data, GuestAddress(addr)).is_err() {
+                        return bad(self, r, 2);
+                    }
+                }
+                if lo & (1 << 4) != 0 {
+                    r.ics |= 1;
+                    r.iectl |= FECTL_IP;
+                }
+            }
+            _ => return bad(self, r, 3),
+        }
+        true
+    }
+
+    fn write_gcmd(&self, r: &mut Regs, v: u32) {
+        if v & gcmd::SRTP != 0 {
+            self.root.store(
+                r.rtaddr & !0xfff & ((1 << walk::HAW) - 1),
+                Ordering::Release,
+            );
+            r.gsts |= gcmd::SRTP;
+            self.invalidate_all(r);
+        }
+        if (v ^ r.gsts) & gcmd::QIE != 0 {
+            if v & gcmd::QIE != 0 {
+                r.gsts |= gcmd::QIE;
+                r.iqh = 0;
+            } else {
+                r.gsts &= !gcmd::QIE;
+            }
+        }
+        if (v ^ r.gsts) & gcmd::TE != 0 {
+            let on = v & gcmd::TE != 0;
+            if on {
+                r.gsts |= gcmd::TE;
+            } else {
+                r.gsts &= !gcmd::TE;
+                r.next_frcd = 0;
+            }
+            self.te.store(on, Ordering::Release);
+            self.invalidate_all(r);
+            log::debug!(
+                "vtd: translation {}",
+                if on { "enabled" } else { "disabled" }
+            );
+        }
+        // WBF completes at once (WBFS never reads 1); SFL, EAFL, IRE, SIRTP and CFI
+        // belong to features the capabilities do not offer.
+    }
+
+    fn read_reg(&self, r: &Regs, off: u64, len: usize) -> u64 {
+        let frcd_end = reg::FRCD + 16 * NUM_FAULT_RECORDS as u64;
+        if (reg::FRCD..frcd_end).contains(&off) {
+            let rel = off - reg::FRCD;
+            let f = &r.frcd[(rel / 16) as usize];
+            let q = if rel % 16 < 8 { f.lo() } else { f.hi() };
+            return q >> (8 * (rel % 8));
+        }
+        let v = match off & !7 {
+            reg::VER => 0x10,
+            reg::CAP => CAP,
+            reg::ECAP => ECAP,
+            reg::RTADDR => r.rtaddr,
+            reg::CCMD => r.ccmd,
+            0x30 => u64::from(self.fsts_value(r)) << 32,
+            reg::FECTL => u64::from(r.fectl) | (u64::from(r.fedata) << 32),
+            reg::FEADDR => u64::from(r.feaddr) | (u64::from(r.feuaddr) << 32),
+            reg::IQH => r.iqh,
+            reg::IQT => r.iqt,
+            reg::IQA => r.iqa,
+            0x98 => u64::from(r.ics) << 32,
+            reg::IECTL => u64::from(r.iectl) | (u64::from(r.iedata) << 32),
+            reg::IEADDR => u64::from(r.ieaddr) | (u64::from(r.ieuaddr) << 32),
+            reg::IQERCD => r.iqercd,
+            reg::IVA => r.iva,
+            reg::IOTLB => r.iotlb,
+            _ => 0,
+        };
+        // GCMD (0x18) is write-only and reads 0; GSTS is its upper half.
+        let v = if off & !7 == reg::GCMD {
+            u64::from(r.gsts) << 32
+        } else {
+            v
+        };
+        let v = v >> (8 * (off % 8));
+        if len == 8 {
+            v
+        } else {
+            v & 0xffff_ffff
+        }
+    }
+
+    fn write_reg(&self, r: &mut Regs, off: u64, len: usize, v: u64) {
+        let frcd_end = reg::FRCD + 16 * NUM_FAULT_RECORDS as u64;
+        if (reg::FRCD..frcd_end).contains(&off) {
+            let rel = off - reg::FRCD;
+            let i = (rel / 16) as usize;
+            // F is bit 127: bit 31 of the dword at +12, or bit 63 of the qword at +8.
+            let f_hit = match (rel % 16, len) {
+                (12, 4) => v & (1 << 31) != 0,
+                (8, 8) => v & (1 << 63) != 0,
+                _ => false,
+            };
+            if f_hit {
+                r.frcd[i].pending = false;
+            }
+            return;
+        }
+        let lo32 = v as u32;
+        // 64-bit registers accept a qword, or either dword.
+        let set64 = |cur: u64, off_in: u64| -> u64 {
+            match (len, off_in) {
+                (8, 0) => v,
+                (4, 0) => (cur & !0xffff_ffff) | (v & 0xffff_ffff),
+                (4, 4) => (cur & 0xffff_ffff) | ((v & 0xffff_ffff) << 32),
+                _ => cur,
+            }
+        };
+        match off {
+            reg::GCMD => self.write_gcmd(r, lo32),
+            o if o & !7 == reg::RTADDR => r.rtaddr = set64(r.rtaddr, o & 7),
+            o if o & !7 == reg::CCMD => {
+                r.ccmd = set64(r.ccmd, o & 7);
+                if r.ccmd & (1 << 63) != 0 {
+                    let cirg = (r.ccmd >> 61) & 3;
+                    r.ccmd = (r.ccmd & !(1 << 63) & !(3 << 59)) | (cirg.max(1) << 59);
+                    self.invalidate_all(r);
+                }
+            }
+            reg::FSTS => {
+                r.fsts &= !(lo32 & (fsts::PFO | fsts::IQE | 0xe0));
+                let now = self.fsts_value(r);
+                if now & (fsts::PPF | fsts::PFO | fsts::IQE) == 0 {
+                    r.fectl &= !FECTL_IP;
+                }
+            }
+            reg::FECTL => {
+                r.fectl = (r.fectl & FECTL_IP) | (lo32 & FECTL_IM);
+                if r.fectl & FECTL_IP != 0 && r.fectl & FECTL_IM == 0 {
+                    self.send_fault_event(r);
+                }
+            }
+            reg::FEDATA => r.fedata = lo32,
+            reg::FEADDR => {
+                r.feaddr = lo32 & !3;
+                if len == 8 {
+                    r.feuaddr = (v >> 32) as u32;
+                }
+            }
+            reg::FEUADDR => r.feuaddr = lo32,
+            o if o & !7 == reg::IQT => {
+                r.iqt = set64(r.iqt, o & 7) & 0x7fff0;
+                self.process_queue(r);
+            }
+            o if o & !7 == reg::IQA => r.iqa = set64(r.iqa, o & 7) & !0x7f8,
+            reg::ICS => r.ics &= !(lo32 & 1),
+            reg::IECTL => r.iectl = (r.iectl & FECTL_IP) | (lo32 & FECTL_IM),
+            reg::IEDATA => r.iedata = lo32,
+            reg::IEADDR => r.ieaddr = lo32 & !3,
+            reg::IEUADDR => r.ieuaddr = lo32,
+            o if o & !7 == reg::IVA => r.iva = set64(r.iva, o & 7),
+            o if o & !7 == reg::IOTLB => {
+                r.iotlb = set64(r.iotlb, o & 7);
+                if r.iotlb & (1 << 63) != 0 {
+                    let iirg = (r.iotlb >> 60) & 3;
+                    r.iotlb = (r.iotlb & !(1 << 63) & !(3 << 57)) | (iirg.max(1) << 57);
+                    self.invalidate_all(r);
+                }
+            }
+            _ => {
+                self.anomalies.record(
+                    "vtd",
+                    format_args!("write to read-only or unknown register {off:#x}"),
+                );
+            }
+        }
+    }
+
+    /// Guest read of `data.len()` bytes at `off` (4- and 8-byte aligned accesses).
+    pub fn read(&self, off: u64, data: &mut [u8]) {
+        let len = data.len();
+        if !matches!(len, 4 | 8) || !off.is_multiple_of(len as u64) || off >= VTD_SIZE {
+            self.anomalies
+                .record("vtd", format_args!("{len}-byte read at {off:#x} refused"));
+            data.fill(0xff);
+            return;
+        }
+        let v = {
+            let r = lock(&self.regs);
+            self.read_reg(&r, off, len)
+        };
+        data.copy_from_slice(&v.to_le_bytes()[..len]);
+    }
+
+    /// Guest write at `off` (4- and 8-byte aligned accesses).
+    pub fn write(&self, off: u64, data: &[u8]) {
+        let len = data.len();
+        if !matches!(len, 4 | 8) || !off.is_multiple_of(len as u64) || off >= VTD_SIZE {
+            self.anomalies
+                .record("vtd", format_args!("{len}-byte write at {off:#x} refused"));
+            return;
+        }
+        let mut b = [0u8; 8];
+        b[..len].copy_from_slice(data);
+        let v = u64::from_le_bytes(b);
+        let mut r = lock(&self.regs);
+        self.write_reg(&mut r, off, len, v);
+    }
+}
+
+/// The MMIO face of the unit, for the VMM's bus.
+pub struct VtdMmio(pub Arc<Vtd>);
+
+impl DeviceMmio for VtdMmio {
+    fn mmio_read(&self, _base: MmioAddress, offset: MmioAddressOffset, data: &mut [u8]) {
+        self.0.read(offset, data);
+    }
+
+    fn mmio_write(&self, _base: MmioAddress, offset: MmioAddressOffset, data: &[u8]) {
+        self.0.write(offset, data);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,566 @@
+//! Unit tests of the VT-d model: registers, walk, every fault reason, the FRCD ring,
+//! the fault event, queued invalidation, caching rules and hostile input.
+
+use std::sync::Arc;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::*;
+use crate::interrupt::{Recorded, RecordingController};
+
+const MEM: usize = 32 << 20;
+const ROOT: u64 = 0x10_0000;
+const CTX: u64 = 0x10_1000;
+/// Page-table pages are handed out from here.
+const PT_POOL: u64 = 0x20_0000;
+
+struct Rig {
+    mem: GuestMemoryMmap,
+    rec: Arc<RecordingController>,
+    vtd: Arc<Vtd>,
+    next_pt: u64,
+}
+
+fn rd32(v: &Vtd, off: u64) -> u32 {
+    let mut b = [0u8; 4];
+    v.read(off, &mut b);
+    u32::from_le_bytes(b)
+}
+
+fn rd64(v: &Vtd, off: u64) -> u64 {
+    let mut b = [0u8; 8];
+    v.read(off, &mut b);
+    u64::from_le_bytes(b)
+}
+
+fn wr32(v: &Vtd, off: u64, x: u32) {
+    v.write(off, &x.to_le_bytes());
+}
+
+fn wr64(v: &Vtd, off: u64, x: u64) {
+    v.write(off, &x.to_le_bytes());
+}
+
+impl Rig {
+    fn new() -> Self {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).expect("mem");
+        let rec = Arc::new(RecordingController::new(24, 100));
+        let vtd = Arc::new(Vtd::new(mem.clone(), rec.clone()));
+        Self {
+            mem,
+            rec,
+            vtd,
+            next_pt: PT_POOL,
+        }
+    }
+
+    fn w64(&self, addr: u64, v: u64) {
+        self.mem.write_obj(v, GuestAddress(addr)).expect("write");
+    }
+
+    fn r64(&self, addr: u64) -> u64 {
+        self.mem.read_obj(GuestAddress(addr)).expect("read")
+    }
+
+    fn page(&mut self) -> u64 {
+        let p = self.next_pt;
+        self.next_pt += 0x1000;
+        p
+    }
+
+    /// Root entry for bus 0, a context entry for `devfn` with `levels` (3/4), and TE on.
+    fn attach(&mut self, devfn: u8, levels: u32) -> u64 {
+        let pt = self.page();
+        self.w64(ROOT, CTX | 1);
+        self.w64(CTX + u64::from(devfn) * 16, pt | 1);
+        self.w64(
+            CTX + u64::from(devfn) * 16 + 8,
+            u64::from(levels - 2) | (7 << 8),
+        );
+        wr64(&self.vtd, reg::RTADDR, ROOT);
+        wr32(&self.vtd, reg::GCMD, gcmd::SRTP);
+        wr32(&self.vtd, reg::GCMD, gcmd::TE);
+        pt
+    }
+
+    /// Maps `iova` → `gpa` with `perm` (bit 0 R, bit 1 W) as a page of 4K (leaf level
+    /// 1), 2M (2) or 1G (3).
+    fn map(&mut self, top: u64, levels: u32, iova: u64, gpa: u64, perm: u64, leaf_level: u32) {
+        let mut table = top;
+        for level in (leaf_level..=levels).rev() {
+            let shift = 12 + 9 * (level - 1);
+            let slot = table + ((iova >> shift) & 0x1ff) * 8;
+            if level == leaf_level {
+                let ps = if leaf_level > 1 { 1 << 7 } else { 0 };
+                self.w64(slot, gpa | perm | ps);
+                return;
+            }
+            let cur = self.r64(slot);
+            table = if cur & 3 != 0 {
+                cur & !0xfff
+            } else {
+                let p = self.page();
+                self.w64(slot, p | 3);
+                p
+            };
+        }
+    }
+
+    fn records(&self) -> Vec<FaultRecord> {
+        self.vtd
+            .fault_records()
+            .into_iter()
+            .filter(|f| f.pending)
+            .collect()
+    }
+
+    fn events(&self) -> usize {
+        self.rec
+            .take()
+            .iter()
+            .filter(|r| matches!(r, Recorded::Trigger(..)))
+            .count()
+    }
+}
+
+#[test]
+fn reset_state_and_capabilities() {
+    let r = Rig::new();
+    let v = &r.vtd;
+    assert_eq!(rd32(v, reg::VER), 0x10);
+    assert_eq!(rd64(v, reg::CAP), CAP);
+    assert_eq!(rd64(v, reg::ECAP), ECAP);
+    assert_eq!(rd32(v, reg::GSTS), 0);
+    assert_eq!(rd32(v, reg::GCMD), 0);
+    assert_eq!(rd32(v, reg::FECTL), 0x8000_0000);
+    // Decoded as Linux does.
+    assert_eq!((CAP >> 8) & 0x1f, 0x6, "SAGAW: 39- and 48-bit");
+    assert_eq!((CAP >> 16) & 0x3f, 47, "MGAW");
+    assert_eq!((CAP >> 34) & 0xf, 0x3, "2M and 1G superpages");
+    assert_eq!((CAP >> 39) & 1, 1, "PSI");
+    assert_eq!(((CAP >> 40) & 0xff) + 1, 16, "16 fault-recording registers");
+    assert_eq!(CAP & (1 << 7), 0, "caching mode off");
+    let fro = ((CAP >> 24) & 0x3ff) * 16;
+    let iro = ((ECAP >> 8) & 0x3ff) * 16;
+    assert!(
+        fro + 16 * 16 <= 0x1000 && iro + 16 <= 0x1000,
+        "IRO and FRO inside 4 KiB"
+    );
+    assert_eq!(ECAP & 3, 3, "C and QI");
+}
+
+#[test]
+fn gcmd_one_shot_and_persistent_bits() {
+    let r = Rig::new();
+    let v = &r.vtd;
+    wr64(v, reg::RTADDR, ROOT);
+    wr32(v, reg::GCMD, gcmd::SRTP);
+    assert_eq!(
+        rd32(v, reg::GSTS) & gcmd::SRTP,
+        gcmd::SRTP,
+        "RTPS right after the write"
+    );
+    // Linux ORs one-shot bits into its persistent copy.
+    wr32(v, reg::GCMD, gcmd::TE);
+    assert_eq!(rd32(v, reg::GSTS) & gcmd::TE, gcmd::TE);
+    assert!(v.translating());
+    wr32(v, reg::GCMD, gcmd::TE | gcmd::QIE);
+    assert_eq!(
+        rd32(v, reg::GSTS) & (gcmd::TE | gcmd::QIE),
+        gcmd::TE | gcmd::QIE
+    );
+    wr32(v, reg::GCMD, gcmd::QIE | gcmd::WBF);
+    let s = rd32(v, reg::GSTS);
+    assert_eq!(s & gcmd::TE, 0, "TE cleared");
+    assert_eq!(s & gcmd::WBF, 0, "WBFS never sticks");
+    assert!(!v.translating());
+}
+
+#[test]
+fn translation_with_4k_2m_1g_pages_and_4_levels() {
+    for levels in [3, 4] {
+        let mut r = Rig::new();
+        let top = r.attach(0x20, levels);
+        r.map(top, levels, 0x1000, 0x50_0000, 3, 1);
+        r.map(top, levels, 0x4000_0000, 0x0, 1, 3); // 1 GiB read-only at IOVA 1G
+        r.map(top, levels, 0x20_0000, 0x60_0000, 3, 2); // 2 MiB at IOVA 2M
+        let h = r.vtd.handle(0x20);
+        h.write(0x1ffc, &[1, 2, 3, 4]).expect("4K write");
+        assert_eq!(
+            r.mem.read_obj::<u32>(GuestAddress(0x50_0ffc)).expect("r"),
+            0x0403_0201
+        );
+        h.write(0x20_1234, b"superpage").expect("2M write");
+        let mut b = [0u8; 9];
+        r.mem
+            .read_slice(&mut b, GuestAddress(0x60_1234))
+            .expect("r");
+        assert_eq!(&b, b"superpage");
+        let mut got = [0u8; 4];
+        h.read(0x4000_0000 + 0x50_0ffc, &mut got).expect("1G read");
+        assert_eq!(got, [1, 2, 3, 4]);
+        let e = h
+            .write(0x4000_0000, &[0])
+            .expect_err("1G page is read-only");
+        assert!(matches!(
+            e,
+            DmaError::Fault {
+                reason: FaultReason::WriteDenied,
+                ..
+            }
+        ));
+        assert_eq!(
+            h.translate(0x20_0000 + 0x1f_ffff, false),
+            Ok(0x60_0000 + 0x1f_ffff)
+        );
+    }
+}
+
+#[test]
+fn translation_off_is_identity_and_checks_ram() {
+    let r = Rig::new();
+    let h = r.vtd.handle(0x8);
+    h.write(0x1000, &[7]).expect("identity");
+    assert_eq!(r.mem.read_obj::<u8>(GuestAddress(0x1000)).expect("r"), 7);
+    assert_eq!(
+        h.write(MEM as u64 - 1, &[1, 2]),
+        Err(DmaError::NotRam { gpa: MEM as u64 })
+    );
+    assert_eq!(
+        r.mem
+            .read_obj::<u8>(GuestAddress(MEM as u64 - 1))
+            .expect("r"),
+        0,
+        "nothing written"
+    );
+    let d = DmaHandle::direct(r.mem.clone(), 0x8);
+    assert!(
+        d.read(u64::MAX - 1, &mut [0; 4]).is_err(),
+        "wrapping range refused"
+    );
+}
+
+/// Expects `f` to fault with `reason` for requester `sid`, and one FRCD with it.
+fn expect_fault(r: &Rig, sid: u16, iova: u64, write: bool, reason: FaultReason) {
+    let h = r.vtd.handle(sid);
+    let res = if write {
+        h.write(iova, &[0xaa; 8])
+    } else {
+        h.read(iova, &mut [0; 8])
+    };
+    assert_eq!(
+        res,
+        Err(DmaError::Fault {
+            iova,
+            reason,
+            write
+        }),
+        "{reason:?}"
+    );
+    let recs = r.records();
+    let last = recs.last().expect("a record");
+    assert_eq!(
+        (last.sid, last.reason, last.read, last.page),
+        (sid, reason as u8, !write, iova & !0xfff),
+        "{reason:?}"
+    );
+}
+
+#[test]
+fn every_fault_reason() {
+    use FaultReason::*;
+    let mut r = Rig::new();
+    let top = r.attach(0x18, 3);
+    r.map(top, 3, 0x1000, 0x50_0000, 1, 1); // read-only
+    r.map(top, 3, 0x2000, 0x50_1000, 2, 1); // write-only
+    let clear = |r: &Rig| {
+        for i in 0..NUM_FAULT_RECORDS as u64 {
+            wr32(&r.vtd, reg::FRCD + 16 * i + 12, 1 << 31);
+        }
+        wr32(&r.vtd, reg::FSTS, 0xff);
+        // Faults are not cached, but the context is: start each case afresh.
+        wr64(&r.vtd, reg::CCMD, 1 << 63 | 1 << 61);
+    };
+    expect_fault(&r, 0x18, 0x1000, true, WriteDenied);
+    expect_fault(&r, 0x18, 0x2000, false, ReadDenied);
+    expect_fault(&r, 0x18, 0x5000, false, ReadDenied); // not present
+    expect_fault(&r, 0x18, 1 << 40, true, BeyondMgaw);
+    clear(&r);
+    expect_fault(&r, 0x20, 0x1000, true, ContextNotPresent);
+    expect_fault(&r, 0x0100, 0x1000, true, RootNotPresent); // bus 1
+                                                            // Reserved bits in the context entry, then an invalid AW.
+    r.w64(CTX + 0x28 * 16, top | 1 | 0x10);
+    r.w64(CTX + 0x28 * 16 + 8, 1);
+    expect_fault(&r, 0x28, 0x1000, false, ContextReserved);
+    r.w64(CTX + 0x30 * 16, top | 1);
+    r.w64(CTX + 0x30 * 16 + 8, 3); // AW 3 = 57-bit: not in SAGAW
+    expect_fault(&r, 0x30, 0x1000, false, ContextInvalid);
+    r.w64(CTX + 0x31 * 16, top | 1 | (2 << 2)); // TT pass-through: not offered
+    r.w64(CTX + 0x31 * 16 + 8, 1);
+    expect_fault(&r, 0x31, 0x1000, false, ContextInvalid);
+    // Top-level table outside RAM.
+    r.w64(CTX + 0x32 * 16, (0x8000_0000_0000 - 0x1000) | 1);
+    r.w64(CTX + 0x32 * 16 + 8, 1);
+    expect_fault(&r, 0x32, 0x1000, false, ContextInvalid);
+    clear(&r);
+    // A lower-level pointer outside RAM.
+    let l3 = r.r64(top);
+    let l2 = l3 & !0xfff;
+    r.w64(l2 + 8 * 5, 0x4000_0000_0000 | 3);
+    expect_fault(&r, 0x18, 5 << 21, false, NextTableInvalid);
+    // Reserved bits in a PTE (SNP without snoop control).
+    r.map(top, 3, 0x3000, 0x50_2000 | (1 << 11), 3, 1);
+    expect_fault(&r, 0x18, 0x3000, true, PteReserved);
+    // Root entry reserved bits (bus 2), context table outside RAM (bus 3).
+    r.w64(ROOT + 2 * 16, CTX | 1 | 0x20);
+    expect_fault(&r, 0x0200, 0, false, RootReserved);
+    r.w64(ROOT + 3 * 16, 0x7000_0000_0000 | 1);
+    expect_fault(&r, 0x0300, 0, false, ContextTableInvalid);
+    clear(&r);
+    // Root table itself outside RAM.
+    wr64(&r.vtd, reg::RTADDR, 0x7fff_0000_0000);
+    wr32(&r.vtd, reg::GCMD, gcmd::TE | gcmd::SRTP);
+    expect_fault(&r, 0x18, 0x1000, false, RootTableInvalid);
+}
+
+#[test]
+fn a_faulting_dma_moves_no_byte() {
+    let mut r = Rig::new();
+    let top = r.attach(0x20, 3);
+    r.map(top, 3, 0x1000, 0x50_0000, 3, 1); // page 2 (0x2000) is not mapped
+    r.mem
+        .write_slice(&[0x11; 0x1000], GuestAddress(0x50_0000))
+        .expect("fill");
+    let h = r.vtd.handle(0x20);
+    let e = h
+        .write(0x1800, &[0xee; 0x1000])
+        .expect_err("crosses into an unmapped page");
+    assert_eq!(
+        e,
+        DmaError::Fault {
+            iova: 0x2000,
+            reason: FaultReason::WriteDenied,
+            write: true
+        }
+    );
+    let mut b = [0u8; 0x1000];
+    r.mem
+        .read_slice(&mut b, GuestAddress(0x50_0000))
+        .expect("r");
+    assert!(
+        b.iter().all(|&x| x == 0x11),
+        "the mapped first half was not written either"
+    );
+    assert_eq!(r.records().len(), 1, "one fault per request");
+    let mut buf = [0x5au8; 0x1000];
+    assert!(h.read(0x1800, &mut buf).is_err());
+    assert!(
+        buf.iter().all(|&x| x == 0x5a),
+        "a faulting read fills nothing"
+    );
+}
+
+#[test]
+fn fault_ring_fri_overflow_and_wrap() {
+    let mut r = Rig::new();
+    r.attach(0x20, 3);
+    wr32(&r.vtd, reg::FEDATA, 0x41);
+    wr32(&r.vtd, reg::FEADDR, 0xfee0_0000);
+    wr32(&r.vtd, reg::FECTL, 0);
+    let h = r.vtd.handle(0x20);
+    for i in 0..NUM_FAULT_RECORDS as u64 {
+        assert!(h.write(0x10_0000 + i * 0x1000, &[0]).is_err());
+    }
+    assert_eq!(
+        r.records().len(),
+        NUM_FAULT_RECORDS,
+        "all 16 recorded (QEMU keeps 1)"
+    );
+    assert_eq!(r.events(), 1, "one event for the burst");
+    let fsts = rd32(&r.vtd, reg::FSTS);
+    assert_eq!(fsts & 3, fsts::PPF, "PPF, no overflow yet");
+    assert_eq!((fsts >> 8) & 0xff, 0, "FRI = first record");
+    // Record 5, as Linux reads it.
+    let base = reg::FRCD + 5 * 16;
+    assert_eq!(rd64(&r.vtd, base), 0x10_5000);
+    assert_eq!(rd32(&r.vtd, base + 8) & 0xffff, 0x20);
+    let hi = rd32(&r.vtd, base + 12);
+    assert_eq!(
+        (hi & 0xff, (hi >> 30) & 1, hi >> 31),
+        (5, 0, 1),
+        "reason 5, write, F"
+    );
+    // The 17th overflows.
+    assert!(h.write(0x20_0000, &[0]).is_err());
+    assert_eq!(rd32(&r.vtd, reg::FSTS) & fsts::PFO, fsts::PFO);
+    assert_eq!(r.vtd.stats().faults_overflowed, 1);
+    assert_eq!(r.events(), 0, "no new event while PPF is set");
+    // Service all: clear F bits and PFO; the ring continues where it was (wraps).
+    for i in 0..NUM_FAULT_RECORDS as u64 {
+        wr32(&r.vtd, reg::FRCD + 16 * i + 12, 1 << 31);
+    }
+    wr32(&r.vtd, reg::FSTS, fsts::PFO | fsts::PPF);
+    assert_eq!(rd32(&r.vtd, reg::FSTS) & 3, 0);
+    assert!(h.read(0x30_0000, &mut [0]).is_err());
+    let fsts = rd32(&r.vtd, reg::FSTS);
+    assert_eq!(fsts & 3, fsts::PPF);
+    assert_eq!((fsts >> 8) & 0xff, 0, "wrapped to record 0");
+    assert_eq!(rd32(&r.vtd, reg::FRCD + 12) >> 30, 0b11, "F and T (read)");
+    assert_eq!(r.events(), 1);
+    // A qword write of F at +8 clears it too.
+    wr64(&r.vtd, reg::FRCD + 8, 1 << 63);
+    assert_eq!(rd32(&r.vtd, reg::FSTS) & fsts::PPF, 0);
+}
+
+#[test]
+fn masked_fault_event_stays_pending_until_unmask() {
+    let mut r = Rig::new();
+    r.attach(0x20, 3);
+    wr32(&r.vtd, reg::FEDATA, 0x52);
+    wr32(&r.vtd, reg::FEADDR, 0xfee0_1000);
+    wr32(&r.vtd, reg::FEUADDR, 0);
+    // FECTL stays masked (reset value).
+    assert!(r.vtd.handle(0x20).write(0x1000, &[1]).is_err());
+    assert_eq!(rd32(&r.vtd, reg::FECTL), 0xc000_0000, "IM and IP");
+    assert_eq!(r.events(), 0);
+    wr32(&r.vtd, reg::FECTL, 0);
+    assert_eq!(rd32(&r.vtd, reg::FECTL), 0, "IP cleared by delivery");
+    let sent = r.rec.take();
+    let msg = sent.iter().find_map(|e| match e {
+        Recorded::Trigger(_, m) => *m,
+        _ => None,
+    });
+    let msg = msg.expect("the event went out on unmask");
+    assert_eq!((msg.vector(), msg.destination()), (0x52, 1));
+}
+
+#[test]
+fn fpd_suppresses_qualified_faults_only() {
+    let mut r = Rig::new();
+    let top = r.attach(0x20, 3);
+    r.w64(CTX + 0x20 * 16, top | 1 | 2); // FPD
+    wr64(&r.vtd, reg::CCMD, 1 << 63 | 1 << 61);
+    let h = r.vtd.handle(0x20);
+    assert!(h.write(0x1000, &[1]).is_err(), "the access still fails");
+    assert!(r.records().is_empty());
+    assert_eq!(r.vtd.stats().faults_suppressed, 1);
+}
+
+/// Writes descriptors into the queue at `iq` and moves the tail.
+fn submit(r: &Rig, iq: u64, first: u64, descs: &[(u64, u64)]) -> u64 {
+    for (i, (lo, hi)) in descs.iter().enumerate() {
+        let at = iq + (first + i as u64) * 16;
+        r.w64(at, *lo);
+        r.w64(at + 8, *hi);
+    }
+    let tail = first + descs.len() as u64;
+    wr64(&r.vtd, reg::IQT, tail << 4);
+    tail
+}
+
+#[test]
+fn queued_invalidation_wait_and_errors() {
+    let r = Rig::new();
+    let iq = 0x30_0000;
+    let status = 0x30_8000;
+    wr64(&r.vtd, reg::IQT, 0);
+    wr64(&r.vtd, reg::IQA, iq);
+    wr32(&r.vtd, reg::GCMD, gcmd::QIE);
+    assert_eq!(rd32(&r.vtd, reg::GSTS) & gcmd::QIE, gcmd::QIE);
+    // Global IOTLB + context invalidation, then a wait with status write.
+    let t = submit(
+        &r,
+        iq,
+        0,
+        &[
+            (0x2 | 1 << 4, 0),
+            (0x1 | 1 << 4, 0),
+            (0x5 | 1 << 5 | 2 << 32, status),
+        ],
+    );
+    assert_eq!(
+        r.mem.read_obj::<u32>(GuestAddress(status)).expect("r"),
+        2,
+        "status written during the IQT write"
+    );
+    assert_eq!(rd64(&r.vtd, reg::IQH), t << 4);
+    assert_eq!(r.vtd.stats().qi_descriptors, 3);
+    // A bad descriptor: IQE, head stays on it, later descriptors wait.
+    let t2 = submit(&r, iq, t, &[(0x7, 0), (0x5 | 1 << 5 | 9 << 32, status)]);
+    assert_eq!(rd32(&r.vtd, reg::FSTS) & fsts::IQE, fsts::IQE);
+    assert_eq!(rd64(&r.vtd, reg::IQH), t << 4);
+    assert_eq!(rd64(&r.vtd, reg::IQERCD) & 0xf, 3);
+    assert_eq!(r.mem.read_obj::<u32>(GuestAddress(status)).expect("r"), 2);
+    // Software fixes the descriptor, clears IQE and rings again.
+    r.w64(iq + t * 16, 0x2 | 1 << 4);
+    wr32(&r.vtd, reg::FSTS, fsts::IQE);
+    wr64(&r.vtd, reg::IQT, t2 << 4);
+    assert_eq!(r.mem.read_obj::<u32>(GuestAddress(status)).expect("r"), 9);
+    // A tail beyond the queue.
+    wr64(&r.vtd, reg::IQT, 0x7fff0);
+    assert_eq!(rd32(&r.vtd, reg::FSTS) & fsts::IQE, fsts::IQE);
+    assert_eq!(rd64(&r.vtd, reg::IQERCD) & 0xf, 1);
+}
+
+#[test]
+fn caching_rules() {
+    let mut r = Rig::new();
+    let top = r.attach(0x20, 3);
+    let h = r.vtd.handle(0x20);
+    // Not-present results are never cached: mapping afterwards needs no invalidation.
+    assert!(h.read(0x7000, &mut [0]).is_err());
+    r.map(top, 3, 0x7000, 0x50_0000, 3, 1);
+    h.read(0x7000, &mut [0])
+        .expect("mapped without invalidation");
+    // A cached translation survives an unmap until software invalidates.
+    r.map(top, 3, 0x7000, 0, 0, 1);
+    h.read(0x7000, &mut [0]).expect("still cached");
+    wr64(&r.vtd, reg::IVA, 0x7000);
+    wr64(&r.vtd, reg::IOTLB, 1 << 63 | 3 << 60 | 7 << 32);
+    assert_eq!(rd64(&r.vtd, reg::IOTLB) >> 63, 0, "IVT cleared");
+    assert_eq!(
+        (rd64(&r.vtd, reg::IOTLB) >> 57) & 3,
+        3,
+        "IAIG reports the granularity"
+    );
+    assert!(h.read(0x7000, &mut [0]).is_err(), "invalidated");
+    // CCMD: ICC cleared, CAIG set.
+    wr64(&r.vtd, reg::CCMD, 1 << 63 | 1 << 61);
+    let c = rd64(&r.vtd, reg::CCMD);
+    assert_eq!((c >> 63, (c >> 59) & 3), (0, 1));
+}
+
+#[test]
+fn hostile_registers_and_tables_never_panic() {
+    let mut r = Rig::new();
+    let top = r.attach(0x20, 4);
+    // Deterministic xorshift: random register traffic and random table contents.
+    let mut s = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    for _ in 0..20_000 {
+        let off = next() % 0x1100;
+        let len = [1usize, 2, 3, 4, 8, 16][(next() % 6) as usize];
+        let val = next();
+        let mut buf = vec![0u8; len];
+        if next() % 2 == 0 {
+            r.vtd.read(off, &mut buf);
+        } else {
+            buf.copy_from_slice(&val.to_le_bytes().repeat(2)[..len]);
+            r.vtd.write(off, &buf);
+        }
+        if next() % 8 == 0 {
+            let slot = top + (next() % 512) * 8;
+            r.w64(slot, next());
+        }
+        let h = r.vtd.handle((next() & 0xffff) as u16);
+        let _ = h.read(next(), &mut [0; 16]);
+        let _ = h.write(next() % (1 << 40), &[0; 3]);
+    }
+    assert!(r.vtd.anomalies() > 0, "odd accesses were counted");
+    let _ = r.page();
+}
