@@ -32,9 +32,9 @@ JOBS = [
                           "--memory", "512M", "--device", "edu,bdf=00:04.0", "--cmdline",
                           f"{BASE} intel_iommu=on fv.checks=iommu,edu-dma"]),
     lab.Job("probe-x2apic", ["--kernel", "{probe}", "--vcpus", "2", "--memory", "64M",
-                             "--device", "test", "--cmdline",
+                             "--device", "test", "--device", "edu", "--cmdline",
                              "probe.tests=boot.*,apic.*,exc.*,pci.*,ioapic.*,serial.*,"
-                             "msi.*,msix.*,opt.soft_int"], timeout=120),
+                             "msi.*,msix.*,iommu.*,opt.soft_int"], timeout=120),
     lab.Job("probe-xapic", ["--kernel", "{probe}", "--vcpus", "2", "--memory", "64M",
                             "--device", "test", "--cmdline",
                             "probe.apic=xapic probe.tests=apic.*,ioapic.*,msi.dest,msix.dest"],
@@ -184,7 +184,8 @@ class ProbeOnRealKvm(unittest.TestCase):
     def test_every_scenario_passes_without_skips(self):
         self.check_all_pass("probe-x2apic", [
             "ioapic.level", "ioapic.level_refire", "ioapic.eoi_register",
-            "ioapic.masked_level", "msi.dest", "msix.function_mask", "opt.soft_int"])
+            "ioapic.masked_level", "msi.dest", "msix.function_mask", "opt.soft_int",
+            "iommu.fault_reasons", "iommu.fault_event", "iommu.frcd_overflow"])
 
     def test_xapic_mode(self):
         self.check_all_pass("probe-xapic", ["apic.mode", "ioapic.eoi_register", "msix.dest"])

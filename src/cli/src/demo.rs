@@ -1,6 +1,7 @@
 //! `faultvisor demo`: boots the probe guest embedded in this binary (no download, any
-//! KVM) with the fv-test device and two vCPUs, runs its scenarios and prints what the
-//! guest saw, in TAP.
+//! KVM) with two vCPUs, the fv-test device, and an edu device behind the emulated VT-d
+//! unit; runs its scenarios and prints what the guest saw, in TAP — including the DMA
+//! faults the guest's own fault handler reads from the unit.
 
 use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -20,8 +21,11 @@ pub const EXIT_DEMO_FAILED: i32 = 1;
 
 pub(crate) const DEMO_EXAMPLES: &str = "\
 Examples:
-  # Every scenario (IOAPIC, MSI, MSI-X, exceptions, serial), 2 vCPUs
+  # Every scenario (IOAPIC, MSI, MSI-X, exceptions, serial, VT-d), 2 vCPUs
   faultvisor demo
+
+  # Only the IOMMU: translations, every fault reason, the fault event
+  faultvisor demo --tests 'iommu.*'
 
   # Only the MSI-X scenarios, then the microbenchmarks
   faultvisor demo --tests 'msix.*'
@@ -143,15 +147,21 @@ pub fn run(args: &DemoArgs, start: Instant) -> Result<i32, CliError> {
         mem_size: vmm::MIN_MEMORY,
         vcpus: args.vcpus,
         serial: SerialConfig::Stdout,
-        devices: vec![DeviceSpec {
-            kind: DeviceKind::Test,
-            bdf: None,
-        }],
+        devices: vec![
+            DeviceSpec {
+                kind: DeviceKind::Test,
+                bdf: None,
+            },
+            DeviceSpec {
+                kind: DeviceKind::Edu,
+                bdf: None,
+            },
+        ],
         iommu: vmm::IommuMode::Auto,
         start,
     };
     println!(
-        "faultvisor demo: booting the embedded probe guest ({} KiB) with {} vCPU(s) and the fv-test PCI device; the guest reports:",
+        "faultvisor demo: booting the embedded probe guest ({} KiB) with {} vCPU(s), the fv-test device and edu behind an Intel VT-d unit; the guest reports:",
         PROBE_ELF.len() / 1024,
         cfg.vcpus
     );

@@ -26,6 +26,54 @@ pub struct Platform {
     pub ecam: Option<(u64, u8, u8)>,
     /// How to power off (S5).
     pub poweroff: Option<PowerOff>,
+    /// From the DMAR table: (host address width, DRHD register base, INCLUDE_PCI_ALL,
+    /// IOAPIC scope source ID).
+    pub dmar: Option<Dmar>,
+}
+
+/// What the DMAR table says.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Dmar {
+    /// Host address width in bits.
+    pub haw: u8,
+    /// Register base of the first DRHD.
+    pub base: u64,
+    /// DRHD flags bit 0.
+    pub include_all: bool,
+    /// Source ID of the first IOAPIC device scope (bus << 8 | devfn).
+    pub ioapic_sid: Option<u16>,
+}
+
+fn parse_dmar(t: &[u8]) -> Option<Dmar> {
+    let mut d = Dmar {
+        haw: t.get(36)?.wrapping_add(1),
+        ..Default::default()
+    };
+    let mut o = 48;
+    while o + 4 <= t.len() {
+        let (ty, len) = (u16_at(t, o), usize::from(u16_at(t, o + 2)));
+        if len < 4 || o + len > t.len() {
+            break;
+        }
+        if ty == 0 && len >= 16 && d.base == 0 {
+            d.base = u64_at(t, o + 8);
+            d.include_all = t[o + 4] & 1 != 0;
+            let mut s = o + 16;
+            while s + 6 <= o + len {
+                let slen = usize::from(t[s + 1]);
+                if slen < 6 || s + slen > o + len {
+                    break;
+                }
+                if t[s] == 3 && slen >= 8 {
+                    let devfn = (t[s + 6] << 3) | (t[s + 7] & 7);
+                    d.ioapic_sid = Some((u16::from(t[s + 5]) << 8) | u16::from(devfn));
+                }
+                s += slen;
+            }
+        }
+        o += len;
+    }
+    (d.base != 0).then_some(d)
 }
 
 /// An S5 request.
@@ -169,6 +217,7 @@ pub fn discover(rsdp: u64) -> Result<Platform, &'static str> {
             b"APIC" => parse_madt(t, &mut p),
             b"MCFG" if t.len() >= 60 => p.ecam = Some((u64_at(t, 44), t[54], t[55])),
             b"FACP" => p.poweroff = parse_fadt(t),
+            b"DMAR" => p.dmar = parse_dmar(t),
             _ => {}
         }
     }

@@ -28,6 +28,7 @@ mod cpu;
 mod heap;
 mod idt;
 mod ioapic;
+mod iommu;
 mod pci;
 mod serial;
 mod smp;

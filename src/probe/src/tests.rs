@@ -18,9 +18,9 @@ use crate::tap::{matches, Outcome};
 use crate::{apic, check, fail, finish, println, skip, smp, Options, Verdict};
 
 /// Cycles to wait for something that should happen (it normally takes microseconds).
-const SOON: u64 = 1_000_000_000;
+pub const SOON: u64 = 1_000_000_000;
 /// Cycles to watch for something that must not happen.
-const QUIET: u64 = 20_000_000;
+pub const QUIET: u64 = 20_000_000;
 
 struct Global<T>(core::cell::UnsafeCell<Option<T>>, AtomicBool);
 // SAFETY: written once by the BSP before any other CPU runs (`set`), read-only after.
@@ -98,7 +98,8 @@ pub struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn find(&self, vendor: u16, device: u16) -> Option<Bdf> {
+    /// The first function with these IDs.
+    pub fn find(&self, vendor: u16, device: u16) -> Option<Bdf> {
         self.devs
             .iter()
             .find(|f| f.vendor == vendor && f.device == device)
@@ -135,6 +136,17 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("msix.dest", msix_dest),
     ("msix.mask", msix_mask),
     ("msix.function_mask", msix_function_mask),
+    ("iommu.discover", crate::iommu::discover),
+    ("iommu.gcmd", crate::iommu::gcmd),
+    ("iommu.translate", crate::iommu::translate),
+    ("iommu.fault_reasons", crate::iommu::fault_reasons),
+    ("iommu.partial_fault", crate::iommu::partial_fault),
+    ("iommu.fault_event", crate::iommu::fault_event),
+    ("iommu.frcd_overflow", crate::iommu::frcd_overflow),
+    (
+        "iommu.queued_invalidation",
+        crate::iommu::queued_invalidation,
+    ),
     // `int n` traps to the hypervisor's instruction emulator on some software KVMs
     // (kvm_pvm cannot emulate it), so it runs only on request.
     ("opt.soft_int", exc_int),
@@ -143,6 +155,8 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("bench.mmio", bench_mmio),
     ("bench.pio", bench_pio),
     ("bench.msi_latency", bench_msi_latency),
+    ("bench.dma", crate::iommu::bench_dma),
+    ("bench.fault_latency", crate::iommu::bench_fault_latency),
 ];
 
 /// Starts the platform, runs the selected scenarios and ends the VM.
@@ -607,6 +621,11 @@ fn bsp() -> u32 {
     smp::apic_id(0).unwrap_or(0)
 }
 
+/// The boot CPU's APIC ID.
+pub fn bsp_apic() -> u32 {
+    bsp()
+}
+
 /// Waits (interrupts on) until vector `v` has been counted `n` times in all.
 fn wait_total(v: u8, n: u32, cycles: u64) -> bool {
     cpu::sti();
@@ -993,7 +1012,7 @@ fn msix_function_mask(c: &Ctx) -> Outcome {
 // ---------------------------------------------------------------- benchmarks
 
 /// Summary of cycle samples.
-fn summarize(name: &str, what: &str, samples: &mut [u64]) -> Outcome {
+pub fn summarize(name: &str, what: &str, samples: &mut [u64]) -> Outcome {
     if samples.is_empty() {
         fail!("no samples");
     }
