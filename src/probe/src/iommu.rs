@@ -267,6 +267,9 @@ impl Tables {
 // ---------------------------------------------------------------- edu
 
 const EDU_BUF: u64 = 0x40000;
+/// Bytes per test transfer: QEMU's edu refuses (aborts the VM on) a transfer that ends
+/// exactly at the end of its 4 KiB buffer, so stay below it.
+const XFER: u64 = 2048;
 
 #[derive(Clone, Copy)]
 struct Edu {
@@ -363,16 +366,10 @@ pub fn discover(c: &Ctx) -> Outcome {
     let ecap = u.r64(reg::ECAP);
     check!(cap != u64::MAX && cap != 0, "CAP reads {cap:#x}");
     check!(
-        (cap >> 8) & 0x6 == 0x6,
-        "SAGAW {:#x}: want 39- and 48-bit",
+        (cap >> 8) & 0x6 != 0,
+        "SAGAW {:#x}: neither 39- nor 48-bit tables",
         (cap >> 8) & 0x1f
     );
-    check!(
-        (cap >> 34) & 3 == 3,
-        "no 2M/1G superpages (SLLPS {:#x})",
-        (cap >> 34) & 0xf
-    );
-    check!(cap & (1 << 39) != 0, "no page-selective invalidation");
     check!(cap & (1 << 7) == 0, "caching mode on");
     check!(ecap & 2 != 0, "no queued invalidation");
     check!(
@@ -385,8 +382,16 @@ pub fn discover(c: &Ctx) -> Outcome {
     );
     check!(d.include_all, "DRHD without INCLUDE_PCI_ALL");
     Outcome::Pass(Some(format!(
-        "DRHD {:#x} HAW {} cap {cap:#x} ecap {ecap:#x}: {} fault records at {:#x}, IOTLB at {:#x}, IOAPIC scope {:x?}",
-        d.base, d.haw, u.nfr, u.fro, u.iro + 8, d.ioapic_sid
+        "DRHD {:#x} HAW {} cap {cap:#x} ecap {ecap:#x}: SAGAW {:#x}, SLLPS {:#x}, PSI {}, {} fault records at {:#x}, IOTLB at {:#x}, IOAPIC scope {:x?}",
+        d.base,
+        d.haw,
+        (cap >> 8) & 0x1f,
+        (cap >> 34) & 0xf,
+        (cap >> 39) & 1,
+        u.nfr,
+        u.fro,
+        u.iro + 8,
+        d.ioapic_sid
     )))
 }
 
@@ -434,14 +439,19 @@ pub fn translate(c: &Ctx) -> Outcome {
         w64_byte(src + i, (i * 7 + 3) as u8);
     }
     // TE off: IOVA = GPA.
-    let (cmd, _) = e.copy(src, dst, 4096);
+    let n = XFER as usize;
+    let (cmd, _) = e.copy(src, dst, XFER);
     check!(
-        cmd & 0x100 == 0 && bytes(dst, 4096) == bytes(src, 4096),
+        cmd & 0x100 == 0 && bytes(dst, n) == bytes(src, n),
         "identity DMA with TE off failed"
     );
     fill(dst, 0, 4096);
+    let cap = u.r64(reg::CAP);
     let mut done = Vec::new();
     for levels in [3u32, 4] {
+        if (cap >> 8) & (1 << (levels - 2)) == 0 {
+            continue; // this width is not offered (QEMU's default is 39-bit only)
+        }
         pool_keep(&[src, dst]);
         let t = Tables::new(e.sid, levels);
         let a = 0x10_0000u64;
@@ -457,14 +467,17 @@ pub fn translate(c: &Ctx) -> Outcome {
         t.map(huge, 0, R | W, 3);
         check!(translate_with(&u, &t), "enable failed");
         let cases = [
-            ("4K", a, a + 0x1000),
-            ("2M", a, big + (dst & 0x1f_ffff)),
-            ("1G", a, huge + dst),
+            ("4K", a, a + 0x1000, true),
+            ("2M", a, big + (dst & 0x1f_ffff), (cap >> 34) & 1 != 0),
+            ("1G", a, huge + dst, (cap >> 35) & 1 != 0),
         ];
-        for (name, s, d) in cases {
+        for (name, s, d, offered) in cases {
+            if !offered {
+                continue;
+            }
             fill(dst, 0, 4096);
-            let (cmd, err) = e.copy(s, d, 4096);
-            if cmd & 0x100 != 0 || bytes(dst, 4096) != bytes(src, 4096) {
+            let (cmd, err) = e.copy(s, d, XFER);
+            if cmd & 0x100 != 0 || bytes(dst, n) != bytes(src, n) {
                 off(&u);
                 fail!("{levels}-level {name}: copy through IOVA {d:#x} failed (cmd {cmd:#x} err {err:#x}, FSTS {:#x})", u.fsts());
             }
@@ -618,9 +631,9 @@ pub fn partial_fault(c: &Ctx) -> Outcome {
     t.map(0x10_0000, src, R, 1);
     t.map(0x20_0000, dst, W, 1); // 0x20_1000 is not mapped
     check!(translate_with(&u, &t), "enable failed");
-    let (cmd, _) = e.dma(0x10_0000, EDU_BUF, 4096, false);
+    let (cmd, _) = e.dma(0x10_0000, EDU_BUF, XFER, false);
     fill(dst, 0xcc, 4096);
-    let (wcmd, werr) = e.dma(EDU_BUF, 0x20_0800, 4096, true);
+    let (wcmd, werr) = e.dma(EDU_BUF, 0x20_0c00, XFER, true);
     let fsts = u.fsts();
     let (addr, ..) = u.record((fsts >> 8) & 0xff);
     off(&u);
@@ -804,7 +817,7 @@ fn reason_text(r: u8) -> &'static str {
 
 // ---------------------------------------------------------------- benchmarks
 
-/// edu 4 KiB copies (RAM → device → RAM) with translation off and on.
+/// edu copies (RAM → device → RAM) with translation off and on.
 pub fn bench_dma(c: &Ctx) -> Outcome {
     let (u, e) = setup!(c);
     let (src, dst) = (page(), page());
@@ -824,7 +837,7 @@ pub fn bench_dma(c: &Ctx) -> Outcome {
         let mut v = Vec::with_capacity(iters);
         for _ in 0..iters {
             let t0 = rdtsc();
-            e.copy(s, d, 4096);
+            e.copy(s, d, XFER);
             v.push(rdtsc().wrapping_sub(t0));
         }
         off(&u);
@@ -836,10 +849,16 @@ pub fn bench_dma(c: &Ctx) -> Outcome {
     onv.sort_unstable();
     let (m_off, m_on) = (offv[offv.len() / 2], onv[onv.len() / 2]);
     let pct = m_off * 100 / m_on.max(1);
-    crate::println!("# bench dma_iommu_off median={m_off} min={} n={iters} unit=cycles what=\"edu 4 KiB copy, TE off\"", offv[0]);
-    crate::println!("# bench dma_iommu_on median={m_on} min={} n={iters} unit=cycles what=\"edu 4 KiB copy, TE on\"", onv[0]);
+    crate::println!(
+        "# bench dma_iommu_off median={m_off} min={} n={iters} unit=cycles what=\"edu {XFER}-byte copy RAM->dev->RAM, TE off\"",
+        offv[0]
+    );
+    crate::println!(
+        "# bench dma_iommu_on median={m_on} min={} n={iters} unit=cycles what=\"edu {XFER}-byte copy RAM->dev->RAM, TE on\"",
+        onv[0]
+    );
     Outcome::Pass(Some(format!(
-        "4 KiB copy: {m_off} cycles off, {m_on} on: throughput with the IOMMU {pct}% of without"
+        "{XFER}-byte copy: {m_off} cycles off, {m_on} on: throughput with the IOMMU {pct}% of without"
     )))
 }
 
