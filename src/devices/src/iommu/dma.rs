@@ -6,7 +6,6 @@
 //! faulting request writes nothing and reads nothing. One fault is recorded per request,
 //! at the first page that failed.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -37,17 +36,54 @@ pub enum DmaError {
     },
 }
 
-/// Cached translations of one requester, valid for one invalidation generation.
-#[derive(Default)]
+/// Direct-mapped slots per page size in a handle's IOTLB.
+const TLB_SLOTS: usize = 64;
+/// Page sizes cached: 4 KiB, 2 MiB, 1 GiB.
+const SHIFTS: [u32; 3] = [12, 21, 30];
+
+/// Cached translations of one requester, valid for one invalidation generation: the
+/// context entry and a direct-mapped IOTLB per page size (tag = IOVA >> page shift).
 struct Cache {
     generation: u64,
     context: Option<Context>,
-    /// (page shift, IOVA >> page shift) → mapping.
-    tlb: HashMap<(u32, u64), Mapping>,
+    tlb: [[Option<(u64, Mapping)>; TLB_SLOTS]; 3],
 }
 
-/// Largest number of cached translations per handle (the cache empties when full).
-const CACHE_ENTRIES: usize = 512;
+impl Default for Cache {
+    fn default() -> Self {
+        Self {
+            generation: 0,
+            context: None,
+            tlb: [[None; TLB_SLOTS]; 3],
+        }
+    }
+}
+
+impl Cache {
+    fn lookup(&self, iova: u64, write: bool) -> Option<u64> {
+        for (i, shift) in SHIFTS.iter().enumerate() {
+            let tag = iova >> shift;
+            if let Some((t, m)) = &self.tlb[i][tag as usize % TLB_SLOTS] {
+                if *t == tag && ((write && m.write) || (!write && m.read)) {
+                    return Some(m.gpa(iova));
+                }
+            }
+        }
+        None
+    }
+
+    fn insert(&mut self, iova: u64, m: Mapping) {
+        let i = SHIFTS.iter().position(|s| *s == m.page_shift).unwrap_or(0);
+        let tag = iova >> m.page_shift;
+        self.tlb[i][tag as usize % TLB_SLOTS] = Some((tag, m));
+    }
+
+    fn clear(&mut self, generation: u64) {
+        self.generation = generation;
+        self.context = None;
+        self.tlb = [[None; TLB_SLOTS]; 3];
+    }
+}
 
 /// A device's path to guest memory.
 pub struct DmaHandle {
@@ -57,7 +93,10 @@ pub struct DmaHandle {
 
 enum Inner {
     Direct(GuestMemoryMmap),
-    Translated { vtd: Arc<Vtd>, cache: Mutex<Cache> },
+    Translated {
+        vtd: Arc<Vtd>,
+        cache: Box<Mutex<Cache>>,
+    },
 }
 
 impl DmaHandle {
@@ -74,7 +113,7 @@ impl DmaHandle {
             sid,
             inner: Inner::Translated {
                 vtd,
-                cache: Mutex::new(Cache::default()),
+                cache: Box::new(Mutex::new(Cache::default())),
             },
         }
     }
@@ -162,16 +201,10 @@ impl DmaHandle {
         let generation = vtd.generation();
         let mut c = lock(cache);
         if c.generation != generation {
-            c.context = None;
-            c.tlb.clear();
-            c.generation = generation;
+            c.clear(generation);
         }
-        for shift in [12u32, 21, 30] {
-            if let Some(m) = c.tlb.get(&(shift, iova >> shift)) {
-                if (write && m.write) || (!write && m.read) {
-                    return Ok(m.gpa(iova));
-                }
-            }
+        if let Some(gpa) = c.lookup(iova, write) {
+            return Ok(gpa);
         }
         let mem = vtd.memory();
         let ctx = match c.context {
@@ -194,10 +227,7 @@ impl DmaHandle {
         };
         match walk::walk(mem, &ctx, iova, write) {
             Ok(m) => {
-                if c.tlb.len() >= CACHE_ENTRIES {
-                    c.tlb.clear();
-                }
-                c.tlb.insert((m.page_shift, iova >> m.page_shift), m);
+                c.insert(iova, m);
                 Ok(m.gpa(iova))
             }
             Err(reason) => {
