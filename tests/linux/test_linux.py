@@ -29,8 +29,9 @@ JOBS = [
     lab.Job("bzimage", ["--kernel", "{bzimage}", "--initrd", "{initrd}", "--vcpus", "1",
                         "--cmdline", f"{BASE} fv.checks=cpus fv.end=exit:3"]),
     lab.Job("iommu-edu", ["--kernel", "{kernel}", "--initrd", "{initrd}", "--vcpus", "2",
-                          "--memory", "512M", "--device", "edu,bdf=00:04.0", "--cmdline",
-                          f"{BASE} intel_iommu=on fv.checks=iommu,edu-dma"]),
+                          "--memory", "512M", "--device", "edu,bdf=00:04.0",
+                          "--device", "virtio-rng", "--cmdline",
+                          f"{BASE} intel_iommu=on fv.checks=modules,hwrng,iommu,edu-dma"]),
     lab.Job("probe-x2apic", ["--kernel", "{probe}", "--vcpus", "2", "--memory", "64M",
                              "--device", "test", "--device", "edu", "--cmdline",
                              "probe.tests=boot.*,apic.*,exc.*,pci.*,ioapic.*,serial.*,"
@@ -156,6 +157,21 @@ class IntelIommu(unittest.TestCase):
         self.assertEqual(int(m.group(3), 16), 0x502, "IOMMU fault, reason 5")
         self.assertEqual(int(m.group(5), 16), 0x602, "IOMMU fault, reason 6")
         self.assertEqual(int(m.group(2), 16) & 0x101, 0x100, "error bit, run bit clear")
+
+    def test_hwrng_reads_through_translated_dma(self):
+        r = job("iommu-edu")
+        m = re.search(r"FV-CHECK hwrng current=(\S*) access-platform=(\S*) domain=(\S*) "
+                      r"bytes=([0-9a-f]*)", r.output)
+        self.assertIsNotNone(m, r.output)
+        self.assertEqual(m.group(1), "virtio_rng.0")
+        self.assertEqual(m.group(2), "1", "VIRTIO_F_ACCESS_PLATFORM negotiated")
+        self.assertIn(m.group(3), ("DMA", "DMA-FQ"), "a translated IOMMU domain")
+        self.assertEqual(len(m.group(4)), 64, "32 bytes from /dev/hwrng")
+        self.assertNotEqual(m.group(4), "0" * 64)
+        walks = re.search(r"VT-d: (\d+) page walks, (\d+) faults recorded", r.output)
+        self.assertIsNotNone(walks, r.output)
+        self.assertGreater(int(walks.group(1)), 0, "the unit translated DMA")
+        self.assertEqual(int(walks.group(2)), 2, "exactly the two edu faults")
 
 
 def tap(r):

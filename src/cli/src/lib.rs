@@ -86,7 +86,8 @@ pub struct RunArgs {
     pub serial: String,
     /// Add a PCI device (repeatable): `test` is fv-test (1234:fa17), the probe guest's
     /// interrupt source; `edu` is QEMU's educational device (1234:11e8) with its DMA
-    /// engine behind the IOMMU. Options: bdf=00:DD.0.
+    /// engine behind the IOMMU; `virtio-rng` is an entropy device on modern virtio-pci
+    /// whose DMA the IOMMU translates. Options: bdf=00:DD.0.
     #[arg(long = "device", value_name = "KIND[,bdf=00:DD.0]", value_parser = parse_device)]
     pub devices: Vec<vmm::DeviceSpec>,
     /// IOMMU: intel (an emulated VT-d unit and its DMAR table), off, or auto (intel

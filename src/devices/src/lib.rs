@@ -15,5 +15,6 @@ pub mod legacy;
 pub mod pci;
 mod ratelimit;
 pub mod sync;
+pub mod virtio;
 
 pub use ratelimit::GuestAnomalies;

@@ -13,23 +13,26 @@ pub enum DeviceKind {
     /// edu-compatible (1234:11e8): QEMU's educational device with its DMA engine, whose
     /// transfers go through the IOMMU.
     Edu,
+    /// virtio-rng over modern virtio-pci, offering VIRTIO_F_ACCESS_PLATFORM.
+    VirtioRng,
 }
 
 impl DeviceKind {
     /// Names accepted on the command line.
-    pub const NAMES: &'static [&'static str] = &["edu", "test"];
+    pub const NAMES: &'static [&'static str] = &["edu", "test", "virtio-rng"];
 
     /// The name used on the command line.
     pub fn name(self) -> &'static str {
         match self {
             Self::Test => "test",
             Self::Edu => "edu",
+            Self::VirtioRng => "virtio-rng",
         }
     }
 
     /// Whether the device does DMA (and so wants an IOMMU by default).
     pub fn does_dma(self) -> bool {
-        matches!(self, Self::Edu)
+        matches!(self, Self::Edu | Self::VirtioRng)
     }
 }
 
@@ -51,6 +54,7 @@ impl FromStr for DeviceSpec {
         let kind = match name {
             "test" => DeviceKind::Test,
             "edu" => DeviceKind::Edu,
+            "virtio-rng" => DeviceKind::VirtioRng,
             "" => {
                 return Err(format!(
                     "empty device name (known: {})",
@@ -103,7 +107,10 @@ mod tests {
         assert!(d.kind.does_dma() && !DeviceKind::Test.does_dma());
         for (bad, msg) in [
             ("", "empty device name"),
-            ("nope", "unknown device 'nope' (known: edu, test)"),
+            (
+                "nope",
+                "unknown device 'nope' (known: edu, test, virtio-rng)",
+            ),
             ("test,bdf", "'bdf' is not key=value"),
             ("test,bdf=zz", "bdf: 'zz' is not a PCI address"),
             ("test,bdf=00:00.0", "00:00.0 is the host bridge"),

@@ -30,6 +30,7 @@ use devices::pci::bus::BarAllocator;
 use devices::pci::edu::Edu;
 use devices::pci::testdev::TestDevice;
 use devices::pci::{BarKind, Bdf, HostBridge, PciBarWindow, PciConfigIo, PciEcam, PciRoot};
+use devices::virtio::{rng::Rng, VirtioPci};
 use kvm_bindings::{
     kvm_enable_cap, kvm_userspace_memory_region, KVM_CAP_SPLIT_IRQCHIP, KVM_CAP_X2APIC_API,
     KVM_MAX_CPUID_ENTRIES, KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK, KVM_X2APIC_API_USE_32BIT_IDS,
@@ -197,6 +198,7 @@ pub struct Vm {
     exit: Arc<ExitHandle>,
     irq: Arc<KvmIrqController>,
     start: Instant,
+    vtd: Option<Arc<Vtd>>,
     _mem: GuestMemoryMmap,
 }
 
@@ -424,6 +426,33 @@ impl Vm {
                         if vtd.is_some() { "through VT-d" } else { "direct" }
                     );
                 }
+                DeviceKind::VirtioRng => {
+                    let bar0 = bars
+                        .allocate(BarKind::Mem32, devices::virtio::BAR0_SIZE)
+                        .map_err(|e| dev_err(e.to_string()))?;
+                    let pin = 16 + usize::from(bdf.device % 8);
+                    let line = IoapicLine::new(ioapic.clone(), pin);
+                    let dev = VirtioPci::new(
+                        Rng::new(),
+                        bdf,
+                        bar0,
+                        mem.clone(),
+                        vtd.clone(),
+                        irqc.clone(),
+                        Some(line),
+                    )
+                    .map_err(|e| dev_err(e.to_string()))?;
+                    root.add(bdf, Arc::new(Mutex::new(dev)))
+                        .map_err(|e| dev_err(e.to_string()))?;
+                    log::info!(
+                        "device virtio-rng (1af4:1044) at {bdf}, BAR0 {bar0:#x}, DMA {}",
+                        if vtd.is_some() {
+                            "through VT-d when the driver accepts ACCESS_PLATFORM"
+                        } else {
+                            "direct"
+                        }
+                    );
+                }
             }
         }
         let root = Arc::new(root);
@@ -513,6 +542,7 @@ impl Vm {
             exit,
             irq: irqc,
             start: cfg.start,
+            vtd,
             _mem: mem,
         })
     }
@@ -562,6 +592,9 @@ impl Vm {
             code: EXIT_VMM_ERROR,
             reason: "exit handle closed".into(),
         });
+        if let Some(v) = &self.vtd {
+            log::info!("VT-d: {}", v.stats());
+        }
         Ok(req)
     }
 }

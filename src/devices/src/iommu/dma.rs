@@ -207,6 +207,7 @@ impl DmaHandle {
             return Ok(gpa);
         }
         let mem = vtd.memory();
+        vtd.count_walk();
         let ctx = match c.context {
             Some(ctx) => ctx,
             None => match walk::context_entry(mem, vtd.root(), self.sid) {

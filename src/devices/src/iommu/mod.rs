@@ -19,9 +19,11 @@
 //! Reference: ../shared/docs/vtd-reference.md (register layout §2, walk §4, faults §5).
 
 mod dma;
+mod io_memory;
 mod walk;
 
 pub use dma::{DmaError, DmaHandle};
+pub use io_memory::{DeviceIommu, DeviceMemory};
 pub use walk::{Context, FaultReason, Mapping};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -183,6 +185,24 @@ pub struct VtdStats {
     pub qi_descriptors: u64,
     /// Invalidations (register or queued) that emptied the caches.
     pub invalidations: u64,
+    /// Translations that walked the page tables (IOTLB misses).
+    pub walks: u64,
+}
+
+impl std::fmt::Display for VtdStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} page walks, {} faults recorded, {} dropped (overflow), {} suppressed (FPD), {} fault events, {} invalidations, {} queued descriptors",
+            self.walks,
+            self.faults_recorded,
+            self.faults_overflowed,
+            self.faults_suppressed,
+            self.fault_events,
+            self.invalidations,
+            self.qi_descriptors
+        )
+    }
 }
 
 struct Regs {
@@ -223,6 +243,8 @@ pub struct Vtd {
     root: AtomicU64,
     /// Bumped by every invalidation; caches tagged with an older value are stale.
     generation: AtomicU64,
+    /// Page walks done (IOTLB misses), for the statistics.
+    walks: AtomicU64,
     anomalies: GuestAnomalies,
 }
 
@@ -262,6 +284,7 @@ impl Vtd {
             te: AtomicBool::new(false),
             root: AtomicU64::new(0),
             generation: AtomicU64::new(0),
+            walks: AtomicU64::new(0),
             anomalies: GuestAnomalies::new(),
         }
     }
@@ -278,7 +301,13 @@ impl Vtd {
 
     /// Counters.
     pub fn stats(&self) -> VtdStats {
-        lock(&self.regs).stats
+        let mut s = lock(&self.regs).stats;
+        s.walks = self.walks.load(Ordering::Relaxed);
+        s
+    }
+
+    pub(crate) fn count_walk(&self) {
+        self.walks.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The fault-recording registers, index order.
@@ -301,6 +330,29 @@ impl Vtd {
 
     pub(crate) fn memory(&self) -> &GuestMemoryMmap {
         &self.mem
+    }
+
+    /// Walks the tables for `sid` at `iova` without any cache; records the fault (once)
+    /// when the access is refused. `write` asks for W, `read` for R (both for RW).
+    pub(crate) fn resolve(
+        &self,
+        sid: u16,
+        iova: u64,
+        read: bool,
+        write: bool,
+    ) -> Result<Mapping, FaultReason> {
+        self.count_walk();
+        let ctx = walk::context_entry(&self.mem, self.root(), sid).inspect_err(|&r| {
+            self.record_fault(sid, iova, !write, r, false);
+        })?;
+        let m = walk::walk(&self.mem, &ctx, iova, write).inspect_err(|&r| {
+            self.record_fault(sid, iova, !write, r, ctx.fpd);
+        })?;
+        if read && !m.read {
+            self.record_fault(sid, iova, true, FaultReason::ReadDenied, ctx.fpd);
+            return Err(FaultReason::ReadDenied);
+        }
+        Ok(m)
     }
 
     fn invalidate_all(&self, r: &mut Regs) {

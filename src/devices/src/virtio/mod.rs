@@ -1,0 +1,618 @@
+//! virtio over PCI (virtio 1.x "modern" transport, §4.1) and the devices behind it.
+//!
+//! [`VirtioPci`] is one PCI function: vendor 0x1af4, device 0x1040 + type, BAR0 (16 KiB,
+//! 32-bit) holding the common configuration at 0x0000, the ISR at 0x1000, the queue
+//! notifications at 0x2000 (4 bytes per queue), the MSI-X table at 0x3000 and its PBA at
+//! 0x3800; the vendor-specific capabilities point there. It offers VIRTIO_F_VERSION_1
+//! and VIRTIO_F_ACCESS_PLATFORM: when the driver accepts the latter and the VM has the
+//! VT-d unit, every ring and buffer address is an IOVA translated by the unit
+//! ([`crate::iommu::DeviceIommu`]), so a driver's DMA mapping bugs become guest-visible
+//! faults. Queues are `virtio-queue` split queues; a notification is handled on the
+//! notifying vCPU before the MMIO write returns.
+
+pub mod rng;
+
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use crate::interrupt::InterruptController;
+use crate::ioapic::IoapicLine;
+use crate::iommu::{DeviceIommu, DeviceMemory, Vtd};
+use crate::pci::config::{cap_id, reg, Bar, BarKind, ConfigError, PciConfig};
+use crate::pci::msix::Msix;
+use crate::pci::{Bdf, PciDevice, PciInterrupts};
+use crate::GuestAnomalies;
+
+/// BAR0 size.
+pub const BAR0_SIZE: u64 = 0x4000;
+const COMMON: u64 = 0x0000;
+const COMMON_LEN: u64 = 0x38;
+const ISR: u64 = 0x1000;
+const NOTIFY: u64 = 0x2000;
+const NOTIFY_MULTIPLIER: u32 = 4;
+const MSIX_TABLE: u64 = 0x3000;
+const MSIX_PBA: u64 = 0x3800;
+
+/// Feature bits of the transport.
+pub const F_VERSION_1: u64 = 1 << 32;
+/// The device's DMA goes through the platform IOMMU.
+pub const F_ACCESS_PLATFORM: u64 = 1 << 33;
+/// No MSI-X vector.
+pub const NO_VECTOR: u16 = 0xffff;
+
+const STATUS_DRIVER_OK: u8 = 4;
+const STATUS_FEATURES_OK: u8 = 8;
+const STATUS_FAILED: u8 = 0x80;
+
+/// What a device behind the transport does.
+pub trait VirtioDevice: Send {
+    /// virtio device type (4: entropy).
+    fn device_type(&self) -> u16;
+    /// Largest size of each queue.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Device-specific feature bits (the transport adds its own).
+    fn features(&self) -> u64;
+    /// Handles available buffers of queue `idx`; returns whether it used any.
+    fn process_queue(&mut self, idx: usize, queue: &mut Queue, mem: &DeviceMemory) -> bool;
+}
+
+/// A virtio device on PCI.
+pub struct VirtioPci<D: VirtioDevice> {
+    device: D,
+    config: PciConfig,
+    irqs: PciInterrupts,
+    intx: Option<IoapicLine>,
+    mem: GuestMemoryMmap,
+    vtd: Option<Arc<Vtd>>,
+    sid: u16,
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    driver_features: u64,
+    msix_config: u16,
+    status: u8,
+    queue_select: u16,
+    queues: Vec<Queue>,
+    queue_vectors: Vec<u16>,
+    isr: u8,
+    dma: Option<DeviceMemory>,
+    anomalies: GuestAnomalies,
+}
+
+fn vendor_cap(cfg_type: u8, offset: u64, length: u64, extra: Option<u32>) -> Vec<u8> {
+    // struct virtio_pci_cap after (cap_vndr, cap_next): cap_len, cfg_type, bar, id,
+    // padding[2], offset, length [, notify_off_multiplier].
+    let cap_len = if extra.is_some() { 20u8 } else { 16 };
+    let mut b = vec![cap_len, cfg_type, 0, 0, 0, 0];
+    b.extend_from_slice(&(offset as u32).to_le_bytes());
+    b.extend_from_slice(&(length as u32).to_le_bytes());
+    if let Some(x) = extra {
+        b.extend_from_slice(&x.to_le_bytes());
+    }
+    b
+}
+
+impl<D: VirtioDevice> VirtioPci<D> {
+    /// Puts `device` at `bdf` with BAR0 at `bar0`; DMA through `vtd` when the driver
+    /// accepts VIRTIO_F_ACCESS_PLATFORM.
+    pub fn new(
+        device: D,
+        bdf: Bdf,
+        bar0: u64,
+        mem: GuestMemoryMmap,
+        vtd: Option<Arc<Vtd>>,
+        irq: Arc<dyn InterruptController>,
+        intx: Option<IoapicLine>,
+    ) -> Result<Self, ConfigError> {
+        let ty = device.device_type();
+        let mut config = PciConfig::new(0x1af4, 0x1040 + ty, 0xff_00_00, 1);
+        config.set_subsystem(0x1af4, 0x1100);
+        config.add_bar(
+            0,
+            Bar {
+                kind: BarKind::Mem32,
+                size: BAR0_SIZE,
+                prefetchable: false,
+            },
+            bar0,
+        )?;
+        if let Some(line) = &intx {
+            config.set_byte(reg::INTERRUPT, line.pin() as u8);
+            config.set_byte(reg::INTERRUPT + 1, 1);
+        }
+        let nq = device.queue_max_sizes().len() as u64;
+        for body in [
+            vendor_cap(1, COMMON, COMMON_LEN, None),
+            vendor_cap(
+                2,
+                NOTIFY,
+                nq * u64::from(NOTIFY_MULTIPLIER),
+                Some(NOTIFY_MULTIPLIER),
+            ),
+            vendor_cap(3, ISR, 1, None),
+        ] {
+            config.add_capability(cap_id::VENDOR, &body, &[])?;
+        }
+        let nvec = 1 + nq as u16;
+        let msix = Msix::new(
+            &mut config,
+            bdf.requester_id(),
+            nvec,
+            (0, MSIX_TABLE),
+            (0, MSIX_PBA),
+            irq,
+        )?;
+        let queues = device
+            .queue_max_sizes()
+            .iter()
+            .map(|&m| Queue::new(m))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| ConfigError::BadBar(0))?;
+        let n = queues.len();
+        Ok(Self {
+            device,
+            config,
+            irqs: PciInterrupts {
+                msi: None,
+                msix: Some(msix),
+            },
+            intx,
+            mem,
+            vtd,
+            sid: bdf.requester_id(),
+            device_feature_select: 0,
+            driver_feature_select: 0,
+            driver_features: 0,
+            msix_config: NO_VECTOR,
+            status: 0,
+            queue_select: 0,
+            queues,
+            queue_vectors: vec![NO_VECTOR; n],
+            isr: 0,
+            dma: None,
+            anomalies: GuestAnomalies::new(),
+        })
+    }
+
+    /// The device model.
+    pub fn device(&self) -> &D {
+        &self.device
+    }
+
+    fn device_features(&self) -> u64 {
+        self.device.features() | F_VERSION_1 | F_ACCESS_PLATFORM
+    }
+
+    fn reset(&mut self) {
+        self.driver_features = 0;
+        self.device_feature_select = 0;
+        self.driver_feature_select = 0;
+        self.msix_config = NO_VECTOR;
+        self.status = 0;
+        self.queue_select = 0;
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.queue_vectors.fill(NO_VECTOR);
+        self.isr = 0;
+        self.dma = None;
+        if let Some(l) = &self.intx {
+            l.set_level(false);
+        }
+    }
+
+    fn set_status(&mut self, v: u8) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        let mut v = v;
+        if v & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
+            let ok = self.driver_features & !self.device_features() == 0
+                && self.driver_features & F_VERSION_1 != 0;
+            if !ok {
+                v &= !STATUS_FEATURES_OK;
+            }
+            let event_idx = self.driver_features & (1 << 29) != 0;
+            for q in &mut self.queues {
+                q.set_event_idx(event_idx);
+            }
+        }
+        if v & STATUS_FEATURES_OK != 0 && self.dma.is_none() {
+            let through_iommu = self.driver_features & F_ACCESS_PLATFORM != 0;
+            self.dma = Some(DeviceIommu::memory(
+                &self.mem,
+                self.vtd.as_ref(),
+                self.sid,
+                through_iommu,
+            ));
+        }
+        self.status = v;
+    }
+
+    fn queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(usize::from(self.queue_select))
+    }
+
+    fn common_read(&self, off: u64) -> u64 {
+        let q = self.queues.get(usize::from(self.queue_select));
+        let qv = self.queue_vectors.get(usize::from(self.queue_select));
+        match off {
+            0x00 => u64::from(self.device_feature_select),
+            0x04 => match self.device_feature_select {
+                0 => self.device_features() & 0xffff_ffff,
+                1 => self.device_features() >> 32,
+                _ => 0,
+            },
+            0x08 => u64::from(self.driver_feature_select),
+            0x0c => match self.driver_feature_select {
+                0 => self.driver_features & 0xffff_ffff,
+                1 => self.driver_features >> 32,
+                _ => 0,
+            },
+            0x10 => u64::from(self.msix_config),
+            0x12 => self.queues.len() as u64,
+            0x14 => u64::from(self.status),
+            0x15 => 0, // config generation: no device configuration changes
+            0x16 => u64::from(self.queue_select),
+            0x18 => q.map_or(0, |q| u64::from(q.size())),
+            0x1a => qv.map_or(u64::from(NO_VECTOR), |v| u64::from(*v)),
+            0x1c => q.map_or(0, |q| u64::from(q.ready())),
+            0x1e => u64::from(self.queue_select), // notify offset = queue index
+            0x20 => q.map_or(0, |q| q.desc_table()),
+            0x24 => q.map_or(0, |q| q.desc_table() >> 32),
+            0x28 => q.map_or(0, |q| q.avail_ring()),
+            0x2c => q.map_or(0, |q| q.avail_ring() >> 32),
+            0x30 => q.map_or(0, |q| q.used_ring()),
+            0x34 => q.map_or(0, |q| q.used_ring() >> 32),
+            _ => 0,
+        }
+    }
+
+    fn common_write(&mut self, off: u64, v: u32) {
+        let ready = self.queue().is_some_and(|q| q.ready());
+        let lo = Some(v);
+        match off {
+            0x00 => self.device_feature_select = v,
+            0x08 => self.driver_feature_select = v,
+            0x0c if self.status & STATUS_FEATURES_OK == 0 => match self.driver_feature_select {
+                0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
+                1 => {
+                    self.driver_features =
+                        (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
+                }
+                _ => {}
+            },
+            0x10 => self.msix_config = v as u16,
+            0x14 => self.set_status(v as u8),
+            0x16 => self.queue_select = v as u16,
+            0x18 if !ready => {
+                if let Some(q) = self.queue() {
+                    q.set_size(v as u16);
+                }
+            }
+            0x1a => {
+                if let Some(qv) = self.queue_vectors.get_mut(usize::from(self.queue_select)) {
+                    *qv = v as u16;
+                }
+            }
+            0x1c => {
+                let mem = self.dma.clone();
+                if let Some(q) = self.queue() {
+                    if v == 1 {
+                        // Rings the device cannot reach leave the queue disabled
+                        // (virtio-queue validates only ready queues).
+                        q.set_ready(true);
+                        let valid = mem.as_ref().is_some_and(|m| q.is_valid(m));
+                        if !valid {
+                            log::warn!("virtio-pci: queue rings unreachable; queue stays disabled");
+                        }
+                        q.set_ready(valid);
+                    }
+                }
+            }
+            0x20 if !ready => self.with_queue(|q| q.set_desc_table_address(lo, None)),
+            0x24 if !ready => self.with_queue(|q| q.set_desc_table_address(None, lo)),
+            0x28 if !ready => self.with_queue(|q| q.set_avail_ring_address(lo, None)),
+            0x2c if !ready => self.with_queue(|q| q.set_avail_ring_address(None, lo)),
+            0x30 if !ready => self.with_queue(|q| q.set_used_ring_address(lo, None)),
+            0x34 if !ready => self.with_queue(|q| q.set_used_ring_address(None, lo)),
+            _ => self.anomalies.record(
+                "virtio-pci",
+                format_args!("write {v:#x} to common config {off:#x} ignored"),
+            ),
+        }
+    }
+
+    fn with_queue(&mut self, f: impl FnOnce(&mut Queue)) {
+        if let Some(q) = self.queue() {
+            f(q);
+        }
+    }
+
+    fn notify(&mut self, idx: usize) {
+        if self.status & STATUS_DRIVER_OK == 0 || self.status & STATUS_FAILED != 0 {
+            return;
+        }
+        let Some(mem) = self.dma.clone() else { return };
+        let Some(q) = self.queues.get_mut(idx) else {
+            return;
+        };
+        if !q.ready() {
+            return;
+        }
+        if !self.device.process_queue(idx, q, &mem) {
+            return;
+        }
+        if q.needs_notification(&mem).unwrap_or(true) {
+            self.interrupt(self.queue_vectors.get(idx).copied().unwrap_or(NO_VECTOR));
+        }
+    }
+
+    fn interrupt(&mut self, vector: u16) {
+        let msix_on = self
+            .irqs
+            .msix
+            .as_ref()
+            .is_some_and(|m| m.enabled(&self.config));
+        if msix_on {
+            if vector != NO_VECTOR {
+                let _ = self.irqs.signal(&mut self.config, vector);
+            }
+            return;
+        }
+        self.isr |= 1;
+        if let Some(l) = &self.intx {
+            l.set_level(true);
+        }
+    }
+}
+
+impl<D: VirtioDevice> PciDevice for VirtioPci<D> {
+    fn config(&self) -> &PciConfig {
+        &self.config
+    }
+
+    fn config_write(&mut self, off: usize, data: &[u8]) {
+        self.irqs.config_write(&mut self.config, off, data);
+    }
+
+    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        if self.irqs.bar_read(bar, offset, data) {
+            return;
+        }
+        data.fill(0);
+        if bar != 0 {
+            return;
+        }
+        let len = data.len();
+        if (COMMON..COMMON + COMMON_LEN).contains(&offset) {
+            // Fields are read at their own offsets with their own widths.
+            let bytes = self.common_read(offset).to_le_bytes();
+            data.copy_from_slice(&bytes[..len.min(8)]);
+        } else if offset == ISR && len == 1 {
+            data[0] = self.isr;
+            self.isr = 0;
+            if let Some(l) = &self.intx {
+                l.set_level(false);
+            }
+        }
+    }
+
+    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        if self.irqs.bar_write(&self.config, bar, offset, data) {
+            return;
+        }
+        if bar != 0 {
+            return;
+        }
+        let mut b = [0u8; 4];
+        let n = data.len().min(4);
+        b[..n].copy_from_slice(&data[..n]);
+        let v = u32::from_le_bytes(b);
+        if (COMMON..COMMON + COMMON_LEN).contains(&offset) {
+            // Byte and word registers are written with their own width; 64-bit ones as
+            // two dwords (the driver's two-part write).
+            self.common_write(offset, v);
+        } else if (NOTIFY..NOTIFY + self.queues.len() as u64 * u64::from(NOTIFY_MULTIPLIER))
+            .contains(&offset)
+        {
+            let idx = ((offset - NOTIFY) / u64::from(NOTIFY_MULTIPLIER)) as usize;
+            self.notify(idx);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rng::Rng;
+    use super::*;
+    use crate::interrupt::{Recorded, RecordingController};
+    use vm_memory::{Bytes, GuestAddress};
+
+    const DESC: u64 = 0x10_0000;
+    const AVAIL: u64 = 0x10_1000;
+    const USED: u64 = 0x10_2000;
+    const BUF: u64 = 0x20_0000;
+
+    struct Rig {
+        mem: GuestMemoryMmap,
+        rec: Arc<RecordingController>,
+        dev: VirtioPci<Rng>,
+    }
+
+    fn rig(vtd: bool) -> Rig {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).expect("mem");
+        let rec = Arc::new(RecordingController::new(24, 100));
+        let vtd = vtd.then(|| Arc::new(Vtd::new(mem.clone(), rec.clone())));
+        let dev = VirtioPci::new(
+            Rng::new(),
+            Bdf::new(3),
+            0xc000_0000,
+            mem.clone(),
+            vtd,
+            rec.clone(),
+            None,
+        )
+        .expect("device");
+        Rig { mem, rec, dev }
+    }
+
+    impl Rig {
+        fn w(&mut self, off: u64, v: u32, len: usize) {
+            self.dev.bar_write(0, off, &v.to_le_bytes()[..len]);
+        }
+
+        fn r(&mut self, off: u64, len: usize) -> u32 {
+            let mut b = [0u8; 4];
+            self.dev.bar_read(0, off, &mut b[..len]);
+            u32::from_le_bytes(b)
+        }
+
+        /// The Linux driver's sequence: reset, ACK, DRIVER, features, FEATURES_OK,
+        /// queue 0 (size 8, rings, vector 1), enable, DRIVER_OK; MSI-X on.
+        fn bring_up(&mut self, features_hi: u32) {
+            self.w(0x14, 0, 1);
+            self.w(0x14, 1 | 2, 1);
+            self.w(0x00, 1, 4);
+            assert_eq!(self.r(0x04, 4), 3, "VERSION_1 and ACCESS_PLATFORM offered");
+            self.w(0x08, 1, 4);
+            self.w(0x0c, features_hi, 4);
+            self.w(0x14, 1 | 2 | 8, 1);
+            assert_eq!(self.r(0x14, 1) & 8, 8, "FEATURES_OK kept");
+            self.w(0x16, 0, 2);
+            assert_eq!(self.r(0x18, 2), 256, "max size");
+            self.w(0x18, 8, 2);
+            for (off, a) in [(0x20, DESC), (0x28, AVAIL), (0x30, USED)] {
+                self.w(off, a as u32, 4);
+                self.w(off + 4, (a >> 32) as u32, 4);
+            }
+            self.w(0x1a, 1, 2);
+            self.w(0x1c, 1, 2);
+            self.w(0x14, 1 | 2 | 8 | 4, 1);
+            // MSI-X: entry 1 → vector 0x33, then enable.
+            let t = MSIX_TABLE + 16;
+            for (o, v) in [(0, 0xfee0_0000u32), (4, 0), (8, 0x33), (12, 0)] {
+                self.w(t + o, v, 4);
+            }
+            let cap = self
+                .dev
+                .irqs
+                .msix
+                .as_ref()
+                .map(|m| m.offset())
+                .expect("msix");
+            self.dev.config_write(cap + 2, &0x8000u16.to_le_bytes());
+        }
+
+        /// Offers one 64-byte writable buffer at `addr` and notifies.
+        fn request(&mut self, addr: u64) {
+            let m = &self.mem;
+            m.write_obj(addr, GuestAddress(DESC)).expect("w");
+            m.write_obj(64u32, GuestAddress(DESC + 8)).expect("w");
+            m.write_obj(2u16, GuestAddress(DESC + 12)).expect("w"); // WRITE
+            m.write_obj(0u16, GuestAddress(AVAIL + 4)).expect("w");
+            let idx: u16 = m.read_obj(GuestAddress(AVAIL + 2)).expect("r");
+            m.write_obj(0u16, GuestAddress(AVAIL + 4 + 2 * u64::from(idx % 8)))
+                .expect("w");
+            m.write_obj(idx.wrapping_add(1), GuestAddress(AVAIL + 2))
+                .expect("w");
+            self.w(NOTIFY, 0, 2);
+        }
+    }
+
+    #[test]
+    fn fills_buffers_and_interrupts_without_iommu() {
+        let mut r = rig(false);
+        r.bring_up(1);
+        assert_eq!(r.r(0x1c, 2), 1, "queue enabled");
+        r.request(BUF);
+        let used_idx: u16 = r.mem.read_obj(GuestAddress(USED + 2)).expect("r");
+        let used_len: u32 = r.mem.read_obj(GuestAddress(USED + 8)).expect("r");
+        assert_eq!((used_idx, used_len), (1, 64));
+        let mut b = [0u8; 64];
+        r.mem.read_slice(&mut b, GuestAddress(BUF)).expect("r");
+        assert!(b.iter().any(|&x| x != 0), "random bytes written");
+        let vectors: Vec<u8> = r
+            .rec
+            .take()
+            .iter()
+            .filter_map(|e| match e {
+                Recorded::Trigger(_, Some(m)) => Some(m.vector()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(vectors, vec![0x33], "the queue's MSI-X vector");
+        assert_eq!(r.dev.device().counts(), (64, 0));
+    }
+
+    #[test]
+    fn rings_and_buffers_go_through_the_unit() {
+        let mut r = rig(true);
+        // Translation on with an empty root table: every DMA faults.
+        let vtd = r.dev.vtd.clone().expect("vtd");
+        vtd.write(crate::iommu::reg::RTADDR, &0x30_0000u64.to_le_bytes());
+        vtd.write(crate::iommu::reg::GCMD, &(1u32 << 30).to_le_bytes());
+        vtd.write(crate::iommu::reg::GCMD, &(1u32 << 31).to_le_bytes());
+        r.bring_up(3);
+        assert_eq!(
+            r.r(0x1c, 2),
+            0,
+            "rings the unit refuses leave the queue disabled"
+        );
+        let faults = vtd.stats().faults_recorded;
+        assert!(faults >= 1, "the refused ring access was recorded");
+        // Without ACCESS_PLATFORM the device bypasses the unit.
+        let mut r = rig(true);
+        let vtd = r.dev.vtd.clone().expect("vtd");
+        vtd.write(crate::iommu::reg::RTADDR, &0x30_0000u64.to_le_bytes());
+        vtd.write(crate::iommu::reg::GCMD, &(1u32 << 30).to_le_bytes());
+        vtd.write(crate::iommu::reg::GCMD, &(1u32 << 31).to_le_bytes());
+        r.bring_up(1);
+        r.request(BUF);
+        let used_idx: u16 = r.mem.read_obj(GuestAddress(USED + 2)).expect("r");
+        assert_eq!(used_idx, 1);
+        assert_eq!(vtd.stats().faults_recorded, 0);
+    }
+
+    #[test]
+    fn features_without_version_1_are_refused() {
+        let mut r = rig(false);
+        r.w(0x14, 1 | 2, 1);
+        r.w(0x08, 1, 4);
+        r.w(0x0c, 0, 4);
+        r.w(0x14, 1 | 2 | 8, 1);
+        assert_eq!(r.r(0x14, 1) & 8, 0, "FEATURES_OK not kept");
+    }
+
+    #[test]
+    fn hostile_driver_never_panics() {
+        let mut r = rig(true);
+        r.bring_up(1);
+        let mut s = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        for _ in 0..20_000 {
+            let off = next() % BAR0_SIZE;
+            let len = [1usize, 2, 4, 8][(next() % 4) as usize];
+            let v = next();
+            if next() % 2 == 0 {
+                let mut b = vec![0u8; len];
+                r.dev.bar_read(0, off, &mut b);
+            } else {
+                r.dev.bar_write(0, off, &v.to_le_bytes()[..len]);
+            }
+            if next() % 16 == 0 {
+                // Garbage descriptors and rings, then a notification.
+                let a = DESC + (next() % 0x3000);
+                let _ = r.mem.write_obj(next(), GuestAddress(a & !7));
+                r.w(NOTIFY, 0, 2);
+            }
+        }
+    }
+}
