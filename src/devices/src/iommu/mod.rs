@@ -557,6 +557,24 @@ impl Vtd {
         true
     }
 
+    /// A register-based invalidation (CCMD or IOTLB): when bit 63 asks for one, empties
+    /// the caches and returns the register with bit 63 clear and the actual granularity
+    /// (what was asked; global when 0) reported at `actual_shift`.
+    fn complete_invalidation(
+        &self,
+        r: &mut Regs,
+        v: u64,
+        req_shift: u32,
+        actual_shift: u32,
+    ) -> Option<u64> {
+        if v & (1 << 63) == 0 {
+            return None;
+        }
+        let granularity = ((v >> req_shift) & 3).max(1);
+        self.invalidate_all(r);
+        Some((v & !(1 << 63) & !(3 << actual_shift)) | (granularity << actual_shift))
+    }
+
     fn write_gcmd(&self, r: &mut Regs, v: u32) {
         if v & gcmd::SRTP != 0 {
             self.root.store(
@@ -666,10 +684,9 @@ impl Vtd {
             o if o & !7 == reg::RTADDR => r.rtaddr = set64(r.rtaddr, o & 7),
             o if o & !7 == reg::CCMD => {
                 r.ccmd = set64(r.ccmd, o & 7);
-                if r.ccmd & (1 << 63) != 0 {
-                    let cirg = (r.ccmd >> 61) & 3;
-                    r.ccmd = (r.ccmd & !(1 << 63) & !(3 << 59)) | (cirg.max(1) << 59);
-                    self.invalidate_all(r);
+                // ICC (63), requested granularity 62:61, actual 60:59.
+                if let Some(v) = self.complete_invalidation(r, r.ccmd, 61, 59) {
+                    r.ccmd = v;
                 }
             }
             reg::FSTS => {
@@ -706,10 +723,9 @@ impl Vtd {
             o if o & !7 == reg::IVA => r.iva = set64(r.iva, o & 7),
             o if o & !7 == reg::IOTLB => {
                 r.iotlb = set64(r.iotlb, o & 7);
-                if r.iotlb & (1 << 63) != 0 {
-                    let iirg = (r.iotlb >> 60) & 3;
-                    r.iotlb = (r.iotlb & !(1 << 63) & !(3 << 57)) | (iirg.max(1) << 57);
-                    self.invalidate_all(r);
+                // IVT (63), requested granularity 61:60, actual 58:57.
+                if let Some(v) = self.complete_invalidation(r, r.iotlb, 60, 57) {
+                    r.iotlb = v;
                 }
             }
             _ => {

@@ -202,6 +202,27 @@ impl PciConfig {
         Ok(())
     }
 
+    /// Declares a 32-bit, non-prefetchable memory BAR `idx` of `size` bytes at `address`.
+    pub fn add_mem32_bar(
+        &mut self,
+        idx: usize,
+        size: u64,
+        address: u64,
+    ) -> Result<(), ConfigError> {
+        let bar = Bar {
+            kind: BarKind::Mem32,
+            size,
+            prefetchable: false,
+        };
+        self.add_bar(idx, bar, address)
+    }
+
+    /// Wires INTA to IOAPIC pin `pin` (Interrupt Pin = 1, Interrupt Line = the pin).
+    pub fn set_intx_pin(&mut self, pin: u8) {
+        self.set_byte(reg::INTERRUPT, pin);
+        self.set_byte(reg::INTERRUPT + 1, 1);
+    }
+
     /// The BAR declared at `idx`.
     pub fn bar(&self, idx: usize) -> Option<Bar> {
         self.bars.get(idx).copied().flatten()

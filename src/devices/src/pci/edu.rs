@@ -21,7 +21,7 @@
 
 use std::sync::Arc;
 
-use super::config::{reg, Bar, BarKind, ConfigError, PciConfig, CMD_BUS_MASTER};
+use super::config::{ConfigError, PciConfig, CMD_BUS_MASTER};
 use super::msi::Msi;
 use super::{Bdf, PciDevice, PciInterrupts};
 use crate::interrupt::InterruptController;
@@ -108,18 +108,9 @@ impl Edu {
         dma: DmaHandle,
     ) -> Result<Self, ConfigError> {
         let mut config = PciConfig::new(VENDOR_ID, DEVICE_ID, 0xff_00_00, 0x10);
-        config.add_bar(
-            0,
-            Bar {
-                kind: BarKind::Mem32,
-                size: BAR0_SIZE,
-                prefetchable: false,
-            },
-            bar0,
-        )?;
+        config.add_mem32_bar(0, BAR0_SIZE, bar0)?;
         if let Some(line) = &intx {
-            config.set_byte(reg::INTERRUPT, line.pin() as u8);
-            config.set_byte(reg::INTERRUPT + 1, 1);
+            config.set_intx_pin(line.pin() as u8);
         }
         let msi = Msi::new(&mut config, bdf.requester_id(), 1, irq)?;
         Ok(Self {
@@ -329,7 +320,7 @@ impl PciDevice for Edu {
 
 #[cfg(test)]
 mod tests {
-    use super::super::config::CMD_MEMORY;
+    use super::super::config::{reg, CMD_MEMORY};
     use super::*;
     use crate::interrupt::{Recorded, RecordingController};
     use crate::iommu::Vtd;

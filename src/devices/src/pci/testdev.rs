@@ -20,7 +20,7 @@
 
 use std::sync::Arc;
 
-use super::config::{reg, Bar, BarKind, ConfigError, PciConfig, CMD_INTX_DISABLE};
+use super::config::{reg, ConfigError, PciConfig, CMD_INTX_DISABLE};
 use super::msi::Msi;
 use super::msix::Msix;
 use super::{Bdf, PciDevice, PciInterrupts, Signal};
@@ -77,16 +77,10 @@ impl TestDevice {
     ) -> Result<Self, ConfigError> {
         let mut config = PciConfig::new(VENDOR_ID, DEVICE_ID, 0xff_00_00, 1);
         config.set_subsystem(VENDOR_ID, DEVICE_ID);
-        let bar = Bar {
-            kind: BarKind::Mem32,
-            size: 0x1000,
-            prefetchable: false,
-        };
-        config.add_bar(0, bar, bar0)?;
-        config.add_bar(1, bar, bar1)?;
+        config.add_mem32_bar(0, 0x1000, bar0)?;
+        config.add_mem32_bar(1, 0x1000, bar1)?;
         if let Some(line) = &intx {
-            config.set_byte(reg::INTERRUPT, line.pin() as u8);
-            config.set_byte(reg::INTERRUPT + 1, 1);
+            config.set_intx_pin(line.pin() as u8);
         }
         let rid = bdf.requester_id();
         let msi = Msi::new(&mut config, rid, MSI_VECTORS, irq.clone())?;

@@ -20,7 +20,7 @@ use vm_memory::GuestMemoryMmap;
 use crate::interrupt::InterruptController;
 use crate::ioapic::IoapicLine;
 use crate::iommu::{DeviceIommu, DeviceMemory, Vtd};
-use crate::pci::config::{cap_id, reg, Bar, BarKind, ConfigError, PciConfig};
+use crate::pci::config::{cap_id, ConfigError, PciConfig};
 use crate::pci::msix::Msix;
 use crate::pci::{Bdf, PciDevice, PciInterrupts};
 use crate::GuestAnomalies;
@@ -108,18 +108,9 @@ impl<D: VirtioDevice> VirtioPci<D> {
         let ty = device.device_type();
         let mut config = PciConfig::new(0x1af4, 0x1040 + ty, 0xff_00_00, 1);
         config.set_subsystem(0x1af4, 0x1100);
-        config.add_bar(
-            0,
-            Bar {
-                kind: BarKind::Mem32,
-                size: BAR0_SIZE,
-                prefetchable: false,
-            },
-            bar0,
-        )?;
+        config.add_mem32_bar(0, BAR0_SIZE, bar0)?;
         if let Some(line) = &intx {
-            config.set_byte(reg::INTERRUPT, line.pin() as u8);
-            config.set_byte(reg::INTERRUPT + 1, 1);
+            config.set_intx_pin(line.pin() as u8);
         }
         let nq = device.queue_max_sizes().len() as u64;
         for body in [
