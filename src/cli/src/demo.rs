@@ -158,6 +158,7 @@ pub fn run(args: &DemoArgs, start: Instant) -> Result<i32, CliError> {
             },
         ],
         iommu: vmm::IommuMode::Auto,
+        api_socket: None,
         start,
     };
     println!(

@@ -5,6 +5,7 @@
 //! the debug-exit port; 2 a usage or VMM error; 4 the guest crashed; 70 an internal
 //! error (a bug, reported on one line).
 
+pub mod client;
 pub mod demo;
 mod logger;
 pub mod size;
@@ -60,6 +61,11 @@ pub enum Command {
     /// MSI and MSI-X delivery, exceptions, serial interrupts (works on any KVM).
     #[command(after_help = demo::DEMO_EXAMPLES)]
     Demo(demo::DemoArgs),
+    /// Inject a fault into a running VM through its API socket.
+    #[command(after_help = client::INJECT_EXAMPLES)]
+    Inject(client::InjectArgs),
+    /// Print a running VM's counters (VT-d, interrupt injection, IOAPIC pins).
+    Stats(client::StatsArgs),
 }
 
 /// Arguments of `faultvisor run`.
@@ -94,6 +100,10 @@ pub struct RunArgs {
     /// when a device does DMA, such as edu).
     #[arg(long, value_name = "MODE", default_value = "auto", value_parser = parse_iommu)]
     pub iommu: vmm::IommuMode,
+    /// Serve the control API (HTTP/1.1 + JSON) on this Unix socket: `faultvisor inject`
+    /// and `faultvisor stats` talk to it.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
 }
 
 fn parse_iommu(s: &str) -> Result<vmm::IommuMode, String> {
@@ -126,6 +136,9 @@ pub enum CliError {
     /// The VMM failed.
     #[error(transparent)]
     Vmm(#[from] vmm::VmmError),
+    /// A running VMM could not be reached (exit status 2).
+    #[error("{0}")]
+    Unreachable(String),
 }
 
 /// Parses `--serial`.
@@ -239,6 +252,7 @@ pub fn build_config(args: &RunArgs, start: Instant) -> Result<VmConfig, CliError
         serial,
         devices: args.devices.clone(),
         iommu: args.iommu,
+        api_socket: args.api_socket.clone(),
         start,
     })
 }
@@ -322,6 +336,8 @@ pub fn main() -> i32 {
     let result = match &cli.command {
         Command::Run(a) => run(a, start),
         Command::Demo(a) => demo::run(a, start),
+        Command::Inject(a) => client::inject(a),
+        Command::Stats(a) => client::stats(a),
     };
     match result {
         Ok(code) => code,
@@ -341,7 +357,7 @@ mod tests {
         v.extend_from_slice(extra);
         match Cli::try_parse_from(v).expect("parse").command {
             Command::Run(a) => a,
-            Command::Demo(_) => unreachable!("run was parsed"),
+            _ => unreachable!("run was parsed"),
         }
     }
 

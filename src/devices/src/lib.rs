@@ -8,6 +8,7 @@
 //! answered, counted and logged with a rate limit, never a panic.
 
 pub mod exit;
+pub mod inject;
 pub mod interrupt;
 pub mod ioapic;
 pub mod iommu;

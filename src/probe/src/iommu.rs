@@ -895,3 +895,108 @@ pub fn bench_fault_latency(c: &Ctx) -> Outcome {
         &mut v,
     )
 }
+
+/// Vector the host sends (a spurious interrupt through the API) to say "go".
+const GO_VECTOR: u8 = 0xee;
+/// Vector of a host interrupt storm.
+const STORM_VECTOR: u8 = 0xed;
+/// fv-test's MSI vector while watching.
+const WATCH_MSI: u8 = 0x71;
+
+/// For fault-injection tests: arms the unit (translation on, nothing mapped, fault
+/// event to the BSP), prints `# watch: ready`, waits for the host's "go" interrupt on
+/// 0xee, raises 10 fv-test MSIs, collects for a while, and reports everything it saw in
+/// one `# watch:` line.
+pub fn watch(c: &Ctx) -> Outcome {
+    let unit = c.p.dmar.map(|d| Unit::new(&d));
+    if let Some(u) = &unit {
+        u.set_persistent(TE, false);
+        u.clear_faults();
+        pool_reset();
+        let root = page();
+        u.set_root(root);
+        u.invalidate();
+        u.set_persistent(TE, true);
+        u.fault_event_to_bsp(false);
+    }
+    idt::set_callback(FAULT_VECTOR, count_and_clear_faults);
+    let fvt = c
+        .find(0x1234, 0xfa17)
+        .and_then(|b| Some((b, b.mem_bar(0)?)));
+    if let Some((bdf, _)) = fvt {
+        if let Some(m) = crate::pci::Msi::find(bdf) {
+            bdf.enable(true);
+            m.enable(bsp_apic(), WATCH_MSI, 1);
+        }
+    }
+    if let Some(u) = unit {
+        UNIT_BASE.store(u.base, Ordering::SeqCst);
+        UNIT_FRO.store(u.fro, Ordering::SeqCst);
+        UNIT_NFR.store(u64::from(u.nfr), Ordering::SeqCst);
+    }
+    crate::println!("# watch: ready");
+    cpu::sti();
+    let go = wait_until(60_000_000_000, || idt::total(GO_VECTOR) > 0);
+    let mut raised = 0;
+    if let Some((_, bar)) = fvt {
+        for _ in 0..10 {
+            let before = idt::total(WATCH_MSI);
+            mmio_write32(bar + 0x08, 0);
+            raised += 1;
+            wait_until(crate::tests::QUIET, || idt::total(WATCH_MSI) > before);
+            // Room for duplicates to land as interrupts of their own: the local APIC
+            // merges two requests for one vector that are pending at once.
+            cpu::delay(crate::tests::QUIET / 2);
+        }
+    }
+    // Late arrivals (delayed interrupts, storms, fault events).
+    cpu::delay(crate::tests::SOON);
+    cpu::cli();
+    let fsts = unit.map_or(0, |u| u.fsts());
+    crate::println!(
+        "# watch: go={} msi_raised={raised} msi_received={} storm_irqs={} fault_events={} records={} pfo={} fsts={fsts:#x}",
+        u8::from(go),
+        idt::total(WATCH_MSI),
+        idt::total(STORM_VECTOR),
+        idt::total(FAULT_VECTOR),
+        RECORDS_SEEN.load(Ordering::SeqCst),
+        u8::from(PFO_SEEN.load(Ordering::SeqCst) || fsts & PFO != 0),
+    );
+    if let Some(u) = unit {
+        off(&u);
+    }
+    check!(
+        go,
+        "no go signal (spurious interrupt on {GO_VECTOR:#x}) from the host"
+    );
+    Outcome::Pass(Some("watched".into()))
+}
+
+static UNIT_BASE: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+static UNIT_FRO: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+static UNIT_NFR: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+static RECORDS_SEEN: AtomicU32 = AtomicU32::new(0);
+static PFO_SEEN: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// The fault-event handler while watching: counts and clears pending records, as Linux's
+/// dmar_fault() does.
+fn count_and_clear_faults() {
+    let base = UNIT_BASE.load(Ordering::SeqCst);
+    if base == 0 {
+        return;
+    }
+    let fro = UNIT_FRO.load(Ordering::SeqCst);
+    let nfr = UNIT_NFR.load(Ordering::SeqCst);
+    let fsts = mmio_read32(base + reg::FSTS);
+    if fsts & PFO != 0 {
+        PFO_SEEN.store(true, Ordering::SeqCst);
+    }
+    for i in 0..nfr {
+        let hi = base + fro + 16 * i + 12;
+        if mmio_read32(hi) >> 31 != 0 {
+            RECORDS_SEEN.fetch_add(1, Ordering::SeqCst);
+            mmio_write32(hi, 1 << 31);
+        }
+    }
+    mmio_write32(base + reg::FSTS, PFO | PPF | IQE);
+}

@@ -150,6 +150,8 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     // `int n` traps to the hypervisor's instruction emulator on some software KVMs
     // (kvm_pvm cannot emulate it), so it runs only on request.
     ("opt.soft_int", exc_int),
+    // Waits for the host's injected faults (tests/inject.rs drives it).
+    ("opt.watch", crate::iommu::watch),
     // Always fails: checks that a failure reaches the report and the exit status.
     ("opt.selftest_fail", selftest_fail),
     ("bench.mmio", bench_mmio),

@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
+use devices::inject::{IrqAction, IrqFaults};
 use devices::interrupt::{InterruptController, InterruptError, MsiMessage, MsiSource};
 use devices::sync::{lock, read, write};
 use kvm_bindings::{
@@ -32,6 +33,9 @@ pub struct KvmIrqController {
     max_gsi: u32,
     routes: Mutex<Routes>,
     irqfds: RwLock<HashMap<u32, EventFd>>,
+    /// Who owns each routed GSI and what it sends (for fault injection and accounting).
+    sources: RwLock<HashMap<u32, (MsiSource, MsiMessage)>>,
+    faults: Arc<IrqFaults>,
 }
 
 impl std::fmt::Debug for KvmIrqController {
@@ -58,12 +62,19 @@ impl KvmIrqController {
                 next_gsi: IOAPIC_GSIS,
             }),
             irqfds: RwLock::new(HashMap::new()),
+            sources: RwLock::new(HashMap::new()),
+            faults: Arc::new(IrqFaults::new()),
         };
         for gsi in 0..IOAPIC_GSIS {
             c.add_irqfd(gsi)?;
         }
         c.commit(&c.lock_routes())?;
         Ok(c)
+    }
+
+    /// The interrupt fault-injection rules every message is checked against.
+    pub fn faults(&self) -> Arc<IrqFaults> {
+        self.faults.clone()
     }
 
     fn lock_routes(&self) -> MutexGuard<'_, Routes> {
@@ -84,7 +95,8 @@ impl KvmIrqController {
     }
 
     /// The one entry point of MSI messages into KVM. Interrupt remapping will sit here;
-    /// today the message passes unchanged.
+    /// today the message passes unchanged. (Injected interrupt faults apply in
+    /// `trigger`, to raised messages, not to routes.)
     pub fn program_msi(&self, _source: MsiSource, msg: MsiMessage) -> Option<MsiMessage> {
         Some(msg)
     }
@@ -102,6 +114,14 @@ impl KvmIrqController {
         };
         self.vm.signal_msi(msi).map(|_| ()).map_err(hv)
     }
+}
+
+fn spawn_later(f: impl FnOnce() + Send + 'static) -> Result<(), InterruptError> {
+    std::thread::Builder::new()
+        .name("fv-irq-inject".into())
+        .spawn(f)
+        .map(|_| ())
+        .map_err(hv)
 }
 
 impl InterruptController for KvmIrqController {
@@ -150,12 +170,43 @@ impl InterruptController for KvmIrqController {
                 r.table.remove(&gsi);
             }
         }
+        match msg {
+            Some(m) => write(&self.sources).insert(gsi, (source, m)),
+            None => write(&self.sources).remove(&gsi),
+        };
         self.commit(&r)
     }
 
     fn trigger(&self, gsi: u32) -> Result<(), InterruptError> {
         let g = read(&self.irqfds);
         let fd = g.get(&gsi).ok_or(InterruptError::UnknownGsi(gsi))?;
-        fd.write(1).map_err(hv)
+        let source = read(&self.sources).get(&gsi).copied();
+        let decision = source.and_then(|(src, msg)| self.faults.decide(src, &msg));
+        match decision {
+            None => fd.write(1).map_err(hv),
+            Some(IrqAction::Drop) => {
+                log::debug!("injected: interrupt on GSI {gsi} dropped");
+                Ok(())
+            }
+            Some(IrqAction::Delay(d)) => {
+                let fd = fd.try_clone().map_err(hv)?;
+                spawn_later(move || {
+                    std::thread::sleep(d);
+                    let _ = fd.write(1);
+                })
+            }
+            Some(IrqAction::Duplicate(n)) => {
+                fd.write(1).map_err(hv)?;
+                // Copies a little apart, so that the local APIC sees separate messages
+                // rather than one pending request.
+                let fd = fd.try_clone().map_err(hv)?;
+                spawn_later(move || {
+                    for _ in 0..n {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                        let _ = fd.write(1);
+                    }
+                })
+            }
+        }
     }
 }

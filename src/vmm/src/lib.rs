@@ -6,6 +6,7 @@
 //! ACPI tables, and configures the vCPUs. [`Vm::run`] starts one thread per vCPU plus an
 //! event loop (`event-manager`) for host input, and returns when the guest ends the VM.
 
+pub mod api;
 pub mod device_spec;
 pub mod irq;
 mod stdin;
@@ -84,6 +85,8 @@ pub struct VmConfig {
     pub devices: Vec<DeviceSpec>,
     /// Whether to emulate the VT-d unit.
     pub iommu: IommuMode,
+    /// Where to serve the control API (HTTP on a Unix socket), if anywhere.
+    pub api_socket: Option<PathBuf>,
     /// When the VMM process started (for the boot timer and start-up logs).
     pub start: Instant,
 }
@@ -199,6 +202,8 @@ pub struct Vm {
     irq: Arc<KvmIrqController>,
     start: Instant,
     vtd: Option<Arc<Vtd>>,
+    api: Option<api::ApiServer>,
+    api_path: Option<PathBuf>,
     _mem: GuestMemoryMmap,
 }
 
@@ -377,6 +382,7 @@ impl Vm {
 
         // PCI: the host bridge, then the --device list (explicit addresses first, so
         // that automatic ones take the slots left over).
+        let mut placed: Vec<(Bdf, DeviceKind)> = Vec::new();
         let mmio64 = mem_layout.pci_mmio64();
         let mut root = PciRoot::new();
         root.add(Bdf::new(0), Arc::new(Mutex::new(HostBridge::new())))
@@ -394,6 +400,7 @@ impl Vm {
                     .map_err(|e| VmmError::Device(spec.kind.name(), e.to_string()))?,
             };
             let dev_err = |e: String| VmmError::Device(spec.kind.name(), e);
+            placed.push((bdf, spec.kind));
             match spec.kind {
                 DeviceKind::Test => {
                     let bar0 = bars
@@ -531,6 +538,22 @@ impl Vm {
             vcpus.push(v);
         }
 
+        let api = match &cfg.api_socket {
+            Some(path) => {
+                let ctx = Arc::new(api::ApiContext {
+                    mem: mem.clone(),
+                    vtd: vtd.clone(),
+                    devices: placed,
+                    irq: irqc.clone(),
+                    ioapic: ioapic.clone(),
+                    start: cfg.start,
+                    vcpus: cfg.vcpus,
+                });
+                Some(api::ApiServer::bind(path, ctx)?)
+            }
+            None => None,
+        };
+
         Ok(Self {
             _kvm: kvm,
             vm,
@@ -543,6 +566,8 @@ impl Vm {
             irq: irqc,
             start: cfg.start,
             vtd,
+            api,
+            api_path: cfg.api_socket.clone(),
             _mem: mem,
         })
     }
@@ -563,10 +588,19 @@ impl Vm {
     }
 
     /// Runs the VM until the guest ends it; returns why it ended.
-    pub fn run(self) -> Result<ExitRequest, VmmError> {
+    pub fn run(mut self) -> Result<ExitRequest, VmmError> {
+        let mut subscribers: Vec<Arc<Mutex<dyn event_manager::MutEventSubscriber + Send>>> =
+            Vec::new();
         if self.serial_stdio {
-            stdin::spawn_input_loop(self.serial.clone(), self.exit.clone())?;
+            subscribers.push(Arc::new(Mutex::new(stdin::input(
+                self.serial.clone(),
+                self.exit.clone(),
+            ))));
         }
+        if let Some(api) = self.api.take() {
+            subscribers.push(Arc::new(Mutex::new(api)));
+        }
+        stdin::spawn_event_loop(subscribers)?;
         for (id, v) in self.vcpus.into_iter().enumerate() {
             let ctx = vcpu::VcpuContext {
                 io: self.io.clone(),
@@ -594,6 +628,9 @@ impl Vm {
         });
         if let Some(v) = &self.vtd {
             log::info!("VT-d: {}", v.stats());
+        }
+        if let Some(p) = &self.api_path {
+            let _ = std::fs::remove_file(p);
         }
         Ok(req)
     }

@@ -1,5 +1,6 @@
-//! Host input for the serial console: an `event-manager` loop on its own thread reads
-//! stdin and feeds COM1's receive FIFO. End of input simply unregisters stdin.
+//! The VMM's event loop (`event-manager`, one thread): host input for the serial
+//! console (stdin into COM1's receive FIFO; end of input unregisters stdin) and the API
+//! socket.
 
 use std::io::Read;
 use std::os::fd::AsRawFd;
@@ -69,18 +70,27 @@ impl MutEventSubscriber for StdinInput {
     }
 }
 
-/// Starts the input thread.
-pub fn spawn_input_loop(
-    serial: Arc<Mutex<SerialDevice>>,
-    exit: Arc<ExitHandle>,
-) -> Result<(), VmmError> {
-    let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
-        .map_err(|e| VmmError::Setup(format!("event manager: {e:?}")))?;
-    em.add_subscriber(Arc::new(Mutex::new(StdinInput {
+/// The serial console's input subscriber.
+pub fn input(serial: Arc<Mutex<SerialDevice>>, exit: Arc<ExitHandle>) -> impl MutEventSubscriber {
+    StdinInput {
         serial,
         exit,
         escaped: false,
-    })));
+    }
+}
+
+/// Starts the VMM's event thread with `subscribers` (console input, the API socket).
+pub fn spawn_event_loop(
+    subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+) -> Result<(), VmmError> {
+    if subscribers.is_empty() {
+        return Ok(());
+    }
+    let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
+        .map_err(|e| VmmError::Setup(format!("event manager: {e:?}")))?;
+    for s in subscribers {
+        em.add_subscriber(s);
+    }
     std::thread::Builder::new()
         .name("fv-events".into())
         .spawn(move || loop {

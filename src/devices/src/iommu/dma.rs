@@ -198,6 +198,13 @@ impl DmaHandle {
         if !vtd.translating() {
             return Ok(iova);
         }
+        if vtd.take_context_fault(self.sid, iova, write) {
+            return Err(DmaError::Fault {
+                iova,
+                reason: FaultReason::ContextInvalid,
+                write,
+            });
+        }
         let generation = vtd.generation();
         let mut c = lock(cache);
         if c.generation != generation {

@@ -245,6 +245,9 @@ pub struct Vtd {
     generation: AtomicU64,
     /// Page walks done (IOTLB misses), for the statistics.
     walks: AtomicU64,
+    /// Injected faults: requester → requests still to fail with "invalid context".
+    context_faults: Mutex<std::collections::HashMap<u16, u32>>,
+    context_faults_armed: AtomicBool,
     anomalies: GuestAnomalies,
 }
 
@@ -285,6 +288,8 @@ impl Vtd {
             root: AtomicU64::new(0),
             generation: AtomicU64::new(0),
             walks: AtomicU64::new(0),
+            context_faults: Mutex::new(std::collections::HashMap::new()),
+            context_faults_armed: AtomicBool::new(false),
             anomalies: GuestAnomalies::new(),
         }
     }
@@ -304,6 +309,52 @@ impl Vtd {
         let mut s = lock(&self.regs).stats;
         s.walks = self.walks.load(Ordering::Relaxed);
         s
+    }
+
+    /// Fault injection: the next `count` translated requests of `sid` fail as if its
+    /// context entry were invalid (reason 0x3), each recorded as a fault.
+    pub fn inject_context_invalid(&self, sid: u16, count: u32) {
+        let mut m = lock(&self.context_faults);
+        *m.entry(sid).or_insert(0) += count;
+        self.context_faults_armed.store(true, Ordering::Release);
+    }
+
+    /// Consumes one injected context fault of `sid`, if any (one atomic load when none
+    /// is armed).
+    pub(crate) fn take_context_fault(&self, sid: u16, iova: u64, write: bool) -> bool {
+        if !self.context_faults_armed.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut m = lock(&self.context_faults);
+        let Some(n) = m.get_mut(&sid) else {
+            return false;
+        };
+        *n -= 1;
+        if *n == 0 {
+            m.remove(&sid);
+        }
+        if m.is_empty() {
+            self.context_faults_armed.store(false, Ordering::Release);
+        }
+        drop(m);
+        self.record_fault(sid, iova, !write, FaultReason::ContextInvalid, false);
+        true
+    }
+
+    /// Fault injection: `count` device writes by `sid` beyond the address width (reason
+    /// 0x4), so that they fault whatever the guest mapped. Returns how many were
+    /// recorded and how many overflowed. Needs translation on.
+    pub fn fault_storm(&self, sid: u16, count: u32) -> (u64, u64) {
+        let before = self.stats();
+        for i in 0..u64::from(count) {
+            let iova = (1u64 << walk::MGAW_BITS) + i * 0x1000;
+            let _ = self.resolve(sid, iova, false, true);
+        }
+        let after = self.stats();
+        (
+            after.faults_recorded - before.faults_recorded,
+            after.faults_overflowed - before.faults_overflowed,
+        )
     }
 
     pub(crate) fn count_walk(&self) {
@@ -341,6 +392,9 @@ impl Vtd {
         read: bool,
         write: bool,
     ) -> Result<Mapping, FaultReason> {
+        if self.take_context_fault(sid, iova, write) {
+            return Err(FaultReason::ContextInvalid);
+        }
         self.count_walk();
         let ctx = walk::context_entry(&self.mem, self.root(), sid).inspect_err(|&r| {
             self.record_fault(sid, iova, !write, r, false);

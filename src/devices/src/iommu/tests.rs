@@ -564,3 +564,33 @@ fn hostile_registers_and_tables_never_panic() {
     assert!(r.vtd.anomalies() > 0, "odd accesses were counted");
     let _ = r.page();
 }
+
+#[test]
+fn injected_context_faults_and_storms() {
+    let mut r = Rig::new();
+    let top = r.attach(0x20, 3);
+    r.map(top, 3, 0x1000, 0x50_0000, 3, 1);
+    let h = r.vtd.handle(0x20);
+    h.write(0x1000, &[1]).expect("mapped");
+    r.vtd.inject_context_invalid(0x20, 2);
+    for _ in 0..2 {
+        assert_eq!(
+            h.write(0x1000, &[1]),
+            Err(DmaError::Fault {
+                iova: 0x1000,
+                reason: FaultReason::ContextInvalid,
+                write: true
+            })
+        );
+    }
+    h.write(0x1000, &[1]).expect("the injection is used up");
+    assert_eq!(r.records().len(), 2);
+    assert!(r.records().iter().all(|f| f.reason == 3 && f.sid == 0x20));
+    // Other devices are untouched.
+    r.vtd.inject_context_invalid(0x28, 1);
+    h.write(0x1000, &[1]).expect("not this device");
+    // A storm overflows the 14 records left.
+    let (rec, over) = r.vtd.fault_storm(0x20, 20);
+    assert_eq!((rec, over), (14, 6));
+    assert_eq!(rd32(&r.vtd, reg::FSTS) & fsts::PFO, fsts::PFO);
+}

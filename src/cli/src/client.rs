@@ -1,0 +1,278 @@
+//! `faultvisor inject` and `faultvisor stats`: clients of a running VMM's API socket.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+use crate::CliError;
+
+/// Faults `inject` knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FaultKind {
+    /// A DMA by --device at --iova (--read or --write, --length bytes).
+    Dma,
+    /// --count faults by --device beyond the address width (overflows the fault records).
+    FaultStorm,
+    /// The next --count DMA requests of --device fail: invalid context entry (0x3).
+    ContextInvalid,
+    /// Drop the next --count interrupts of --device, --vector or --pin.
+    DropIrq,
+    /// Delay them by --delay-ms.
+    DelayIrq,
+    /// Deliver them --copies extra times.
+    DuplicateIrq,
+    /// One interrupt on --vector at --cpu that no device raised.
+    SpuriousIrq,
+    /// --rate-hz interrupts per second on --vector at --cpu for --duration-ms.
+    IrqStorm,
+}
+
+impl FaultKind {
+    fn api_name(self) -> &'static str {
+        match self {
+            Self::Dma => "dma",
+            Self::FaultStorm => "fault-storm",
+            Self::ContextInvalid => "context-invalid",
+            Self::DropIrq => "drop-irq",
+            Self::DelayIrq => "delay-irq",
+            Self::DuplicateIrq => "duplicate-irq",
+            Self::SpuriousIrq => "spurious-irq",
+            Self::IrqStorm => "irq-storm",
+        }
+    }
+}
+
+pub(crate) const INJECT_EXAMPLES: &str = "\
+Examples (the VM runs with --api-socket /tmp/fv.sock):
+  faultvisor inject --api-socket /tmp/fv.sock dma --device 00:04.0 --iova 0x1234000 --write --length 64
+  faultvisor inject --api-socket /tmp/fv.sock fault-storm --device 00:04.0 --count 40
+  faultvisor inject --api-socket /tmp/fv.sock drop-irq --vector 0x41 --count 3
+  faultvisor inject --api-socket /tmp/fv.sock irq-storm --vector 0x41 --cpu 0 --rate-hz 10000 --duration-ms 500
+
+Exit status: 0 when the VMM accepted the fault (its answer is printed as JSON), 1 when it
+refused it (the message names the field), 2 when the VMM cannot be reached.";
+
+/// Arguments of `faultvisor inject`.
+#[derive(Debug, Args, Clone)]
+pub struct InjectArgs {
+    /// The VMM's API socket (`faultvisor run --api-socket PATH`).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: PathBuf,
+    /// What to inject.
+    #[arg(value_enum)]
+    pub fault: FaultKind,
+    /// PCI address of the device (BB:DD.F).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// I/O virtual address (decimal or 0x-hex).
+    #[arg(long)]
+    pub iova: Option<String>,
+    /// The device reads memory (DMA Read).
+    #[arg(long, conflicts_with = "write")]
+    pub read: bool,
+    /// The device writes memory (DMA Write; the default).
+    #[arg(long)]
+    pub write: bool,
+    /// DMA length in bytes.
+    #[arg(long, default_value_t = 64)]
+    pub length: u64,
+    /// How many (faults, requests or interrupts).
+    #[arg(long, default_value_t = 1)]
+    pub count: u64,
+    /// Interrupt vector (decimal or 0x-hex).
+    #[arg(long)]
+    pub vector: Option<String>,
+    /// IOAPIC pin.
+    #[arg(long)]
+    pub pin: Option<u64>,
+    /// Destination APIC ID.
+    #[arg(long, default_value_t = 0)]
+    pub cpu: u64,
+    /// Delay of each interrupt (delay-irq).
+    #[arg(long, default_value_t = 10)]
+    pub delay_ms: u64,
+    /// Extra copies of each interrupt (duplicate-irq).
+    #[arg(long, default_value_t = 1)]
+    pub copies: u64,
+    /// Interrupt rate (irq-storm).
+    #[arg(long, default_value_t = 1000)]
+    pub rate_hz: u64,
+    /// Storm length (irq-storm).
+    #[arg(long, default_value_t = 100)]
+    pub duration_ms: u64,
+}
+
+/// Arguments of `faultvisor stats`.
+#[derive(Debug, Args, Clone)]
+pub struct StatsArgs {
+    /// The VMM's API socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: PathBuf,
+    /// Print the raw JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A JSON value for a number given on the command line (hex strings stay strings; the
+/// API parses them).
+fn num(s: &str) -> serde_json::Value {
+    match s.parse::<u64>() {
+        Ok(n) => serde_json::json!(n),
+        Err(_) => serde_json::json!(s),
+    }
+}
+
+/// The request body for `args`.
+pub fn inject_body(a: &InjectArgs) -> serde_json::Value {
+    use serde_json::json;
+    let mut b = json!({ "fault": a.fault.api_name() });
+    let set = |b: &mut serde_json::Value, k: &str, v: serde_json::Value| b[k] = v;
+    match a.fault {
+        FaultKind::Dma => {
+            if let Some(d) = &a.device {
+                set(&mut b, "device", json!(d));
+            }
+            if let Some(i) = &a.iova {
+                set(&mut b, "iova", num(i));
+            }
+            set(
+                &mut b,
+                "direction",
+                json!(if a.read { "read" } else { "write" }),
+            );
+            set(&mut b, "length", json!(a.length));
+        }
+        FaultKind::FaultStorm | FaultKind::ContextInvalid => {
+            if let Some(d) = &a.device {
+                set(&mut b, "device", json!(d));
+            }
+            set(&mut b, "count", json!(a.count));
+        }
+        FaultKind::DropIrq | FaultKind::DelayIrq | FaultKind::DuplicateIrq => {
+            if let Some(d) = &a.device {
+                set(&mut b, "device", json!(d));
+            }
+            if let Some(v) = &a.vector {
+                set(&mut b, "vector", num(v));
+            }
+            if let Some(p) = a.pin {
+                set(&mut b, "pin", json!(p));
+            }
+            set(&mut b, "count", json!(a.count));
+            if a.fault == FaultKind::DelayIrq {
+                set(&mut b, "delay_ms", json!(a.delay_ms));
+            }
+            if a.fault == FaultKind::DuplicateIrq {
+                set(&mut b, "copies", json!(a.copies));
+            }
+        }
+        FaultKind::SpuriousIrq | FaultKind::IrqStorm => {
+            if let Some(v) = &a.vector {
+                set(&mut b, "vector", num(v));
+            }
+            set(&mut b, "cpu", json!(a.cpu));
+            if a.fault == FaultKind::IrqStorm {
+                set(&mut b, "rate_hz", json!(a.rate_hz));
+                set(&mut b, "duration_ms", json!(a.duration_ms));
+            }
+        }
+    }
+    b
+}
+
+/// Sends one request; returns (status, parsed JSON body).
+pub fn request(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> Result<(u16, serde_json::Value), CliError> {
+    let unreachable = |e: std::io::Error| {
+        CliError::Unreachable(format!("cannot reach the VMM at {}: {e}", socket.display()))
+    };
+    let mut s = UnixStream::connect(socket).map_err(unreachable)?;
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let text = body.map(|b| b.to_string()).unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+        text.len()
+    );
+    s.write_all(req.as_bytes()).map_err(unreachable)?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).map_err(unreachable)?;
+    let resp = String::from_utf8_lossy(&resp);
+    let (head, body) = resp
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| CliError::Unreachable("the VMM sent a malformed response".into()))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse::<u16>().ok())
+        .ok_or_else(|| CliError::Unreachable("the VMM sent a malformed status line".into()))?;
+    let json = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
+    Ok((status, json))
+}
+
+/// `faultvisor inject`.
+pub fn inject(a: &InjectArgs) -> Result<i32, CliError> {
+    let body = inject_body(a);
+    let (status, resp) = request(&a.api_socket, "POST", "/v1/inject", Some(&body))?;
+    if status == 200 {
+        println!("{resp}");
+        return Ok(0);
+    }
+    let msg = resp["error"].as_str().unwrap_or("refused");
+    let field = resp["field"]
+        .as_str()
+        .map(|f| format!(" (field '{f}')"))
+        .unwrap_or_default();
+    eprintln!("faultvisor: error: the VMM refused the fault: {msg}{field}");
+    Ok(1)
+}
+
+/// `faultvisor stats`.
+pub fn stats(a: &StatsArgs) -> Result<i32, CliError> {
+    let (status, s) = request(&a.api_socket, "GET", "/v1/stats", None)?;
+    if status != 200 {
+        eprintln!(
+            "faultvisor: error: {}",
+            s["error"].as_str().unwrap_or("stats refused")
+        );
+        return Ok(1);
+    }
+    if a.json {
+        println!("{s}");
+        return Ok(0);
+    }
+    println!("uptime              {} ms", s["uptime_ms"]);
+    if s["vtd"].is_object() {
+        for k in [
+            "walks",
+            "faults_recorded",
+            "faults_overflowed",
+            "faults_suppressed",
+            "fault_events",
+            "invalidations",
+            "qi_descriptors",
+        ] {
+            println!("vtd.{k:<18}{}", s["vtd"][k]);
+        }
+    } else {
+        println!("vtd                 (no IOMMU)");
+    }
+    for k in ["dropped", "delayed", "duplicated", "rules_armed"] {
+        println!("irq.{k:<16}{}", s["irq_injection"][k]);
+    }
+    if let Some(pins) = s["ioapic"].as_array() {
+        for p in pins {
+            println!(
+                "ioapic.pin{:<10}raised {} delivered {} masked {} coalesced {}",
+                p["pin"], p["raised"], p["delivered"], p["masked"], p["coalesced"]
+            );
+        }
+    }
+    Ok(0)
+}

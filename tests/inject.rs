@@ -1,0 +1,500 @@
+//! Fault injection through the API socket against the probe guest's `opt.watch`
+//! scenario (which reports what the guest saw), and the API's answers to bad requests.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn probe() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("faultvisor-inject-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    let p = dir.join("probe.elf");
+    if !p.exists() {
+        let out = common::run(&["demo", "--write-probe", p.to_str().expect("utf-8")]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    p
+}
+
+/// A probe VM with an API socket, its console collected line by line.
+struct Vm {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    socket: PathBuf,
+}
+
+impl Vm {
+    fn start(name: &str, extra: &[&str], tests: &str) -> Option<Self> {
+        if !common::kvm_available(name) {
+            return None;
+        }
+        let socket = std::env::temp_dir().join(format!("fv-{}-{name}.sock", std::process::id()));
+        let mut child = Command::new(common::faultvisor())
+            .args(["run", "--kernel"])
+            .arg(probe())
+            .args([
+                "--memory",
+                "64M",
+                "--vcpus",
+                "2",
+                "--serial",
+                "stdio",
+                "--api-socket",
+            ])
+            .arg(&socket)
+            .args(extra)
+            .args(["--cmdline", &format!("probe.tests={tests}")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn faultvisor");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let out = child.stdout.take().expect("stdout");
+        let l2 = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                l2.lock().expect("lines").push(line);
+            }
+        });
+        Some(Self {
+            child,
+            lines,
+            socket,
+        })
+    }
+
+    fn wait_for(&self, marker: &str) {
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(20) {
+            if self
+                .lines
+                .lock()
+                .expect("lines")
+                .iter()
+                .any(|l| l.contains(marker))
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!(
+            "no '{marker}' from the guest: {:?}",
+            self.lines.lock().expect("lines")
+        );
+    }
+
+    fn inject(&self, args: &[&str]) -> (i32, String, String) {
+        let s = self.socket.to_str().expect("utf-8");
+        let mut all = vec!["inject", "--api-socket", s];
+        all.extend_from_slice(args);
+        let out = common::run(&all);
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Sends "go", waits for the VM to end and returns the `# watch:` fields.
+    fn finish(mut self) -> HashMap<String, u64> {
+        let (rc, _, err) = self.inject(&["spurious-irq", "--vector", "0xee", "--cpu", "0"]);
+        assert_eq!(rc, 0, "{err}");
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(30) {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                assert_eq!(
+                    st.code(),
+                    Some(0),
+                    "{:?}",
+                    self.lines.lock().expect("lines")
+                );
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let lines = self.lines.lock().expect("lines");
+        let line = lines
+            .iter()
+            .find(|l| l.starts_with("# watch: go="))
+            .unwrap_or_else(|| panic!("no report: {lines:?}"));
+        line.trim_start_matches("# watch: ")
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .filter_map(|(k, v)| {
+                let v = v
+                    .strip_prefix("0x")
+                    .map_or_else(|| v.parse().ok(), |h| u64::from_str_radix(h, 16).ok());
+                v.map(|v| (k.to_string(), v))
+            })
+            .collect()
+    }
+}
+
+fn watch(name: &str, injections: &[&[&str]]) -> Option<HashMap<String, u64>> {
+    let vm = Vm::start(name, &["--device", "test", "--device", "edu"], "opt.watch")?;
+    vm.wait_for("# watch: ready");
+    for args in injections {
+        let (rc, out, err) = vm.inject(args);
+        assert_eq!(rc, 0, "{args:?}: {out} {err}");
+    }
+    Some(vm.finish())
+}
+
+// fv-test is at 00:01.0 (requester 0x08) and edu at 00:02.0: --device order.
+
+#[test]
+fn no_injection_baseline() {
+    let Some(w) = watch("no_injection_baseline", &[]) else {
+        return;
+    };
+    assert_eq!((w["go"], w["msi_raised"], w["msi_received"]), (1, 10, 10));
+    assert_eq!(
+        (w["fault_events"], w["records"], w["storm_irqs"]),
+        (0, 0, 0)
+    );
+}
+
+#[test]
+fn dropped_interrupts_of_a_device() {
+    let Some(w) = watch(
+        "dropped",
+        &[&["drop-irq", "--device", "00:01.0", "--count", "3"]],
+    ) else {
+        return;
+    };
+    assert_eq!(w["msi_received"], 7, "{w:?}");
+}
+
+#[test]
+fn dropped_interrupts_of_a_vector() {
+    let Some(w) = watch(
+        "dropped_vector",
+        &[&["drop-irq", "--vector", "0x71", "--count", "10"]],
+    ) else {
+        return;
+    };
+    assert_eq!(w["msi_received"], 0, "{w:?}");
+}
+
+#[test]
+fn duplicated_interrupts() {
+    let Some(w) = watch(
+        "duplicated",
+        &[&[
+            "duplicate-irq",
+            "--vector",
+            "0x71",
+            "--count",
+            "2",
+            "--copies",
+            "1",
+        ]],
+    ) else {
+        return;
+    };
+    assert_eq!(w["msi_received"], 12, "{w:?}");
+}
+
+#[test]
+fn delayed_interrupts_still_arrive() {
+    let Some(w) = watch(
+        "delayed",
+        &[&[
+            "delay-irq",
+            "--device",
+            "00:01.0",
+            "--count",
+            "3",
+            "--delay-ms",
+            "30",
+        ]],
+    ) else {
+        return;
+    };
+    assert_eq!(w["msi_received"], 10, "{w:?}");
+}
+
+#[test]
+fn interrupt_storm_and_spurious() {
+    let Some(w) = watch(
+        "storm",
+        &[
+            &[
+                "irq-storm",
+                "--vector",
+                "0xed",
+                "--cpu",
+                "1",
+                "--rate-hz",
+                "1000",
+                "--duration-ms",
+                "100",
+            ],
+            &["spurious-irq", "--vector", "0xed", "--cpu", "0"],
+        ],
+    ) else {
+        return;
+    };
+    // 100 storm interrupts plus one spurious; the local APIC merges requests that
+    // arrive while one of the same vector is pending, so some may coalesce.
+    let n = w["storm_irqs"];
+    assert!((60..=101).contains(&n), "{w:?}");
+}
+
+#[test]
+fn dma_faults_reach_the_guest() {
+    let Some(w) = watch(
+        "dma",
+        &[
+            &[
+                "dma", "--device", "00:02.0", "--iova", "0x1000", "--write", "--length", "64",
+            ],
+            &[
+                "dma",
+                "--device",
+                "00:02.0",
+                "--iova",
+                "0x1000000000000",
+                "--read",
+                "--length",
+                "8",
+            ],
+        ],
+    ) else {
+        return;
+    };
+    assert_eq!(w["records"], 2, "{w:?}");
+    // The second fault may land while the first is still pending (PPF): then, as on
+    // hardware, it raises no event of its own.
+    assert!((1..=2).contains(&w["fault_events"]), "{w:?}");
+}
+
+#[test]
+fn fault_storm_overflows_the_records() {
+    let Some(w) = watch(
+        "fault_storm",
+        &[&["fault-storm", "--device", "00:02.0", "--count", "40"]],
+    ) else {
+        return;
+    };
+    assert_eq!((w["records"], w["pfo"]), (16, 1), "{w:?}");
+    assert_eq!(w["fault_events"], 1, "one event for the burst: {w:?}");
+}
+
+#[test]
+fn context_invalid_for_the_next_requests() {
+    let Some(vm) = Vm::start(
+        "context_invalid",
+        &["--device", "test", "--device", "edu"],
+        "opt.watch",
+    ) else {
+        return;
+    };
+    vm.wait_for("# watch: ready");
+    let (rc, out, _) = vm.inject(&["context-invalid", "--device", "00:02.0", "--count", "2"]);
+    assert_eq!(rc, 0, "{out}");
+    for _ in 0..2 {
+        let (_, out, _) = vm.inject(&["dma", "--device", "00:02.0", "--iova", "0x1000"]);
+        assert!(out.contains(r#""reason":"0x03""#), "{out}");
+    }
+    // Then the normal walk again: the empty root table.
+    let (_, out, _) = vm.inject(&["dma", "--device", "00:02.0", "--iova", "0x1000"]);
+    assert!(out.contains(r#""reason":"0x01""#), "{out}");
+    let w = vm.finish();
+    assert_eq!(w["records"], 3, "{w:?}");
+}
+
+fn http(socket: &PathBuf, raw: &[u8]) -> (u16, serde_json::Value) {
+    let mut s = UnixStream::connect(socket).expect("connect");
+    s.write_all(raw).expect("write");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("read");
+    let (head, body) = resp.split_once("\r\n\r\n").expect("http");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status");
+    (
+        status,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+fn post(socket: &PathBuf, body: &str) -> (u16, serde_json::Value) {
+    let raw = format!(
+        "POST /v1/inject HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    http(socket, raw.as_bytes())
+}
+
+#[test]
+fn bad_requests_get_4xx_naming_the_field() {
+    let Some(vm) = Vm::start("api_errors", &["--device", "edu"], "opt.watch") else {
+        return;
+    };
+    vm.wait_for("# watch: ready");
+    let s = &vm.socket;
+    for (body, status, field) in [
+        (
+            r#"{"fault":"dma","device":"00:01.0","direction":"write","length":4}"#,
+            400,
+            "iova",
+        ),
+        (r#"{"fault":"teleport"}"#, 400, "fault"),
+        (
+            r#"{"fault":"dma","device":"00:09.0","iova":1,"direction":"write","length":4}"#,
+            400,
+            "device",
+        ),
+        (
+            r#"{"fault":"dma","device":"zz","iova":1,"direction":"write","length":4}"#,
+            400,
+            "device",
+        ),
+        (
+            r#"{"fault":"dma","device":"00:01.0","iova":1,"direction":"sideways","length":4}"#,
+            400,
+            "direction",
+        ),
+        (
+            r#"{"fault":"dma","device":"00:01.0","iova":1,"direction":"write","length":0}"#,
+            400,
+            "length",
+        ),
+        (
+            r#"{"fault":"fault-storm","device":"00:01.0","count":0}"#,
+            400,
+            "count",
+        ),
+        (
+            r#"{"fault":"spurious-irq","vector":3,"cpu":0}"#,
+            400,
+            "vector",
+        ),
+        (
+            r#"{"fault":"spurious-irq","vector":64,"cpu":7}"#,
+            400,
+            "cpu",
+        ),
+        (r#"{"fault":"drop-irq","count":1}"#, 400, "device"),
+        (
+            r#"{"fault":"drop-irq","vector":64,"pin":3,"count":1}"#,
+            400,
+            "device",
+        ),
+        (
+            r#"{"fault":"spurious-irq","vector":64,"cpu":0,"extra":1}"#,
+            400,
+            "extra",
+        ),
+        ("[1,2", 400, "body"),
+    ] {
+        let (st, v) = post(s, body);
+        assert_eq!(st, status, "{body}: {v}");
+        assert_eq!(v["field"], field, "{body}: {v}");
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+    }
+    assert_eq!(http(s, b"GET /v2/nothing HTTP/1.1\r\n\r\n").0, 404);
+    assert_eq!(http(s, b"DELETE /v1/vm HTTP/1.1\r\n\r\n").0, 405);
+    assert_eq!(
+        http(
+            s,
+            b"POST /v1/inject HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n"
+        )
+        .0,
+        413
+    );
+    assert_eq!(http(s, b"nonsense\r\n\r\n").0, 400);
+    assert_eq!(http(s, b"GET / HTTP/3\r\n\r\n").0, 505);
+    // A client that hangs up mid-request does no harm.
+    drop(UnixStream::connect(s).map(|mut c| c.write_all(b"POST /v1/inj")));
+    let (st, v) = http(s, b"GET /v1/vm HTTP/1.1\r\n\r\n");
+    assert_eq!(st, 200);
+    assert_eq!(v["iommu"], "intel");
+    assert_eq!(v["devices"][0]["kind"], "edu");
+    // The CLI client: refused → 1 with the field, unreachable → 2.
+    let (rc, _, err) = vm.inject(&["dma", "--device", "00:07.0", "--iova", "0x10"]);
+    assert_eq!(rc, 1);
+    assert!(
+        err.contains("no device at 00:07.0 (field 'device')"),
+        "{err}"
+    );
+    let out = common::run(&["stats", "--api-socket", "/nonexistent/fv.sock"]);
+    assert_eq!(out.status.code(), Some(2));
+    let w = vm.finish();
+    assert_eq!(w["go"], 1);
+}
+
+#[test]
+fn iommu_faults_need_an_iommu() {
+    let Some(vm) = Vm::start(
+        "no_iommu",
+        &["--device", "edu", "--iommu", "off"],
+        "opt.watch",
+    ) else {
+        return;
+    };
+    vm.wait_for("# watch: ready");
+    let (st, v) = post(
+        &vm.socket,
+        r#"{"fault":"fault-storm","device":"00:01.0","count":4}"#,
+    );
+    assert_eq!(st, 409, "{v}");
+    assert!(
+        v["error"].as_str().is_some_and(|e| e.contains("no IOMMU")),
+        "{v}"
+    );
+    let out = common::run(&["stats", "--api-socket", vm.socket.to_str().expect("utf-8")]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("vtd                 (no IOMMU)"));
+    vm.finish();
+}
+
+#[test]
+fn openapi_describes_every_fault_and_path() {
+    let spec = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/resources/api/openapi.yaml"
+    ))
+    .expect("resources/api/openapi.yaml");
+    for name in [
+        "dma",
+        "fault-storm",
+        "context-invalid",
+        "drop-irq",
+        "delay-irq",
+        "duplicate-irq",
+        "spurious-irq",
+        "irq-storm",
+        "/v1/vm",
+        "/v1/stats",
+        "/v1/faults",
+        "/v1/inject",
+    ] {
+        assert!(spec.contains(name), "openapi.yaml lacks {name}");
+    }
+    // The CLI offers the same faults.
+    let help = common::run(&["inject", "--help"]);
+    let text = String::from_utf8_lossy(&help.stdout);
+    for name in [
+        "dma",
+        "fault-storm",
+        "context-invalid",
+        "drop-irq",
+        "delay-irq",
+        "duplicate-irq",
+        "spurious-irq",
+        "irq-storm",
+    ] {
+        assert!(text.contains(name), "inject --help lacks {name}");
+    }
+}
