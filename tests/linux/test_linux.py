@@ -168,10 +168,12 @@ class IntelIommu(unittest.TestCase):
         self.assertIn(m.group(3), ("DMA", "DMA-FQ"), "a translated IOMMU domain")
         self.assertEqual(len(m.group(4)), 64, "32 bytes from /dev/hwrng")
         self.assertNotEqual(m.group(4), "0" * 64)
-        walks = re.search(r"VT-d: (\d+) page walks, (\d+) faults recorded", r.output)
+        walks = re.search(r"VT-d: (\d+) DMA requests, (\d+) page walks, (\d+) faults recorded",
+                          r.output)
         self.assertIsNotNone(walks, r.output)
-        self.assertGreater(int(walks.group(1)), 0, "the unit translated DMA")
-        self.assertEqual(int(walks.group(2)), 2, "exactly the two edu faults")
+        self.assertGreater(int(walks.group(1)), 0, "devices made translated requests")
+        self.assertGreater(int(walks.group(2)), 0, "the unit walked the page tables")
+        self.assertEqual(int(walks.group(3)), 2, "exactly the two edu faults")
 
 
 def tap(r):

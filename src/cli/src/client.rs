@@ -250,6 +250,7 @@ pub fn stats(a: &StatsArgs) -> Result<i32, CliError> {
     println!("uptime              {} ms", s["uptime_ms"]);
     if s["vtd"].is_object() {
         for k in [
+            "dma_requests",
             "walks",
             "faults_recorded",
             "faults_overflowed",

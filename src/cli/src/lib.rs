@@ -5,6 +5,7 @@
 //! the debug-exit port; 2 a usage or VMM error; 4 the guest crashed; 70 an internal
 //! error (a bug, reported on one line).
 
+pub mod campaign;
 pub mod client;
 pub mod demo;
 mod logger;
@@ -66,6 +67,18 @@ pub enum Command {
     Inject(client::InjectArgs),
     /// Print a running VM's counters (VT-d, interrupt injection, IOAPIC pins).
     Stats(client::StatsArgs),
+    /// Run a fault-injection campaign: many short VMs with fault plans and
+    /// expectations, in parallel; JSON Lines and Markdown report.
+    #[command(after_help = campaign::CAMPAIGN_EXAMPLES)]
+    Campaign(campaign::CampaignArgs),
+    /// Join the outputs of campaign shards into one report.
+    Merge(campaign::MergeArgs),
+}
+
+/// Locks a mutex, taking over a poisoned one (a panicked reader thread must not stop
+/// the report).
+pub(crate) fn lock_or_recover<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Arguments of `faultvisor run`.
@@ -338,6 +351,8 @@ pub fn main() -> i32 {
         Command::Demo(a) => demo::run(a, start),
         Command::Inject(a) => client::inject(a),
         Command::Stats(a) => client::stats(a),
+        Command::Campaign(a) => campaign::run(a),
+        Command::Merge(a) => campaign::merge(a),
     };
     match result {
         Ok(code) => code,

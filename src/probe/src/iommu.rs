@@ -946,7 +946,7 @@ pub fn watch(c: &Ctx) -> Outcome {
             wait_until(crate::tests::QUIET, || idt::total(WATCH_MSI) > before);
             // Room for duplicates to land as interrupts of their own: the local APIC
             // merges two requests for one vector that are pending at once.
-            cpu::delay(crate::tests::QUIET / 2);
+            cpu::delay(crate::tests::QUIET * 2);
         }
     }
     // Late arrivals (delayed interrupts, storms, fault events).

@@ -366,6 +366,7 @@ impl ApiContext {
         let vtd = self.vtd.as_ref().map(|v| {
             let s = v.stats();
             json!({
+                "dma_requests": s.dma_requests,
                 "walks": s.walks,
                 "faults_recorded": s.faults_recorded,
                 "faults_overflowed": s.faults_overflowed,
@@ -448,6 +449,101 @@ impl ApiContext {
             }
         }
     }
+}
+
+/// Checks an inject body the way the API will (for campaign files): `Err((field,
+/// message))` when it would be refused at parse time.
+pub fn validate_inject(body: &Value) -> Result<(), (String, String)> {
+    let bytes = serde_json::to_vec(body).map_err(|e| ("body".to_string(), e.to_string()))?;
+    parse_inject(&bytes)
+        .and_then(|r| static_checks(&r))
+        .map_err(|e| (e.field.unwrap_or_else(|| "body".into()), e.message))
+}
+
+/// The checks that need no VM: number ranges, PCI address syntax, the direction.
+fn static_checks(r: &Inject) -> Result<(), ApiError> {
+    let bdf = |s: &str| {
+        s.parse::<Bdf>()
+            .map(|_| ())
+            .map_err(|e| ApiError::bad("device", e))
+    };
+    let target = |d: &Option<String>, v: &Option<Num>, p: &Option<Num>| -> Result<(), ApiError> {
+        match (d, v, p) {
+            (Some(d), None, None) => bdf(d),
+            (None, Some(v), None) => range("vector", *v, 16, 255).map(|_| ()),
+            (None, None, Some(p)) => range("pin", *p, 0, 23).map(|_| ()),
+            _ => Err(ApiError::bad(
+                "device",
+                "name exactly one of device, vector or pin",
+            )),
+        }
+    };
+    match r {
+        Inject::Dma {
+            device,
+            direction,
+            length,
+            ..
+        } => {
+            bdf(device)?;
+            range("length", *length, 1, u64::from(MAX_DMA))?;
+            if direction != "read" && direction != "write" {
+                return Err(ApiError::bad(
+                    "direction",
+                    format!("'{direction}' is not a direction (read or write)"),
+                ));
+            }
+        }
+        Inject::FaultStorm { device, count } | Inject::ContextInvalid { device, count } => {
+            bdf(device)?;
+            range("count", *count, 1, 1_000_000)?;
+        }
+        Inject::DropIrq {
+            device,
+            vector,
+            pin,
+            count,
+        } => {
+            target(device, vector, pin)?;
+            range("count", *count, 1, 1_000_000)?;
+        }
+        Inject::DelayIrq {
+            device,
+            vector,
+            pin,
+            count,
+            delay_ms,
+        } => {
+            target(device, vector, pin)?;
+            range("count", *count, 1, 1_000_000)?;
+            range("delay_ms", *delay_ms, 1, 60_000)?;
+        }
+        Inject::DuplicateIrq {
+            device,
+            vector,
+            pin,
+            count,
+            copies,
+        } => {
+            target(device, vector, pin)?;
+            range("count", *count, 1, 1_000_000)?;
+            range("copies", *copies, 1, 100)?;
+        }
+        Inject::SpuriousIrq { vector, .. } => {
+            range("vector", *vector, 16, 255)?;
+        }
+        Inject::IrqStorm {
+            vector,
+            rate_hz,
+            duration_ms,
+            ..
+        } => {
+            range("vector", *vector, 16, 255)?;
+            range("rate_hz", *rate_hz, 1, 100_000)?;
+            range("duration_ms", *duration_ms, 1, 60_000)?;
+        }
+    }
+    Ok(())
 }
 
 /// Parses an inject body: JSON syntax first (field "body"), then the object and its

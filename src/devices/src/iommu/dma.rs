@@ -96,6 +96,7 @@ enum Inner {
     Translated {
         vtd: Arc<Vtd>,
         cache: Box<Mutex<Cache>>,
+        requests: Arc<std::sync::atomic::AtomicU64>,
     },
 }
 
@@ -109,11 +110,13 @@ impl DmaHandle {
     }
 
     pub(super) fn translated(vtd: Arc<Vtd>, sid: u16) -> Self {
+        let requests = vtd.request_counter();
         Self {
             sid,
             inner: Inner::Translated {
                 vtd,
                 cache: Box::new(Mutex::new(Cache::default())),
+                requests,
             },
         }
     }
@@ -163,6 +166,11 @@ impl DmaHandle {
         if len == 0 {
             return Ok(segs);
         }
+        if let Inner::Translated { vtd, requests, .. } = &self.inner {
+            if vtd.translating() {
+                requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
         let end = iova.checked_add(len as u64 - 1).ok_or(DmaError::Fault {
             iova,
             reason: FaultReason::BeyondMgaw,
@@ -193,7 +201,7 @@ impl DmaHandle {
     pub fn translate(&self, iova: u64, write: bool) -> Result<u64, DmaError> {
         let (vtd, cache) = match &self.inner {
             Inner::Direct(_) => return Ok(iova),
-            Inner::Translated { vtd, cache } => (vtd, cache),
+            Inner::Translated { vtd, cache, .. } => (vtd, cache),
         };
         if !vtd.translating() {
             return Ok(iova);

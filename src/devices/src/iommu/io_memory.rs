@@ -23,6 +23,7 @@ pub type DeviceMemory = IommuMemory<GuestMemoryMmap, DeviceIommu>;
 /// One requester ID's translation through the unit.
 pub struct DeviceIommu {
     vtd: Option<Arc<Vtd>>,
+    requests: Option<Arc<AtomicU64>>,
     sid: u16,
     iotlb: RwLock<Iotlb>,
     generation: AtomicU64,
@@ -39,6 +40,7 @@ impl DeviceIommu {
     pub fn new(vtd: Option<Arc<Vtd>>, sid: u16) -> Self {
         Self {
             generation: AtomicU64::new(vtd.as_ref().map_or(0, |v| v.generation())),
+            requests: vtd.as_ref().map(|v| v.request_counter()),
             vtd,
             sid,
             iotlb: RwLock::new(Iotlb::new()),
@@ -142,6 +144,11 @@ impl Iommu for DeviceIommu {
                 iova_range: range,
                 reason: "range wraps around the address space".into(),
             });
+        }
+        if let (Some(c), Some(v)) = (&self.requests, &self.vtd) {
+            if v.translating() {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
         }
         let gen = self.vtd.as_ref().map_or(0, |v| v.generation());
         if self.generation.swap(gen, Ordering::AcqRel) != gen {

@@ -187,13 +187,16 @@ pub struct VtdStats {
     pub invalidations: u64,
     /// Translations that walked the page tables (IOTLB misses).
     pub walks: u64,
+    /// DMA requests by devices while translation was on.
+    pub dma_requests: u64,
 }
 
 impl std::fmt::Display for VtdStats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} page walks, {} faults recorded, {} dropped (overflow), {} suppressed (FPD), {} fault events, {} invalidations, {} queued descriptors",
+            "{} DMA requests, {} page walks, {} faults recorded, {} dropped (overflow), {} suppressed (FPD), {} fault events, {} invalidations, {} queued descriptors",
+            self.dma_requests,
             self.walks,
             self.faults_recorded,
             self.faults_overflowed,
@@ -248,6 +251,8 @@ pub struct Vtd {
     /// Injected faults: requester → requests still to fail with "invalid context".
     context_faults: Mutex<std::collections::HashMap<u16, u32>>,
     context_faults_armed: AtomicBool,
+    /// One request counter per device handle (no shared cache line on the hot path).
+    request_counters: Mutex<Vec<Arc<AtomicU64>>>,
     anomalies: GuestAnomalies,
 }
 
@@ -290,6 +295,7 @@ impl Vtd {
             walks: AtomicU64::new(0),
             context_faults: Mutex::new(std::collections::HashMap::new()),
             context_faults_armed: AtomicBool::new(false),
+            request_counters: Mutex::new(Vec::new()),
             anomalies: GuestAnomalies::new(),
         }
     }
@@ -308,7 +314,18 @@ impl Vtd {
     pub fn stats(&self) -> VtdStats {
         let mut s = lock(&self.regs).stats;
         s.walks = self.walks.load(Ordering::Relaxed);
+        s.dma_requests = lock(&self.request_counters)
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum();
         s
+    }
+
+    /// A request counter for a new device handle, summed into the statistics.
+    pub(crate) fn request_counter(&self) -> Arc<AtomicU64> {
+        let c = Arc::new(AtomicU64::new(0));
+        lock(&self.request_counters).push(c.clone());
+        c
     }
 
     /// Fault injection: the next `count` translated requests of `sid` fail as if its
