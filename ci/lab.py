@@ -172,6 +172,8 @@ def _run_nested(jobs, echo, extra_files=None):
         w.add_file("lab/bzImage", os.path.join(gdir, "bzImage"), 0o644)
         w.add_file("lab/initramfs.cpio", os.path.join(gdir, "initramfs.cpio"), 0o644)
         w.add_file("lab/probe.elf", probe, 0o644)
+        w.add_file("lab/linux.toml", os.path.join(ROOT, "resources", "campaigns", "linux.toml"),
+                   0o644)
         for name, src in (extra_files or {}).items():
             w.add_file(f"lab/{name}", src, 0o755)
         w.add_bytes("lab/job.sh", _job_script(jobs, files).encode(), 0o755)

@@ -32,6 +32,12 @@ JOBS = [
                           "--memory", "512M", "--device", "edu,bdf=00:04.0",
                           "--device", "virtio-rng", "--cmdline",
                           f"{BASE} intel_iommu=on fv.checks=modules,hwrng,iommu,edu-dma"]),
+    lab.Job("linux-campaign", [], timeout=300, raw=(
+        "mkdir -p /tmp/fvc/guest && ln -sf /lab/vmlinux /tmp/fvc/guest/vmlinux && "
+        "ln -sf /lab/initramfs.cpio /tmp/fvc/guest/initramfs.cpio && "
+        "FAULTVISOR_CACHE=/tmp/fvc /lab/faultvisor campaign /lab/linux.toml --jobs 1 "
+        "--out /tmp/lc; rc=$?; cat /tmp/lc/report.md; "
+        "for f in /tmp/lc/*/console.log; do echo \"== $f\"; cat \"$f\"; done; exit $rc")),
     lab.Job("probe-x2apic", ["--kernel", "{probe}", "--vcpus", "2", "--memory", "64M",
                              "--device", "test", "--device", "edu", "--cmdline",
                              "probe.tests=boot.*,apic.*,exc.*,pci.*,ioapic.*,serial.*,"
@@ -183,6 +189,25 @@ def tap(r):
         if m:
             out.append((m.group(1) == "ok", m.group(2), m.group(3) or ""))
     return out
+
+
+class LinuxCampaign(unittest.TestCase):
+    """resources/campaigns/linux.toml: guest-visible DMAR fault lines, and the guest's
+    reaction to an interrupt storm and to lost interrupts."""
+
+    def test_every_expectation_holds(self):
+        r = job("linux-campaign")
+        self.assertIn("4 experiments: **4 passed, 0 failed**", r.output, r.output)
+        self.assertEqual(r.rc, 0, r.output)
+
+    def test_report_shows_the_guest_reactions(self):
+        r = job("linux-campaign")
+        for line in ["| edu DMA from guest userspace |", "| injected DMA fault and fault storm |",
+                     "| interrupt storm on an unused vector |",
+                     "| a lost serial interrupt stalls the console |"]:
+            self.assertIn(line, r.output, r.output)
+        self.assertIn("No irq handler for vector", r.output)
+        self.assertIn("fault addr 0x7000 [fault reason 0x05]", r.output)
 
 
 class ProbeOnRealKvm(unittest.TestCase):
