@@ -470,6 +470,7 @@ fn openapi_describes_every_fault_and_path() {
         "dma",
         "fault-storm",
         "context-invalid",
+        "corrupt-descriptor",
         "drop-irq",
         "delay-irq",
         "duplicate-irq",

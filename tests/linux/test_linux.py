@@ -197,14 +197,15 @@ class LinuxCampaign(unittest.TestCase):
 
     def test_every_expectation_holds(self):
         r = job("linux-campaign")
-        self.assertIn("4 experiments: **4 passed, 0 failed**", r.output, r.output)
+        self.assertIn("5 experiments: **5 passed, 0 failed**", r.output, r.output)
         self.assertEqual(r.rc, 0, r.output)
 
     def test_report_shows_the_guest_reactions(self):
         r = job("linux-campaign")
         for line in ["| edu DMA from guest userspace |", "| injected DMA fault and fault storm |",
                      "| interrupt storm on an unused vector |",
-                     "| a lost serial interrupt stalls the console |"]:
+                     "| a lost serial interrupt stalls the console |",
+                     "| corrupted virtio-rng descriptor |"]:
             self.assertIn(line, r.output, r.output)
         self.assertIn("No irq handler for vector", r.output)
         self.assertIn("fault addr 0x7000 [fault reason 0x05]", r.output)

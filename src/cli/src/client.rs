@@ -18,6 +18,9 @@ pub enum FaultKind {
     FaultStorm,
     /// The next --count DMA requests of --device fail: invalid context entry (0x3).
     ContextInvalid,
+    /// The next --count requests of virtio --device read a corrupted buffer address
+    /// (the device's DMA faults).
+    CorruptDescriptor,
     /// Drop the next --count interrupts of --device, --vector or --pin.
     DropIrq,
     /// Delay them by --delay-ms.
@@ -36,6 +39,7 @@ impl FaultKind {
             Self::Dma => "dma",
             Self::FaultStorm => "fault-storm",
             Self::ContextInvalid => "context-invalid",
+            Self::CorruptDescriptor => "corrupt-descriptor",
             Self::DropIrq => "drop-irq",
             Self::DelayIrq => "delay-irq",
             Self::DuplicateIrq => "duplicate-irq",
@@ -145,7 +149,7 @@ pub fn inject_body(a: &InjectArgs) -> serde_json::Value {
             );
             set(&mut b, "length", json!(a.length));
         }
-        FaultKind::FaultStorm | FaultKind::ContextInvalid => {
+        FaultKind::FaultStorm | FaultKind::ContextInvalid | FaultKind::CorruptDescriptor => {
             if let Some(d) = &a.device {
                 set(&mut b, "device", json!(d));
             }

@@ -50,6 +50,8 @@ pub struct ApiContext {
     pub vtd: Option<Arc<Vtd>>,
     /// PCI devices by address.
     pub devices: Vec<(Bdf, DeviceKind)>,
+    /// Descriptor-corruption counters of the virtio devices.
+    pub virtio_corruption: Vec<(Bdf, Arc<std::sync::atomic::AtomicU32>)>,
     /// Interrupt routing (and its fault rules).
     pub irq: Arc<KvmIrqController>,
     /// The IOAPIC (for its counters).
@@ -152,6 +154,8 @@ enum Inject {
         count: Num,
         copies: Num,
     },
+    /// The next `count` requests of virtio `device` read a corrupted buffer address.
+    CorruptDescriptor { device: String, count: Num },
     /// One interrupt on `vector` at APIC `cpu` that no device raised.
     SpuriousIrq { vector: Num, cpu: Num },
     /// `rate_hz` interrupts per second on `vector` at `cpu` for `duration_ms`.
@@ -266,6 +270,23 @@ impl ApiContext {
                 let (bdf, _) = self.device("device", &device)?;
                 let n = range("count", count, 1, 1_000_000)? as u32;
                 self.vtd()?.inject_context_invalid(bdf.requester_id(), n);
+                Ok(json!({"result": "armed", "requests": n}))
+            }
+            Inject::CorruptDescriptor { device, count } => {
+                let (bdf, kind) = self.device("device", &device)?;
+                let n = range("count", count, 1, 1_000_000)? as u32;
+                let counter = self
+                    .virtio_corruption
+                    .iter()
+                    .find(|(b, _)| *b == bdf)
+                    .map(|(_, c)| c.clone())
+                    .ok_or_else(|| {
+                        ApiError::bad(
+                            "device",
+                            format!("{bdf} is {}, not a virtio device", kind.name()),
+                        )
+                    })?;
+                counter.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
                 Ok(json!({"result": "armed", "requests": n}))
             }
             Inject::DropIrq {
@@ -494,7 +515,9 @@ fn static_checks(r: &Inject) -> Result<(), ApiError> {
                 ));
             }
         }
-        Inject::FaultStorm { device, count } | Inject::ContextInvalid { device, count } => {
+        Inject::FaultStorm { device, count }
+        | Inject::ContextInvalid { device, count }
+        | Inject::CorruptDescriptor { device, count } => {
             bdf(device)?;
             range("count", *count, 1, 1_000_000)?;
         }

@@ -383,6 +383,7 @@ impl Vm {
         // PCI: the host bridge, then the --device list (explicit addresses first, so
         // that automatic ones take the slots left over).
         let mut placed: Vec<(Bdf, DeviceKind)> = Vec::new();
+        let mut virtio_corruption = Vec::new();
         let mmio64 = mem_layout.pci_mmio64();
         let mut root = PciRoot::new();
         root.add(Bdf::new(0), Arc::new(Mutex::new(HostBridge::new())))
@@ -439,8 +440,10 @@ impl Vm {
                         .map_err(|e| dev_err(e.to_string()))?;
                     let pin = 16 + usize::from(bdf.device % 8);
                     let line = IoapicLine::new(ioapic.clone(), pin);
+                    let rng = Rng::new();
+                    virtio_corruption.push((bdf, rng.corruption()));
                     let dev = VirtioPci::new(
-                        Rng::new(),
+                        rng,
                         bdf,
                         bar0,
                         mem.clone(),
@@ -544,6 +547,7 @@ impl Vm {
                     mem: mem.clone(),
                     vtd: vtd.clone(),
                     devices: placed,
+                    virtio_corruption,
                     irq: irqc.clone(),
                     ioapic: ioapic.clone(),
                     start: cfg.start,

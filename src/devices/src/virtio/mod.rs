@@ -568,6 +568,51 @@ mod tests {
     }
 
     #[test]
+    fn corrupted_descriptor_faults_and_completes_empty() {
+        let mut r = rig(true);
+        let vtd = r.dev.vtd.clone().expect("vtd");
+        // Translation on, the rings and the buffer identity-mapped (4 KiB pages).
+        let w = |m: &GuestMemoryMmap, a: u64, v: u64| m.write_obj(v, GuestAddress(a)).expect("w");
+        let (root, ctx, l3, l2, l1) = (0x30_0000, 0x30_1000, 0x30_2000, 0x30_3000, 0x30_4000);
+        w(&r.mem, root, ctx | 1);
+        w(&r.mem, ctx + 3 * 8 * 16, l3 | 1);
+        w(&r.mem, ctx + 3 * 8 * 16 + 8, 1 | (1 << 8));
+        w(&r.mem, l3, l2 | 3);
+        w(&r.mem, l2, l1 | 3);
+        for page in [DESC, AVAIL, USED, BUF] {
+            w(&r.mem, l1 + 8 * (page >> 12 & 0x1ff), page | 3);
+        }
+        // The 2 MiB region of BUF is a separate L2 slot.
+        let l1b = 0x30_5000;
+        w(&r.mem, l2 + 8, l1b | 3);
+        w(&r.mem, l1b, BUF | 3);
+        vtd.write(crate::iommu::reg::RTADDR, &root.to_le_bytes());
+        vtd.write(crate::iommu::reg::GCMD, &(1u32 << 30).to_le_bytes());
+        vtd.write(crate::iommu::reg::GCMD, &(1u32 << 31).to_le_bytes());
+        r.bring_up(3);
+        assert_eq!(r.r(0x1c, 2), 1, "queue enabled through the unit");
+        r.dev
+            .device()
+            .corruption()
+            .store(1, std::sync::atomic::Ordering::SeqCst);
+        r.request(BUF);
+        let used_len: u32 = r.mem.read_obj(GuestAddress(USED + 8)).expect("r");
+        assert_eq!(used_len, 0, "the corrupted request completes empty");
+        let f = vtd
+            .fault_records()
+            .into_iter()
+            .find(|f| f.pending)
+            .expect("a fault");
+        assert_eq!(
+            (f.reason, f.sid, f.page),
+            (4, 0x18, BUF | rng::CORRUPT_ADDRESS_BIT)
+        );
+        r.request(BUF);
+        let used_len: u32 = r.mem.read_obj(GuestAddress(USED + 8 + 8)).expect("r");
+        assert_eq!(used_len, 64, "the next request is served");
+    }
+
+    #[test]
     fn features_without_version_1_are_refused() {
         let mut r = rig(false);
         r.w(0x14, 1 | 2, 1);

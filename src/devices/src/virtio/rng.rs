@@ -3,6 +3,8 @@
 
 use std::fs::File;
 use std::io::Read;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemory};
@@ -20,7 +22,12 @@ pub struct Rng {
     sizes: [u16; 1],
     served: u64,
     failed: u64,
+    corrupt: Arc<AtomicU32>,
 }
+
+/// Where a corrupted descriptor's buffer address points: beyond any address width, so
+/// the device's DMA to it faults (reason 0x4) whatever the guest mapped.
+pub const CORRUPT_ADDRESS_BIT: u64 = 1 << 48;
 
 impl Rng {
     /// A device reading `/dev/urandom` (opened now; without it requests get 0 bytes).
@@ -33,7 +40,15 @@ impl Rng {
             sizes: [256],
             served: 0,
             failed: 0,
+            corrupt: Arc::new(AtomicU32::new(0)),
         }
+    }
+
+    /// Fault injection: the next `n` requests are read as if their descriptors carried a
+    /// corrupted buffer address, so the device's DMA faults and the request completes
+    /// with 0 bytes. Returns the shared counter for the VMM's API.
+    pub fn corruption(&self) -> Arc<AtomicU32> {
+        self.corrupt.clone()
     }
 
     /// (bytes served, requests whose buffers could not be written).
@@ -71,6 +86,10 @@ impl VirtioDevice for Rng {
             let head = chain.head_index();
             let mut written = 0usize;
             let mut ok = true;
+            let corrupted = self
+                .corrupt
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
             for desc in chain {
                 if !desc.is_write_only() {
                     continue;
@@ -87,8 +106,13 @@ impl VirtioDevice for Rng {
                 }
                 // Through the IOMMU when negotiated: an unmapped buffer is a recorded
                 // fault, and nothing is written.
-                if mem.check_range(desc.addr(), want, vm_memory::Permissions::Write)
-                    && mem.write_slice(&buf, desc.addr()).is_ok()
+                let addr = if corrupted {
+                    vm_memory::GuestAddress(desc.addr().0 | CORRUPT_ADDRESS_BIT)
+                } else {
+                    desc.addr()
+                };
+                if mem.check_range(addr, want, vm_memory::Permissions::Write)
+                    && mem.write_slice(&buf, addr).is_ok()
                 {
                     written += want;
                 } else {
