@@ -143,7 +143,8 @@ def _job_script(jobs, files):
     lines = ["#!/bin/sh", "cd /lab"]
     for job in jobs:
         if job.raw:
-            cmd = job.raw.format(**files)
+            # Its own shell: an `exit` in the command must not end the job script.
+            cmd = "sh -c " + shlex.quote(job.raw.format(**files))
         else:
             cmd = shlex.join(["/lab/faultvisor", "run", *_subst(job.args, files)])
         lines += [
