@@ -499,3 +499,171 @@ fn openapi_describes_every_fault_and_path() {
         assert!(text.contains(name), "inject --help lacks {name}");
     }
 }
+
+/// Prometheus text exposition: comments, or `name{labels} value` with a number.
+fn check_prometheus(text: &str) -> HashMap<String, f64> {
+    let mut samples = HashMap::new();
+    let mut typed = std::collections::HashSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut w = rest.split_whitespace();
+            let (name, kind) = (w.next().expect("name"), w.next().expect("kind"));
+            assert!(["counter", "gauge"].contains(&kind), "{line}");
+            typed.insert(name.to_string());
+            continue;
+        }
+        if line.starts_with("# HELP ") || line.is_empty() {
+            continue;
+        }
+        let (key, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad sample: {line}"));
+        let v: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value: {line}"));
+        let name = key.split('{').next().expect("name");
+        assert!(
+            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "{line}"
+        );
+        assert!(typed.contains(name), "sample before its TYPE: {line}");
+        if let Some(labels) = key.strip_prefix(name) {
+            if !labels.is_empty() {
+                assert!(labels.starts_with('{') && labels.ends_with('}'), "{line}");
+                for kv in labels[1..labels.len() - 1].split(',') {
+                    let (k, v) = kv
+                        .split_once('=')
+                        .unwrap_or_else(|| panic!("label: {line}"));
+                    assert!(
+                        !k.is_empty() && v.starts_with('"') && v.ends_with('"'),
+                        "{line}"
+                    );
+                }
+            }
+        }
+        samples.insert(key.to_string(), v);
+    }
+    samples
+}
+
+#[test]
+fn iommu_and_ioapic_commands() {
+    let Some(vm) = Vm::start(
+        "metrics",
+        &["--device", "test", "--device", "edu"],
+        "opt.watch",
+    ) else {
+        return;
+    };
+    vm.wait_for("# watch: ready");
+    for args in [
+        &["drop-irq", "--device", "00:01.0", "--count", "3"][..],
+        &["fault-storm", "--device", "00:02.0", "--count", "20"][..],
+    ] {
+        assert_eq!(vm.inject(args).0, 0);
+    }
+    // The IOMMU view: translation on, the newest fault first, decoded like Linux.
+    let s = vm.socket.to_str().expect("utf-8").to_string();
+    let out = common::run(&["iommu", "--api-socket", &s, "--last", "2"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("translation on"), "{text}");
+    assert!(text.contains("last 2 fault(s)"), "{text}");
+    // 20 faults, 16 recorded: the newest recorded is the 16th.
+    let newest = "[DMA Write NO_PASID] Request device [00:02.0] fault addr 0x100000000f000 \
+                  [fault reason 0x01] Present bit in root entry is clear";
+    assert!(text.contains(newest), "{text}");
+    let out = common::run(&["ioapic", "--api-socket", &s]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().count(),
+        25,
+        "header + 24 pins"
+    );
+    let w = vm.finish();
+    assert_eq!(w["msi_received"], 7, "{w:?}");
+}
+
+#[test]
+fn prometheus_text_and_metrics_file() {
+    if !common::kvm_available("prometheus") {
+        return;
+    }
+    let metrics = std::env::temp_dir().join(format!("fv-metrics-{}.json", std::process::id()));
+    let Some(vm) = Vm::start(
+        "prometheus",
+        &[
+            "--device",
+            "test",
+            "--device",
+            "edu",
+            "--metrics-file",
+            metrics.to_str().expect("utf-8"),
+        ],
+        "opt.watch",
+    ) else {
+        return;
+    };
+    vm.wait_for("# watch: ready");
+    assert_eq!(
+        vm.inject(&["drop-irq", "--device", "00:01.0", "--count", "2"])
+            .0,
+        0
+    );
+    assert_eq!(
+        vm.inject(&["fault-storm", "--device", "00:02.0", "--count", "20"])
+            .0,
+        0
+    );
+    let raw = {
+        let mut st = UnixStream::connect(&vm.socket).expect("connect");
+        st.write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+            .expect("write");
+        let mut r = String::new();
+        st.read_to_string(&mut r).expect("read");
+        r
+    };
+    let (head, body) = raw.split_once("\r\n\r\n").expect("http");
+    assert!(
+        head.contains("200 OK") && head.contains("text/plain; version=0.0.4"),
+        "{head}"
+    );
+    let samples = check_prometheus(body);
+    assert_eq!(
+        samples.get("faultvisor_iommu_faults_total{reason=\"0x01\"}"),
+        Some(&16.0),
+        "{body}"
+    );
+    assert_eq!(
+        samples.get("faultvisor_iommu_fault_overflows_total"),
+        Some(&4.0)
+    );
+    assert_eq!(
+        samples.get("faultvisor_irq_injected_total{action=\"dropped\"}"),
+        Some(&0.0),
+        "no MSI yet"
+    );
+    assert!(samples
+        .keys()
+        .any(|k| k.starts_with("faultvisor_vm_exits_total{vcpu=\"0\",reason=\"mmio_write\"}")));
+    let w = vm.finish();
+    assert_eq!(w["msi_received"], 8, "{w:?}");
+    // At exit: the same counters as JSON, with what the guest saw matching.
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&metrics).expect("metrics file"))
+            .expect("json");
+    assert_eq!(m["exit"]["code"], 0);
+    assert_eq!(m["irq_injection"]["dropped"], 2);
+    let fvt = m["msi"]
+        .as_array()
+        .expect("msi")
+        .iter()
+        .find(|x| x["device"] == "00:01.0")
+        .cloned()
+        .expect("fv-test MSI");
+    assert_eq!(
+        (fvt["raised"].as_u64(), fvt["delivered"].as_u64()),
+        (Some(10), Some(8)),
+        "{fvt}"
+    );
+    assert_eq!(m["vtd"]["faults_by_reason"]["0x01"], 16);
+    assert!(m["vcpus"][0]["exits"]["mmio_write"].as_u64().unwrap_or(0) > 10);
+}

@@ -14,7 +14,8 @@ use crate::CliError;
 pub enum FaultKind {
     /// A DMA by --device at --iova (--read or --write, --length bytes).
     Dma,
-    /// --count faults by --device beyond the address width (overflows the fault records).
+    /// --count faulting writes by --device beyond the address width (overflows the
+    /// fault records; reason 0x4 when the device has a valid context entry).
     FaultStorm,
     /// The next --count DMA requests of --device fail: invalid context entry (0x3).
     ContextInvalid,
@@ -268,8 +269,45 @@ pub fn stats(a: &StatsArgs) -> Result<i32, CliError> {
     } else {
         println!("vtd                 (no IOMMU)");
     }
-    for k in ["dropped", "delayed", "duplicated", "rules_armed"] {
+    for k in [
+        "dropped",
+        "delayed",
+        "duplicated",
+        "rules_armed",
+        "signalled",
+    ] {
         println!("irq.{k:<16}{}", s["irq_injection"][k]);
+    }
+    if let Some(msis) = s["msi"].as_array() {
+        for m in msis {
+            println!(
+                "{:<20}device {} vector {:#x} dest {} raised {} delivered {}",
+                format!("msi.gsi{}", m["gsi"]),
+                m["device"].as_str().unwrap_or("-"),
+                m["vector"].as_u64().unwrap_or(0),
+                m["dest"],
+                m["raised"],
+                m["delivered"]
+            );
+        }
+    }
+    if let Some(vcpus) = s["vcpus"].as_array() {
+        for v in vcpus {
+            let exits: Vec<String> = v["exits"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .filter(|(_, n)| n.as_u64().unwrap_or(0) > 0)
+                        .map(|(k, n)| format!("{k} {n}"))
+                        .collect()
+                })
+                .unwrap_or_default();
+            println!(
+                "{:<20}{}",
+                format!("vcpu{}.exits", v["vcpu"]),
+                exits.join(", ")
+            );
+        }
     }
     if let Some(pins) = s["ioapic"].as_array() {
         for p in pins {
@@ -278,6 +316,132 @@ pub fn stats(a: &StatsArgs) -> Result<i32, CliError> {
                 p["pin"], p["raised"], p["delivered"], p["masked"], p["coalesced"]
             );
         }
+    }
+    Ok(0)
+}
+
+/// A command that only needs the API socket.
+#[derive(Debug, Args, Clone)]
+pub struct SocketArgs {
+    /// The VMM's API socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: PathBuf,
+    /// Print the raw JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `faultvisor iommu`.
+#[derive(Debug, Args, Clone)]
+pub struct IommuArgs {
+    /// The VMM's API socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: PathBuf,
+    /// How many of the last faults to show (at most 64).
+    #[arg(long, default_value_t = 16)]
+    pub last: usize,
+    /// Print the raw JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn get(socket: &Path, path: &str) -> Result<Result<serde_json::Value, i32>, CliError> {
+    let (status, v) = request(socket, "GET", path, None)?;
+    if status != 200 {
+        eprintln!(
+            "faultvisor: error: {}",
+            v["error"].as_str().unwrap_or("refused")
+        );
+        return Ok(Err(1));
+    }
+    Ok(Ok(v))
+}
+
+/// `faultvisor ioapic`.
+pub fn ioapic(a: &SocketArgs) -> Result<i32, CliError> {
+    let v = match get(&a.api_socket, "/v1/ioapic")? {
+        Ok(v) => v,
+        Err(c) => return Ok(c),
+    };
+    if a.json {
+        println!("{v}");
+        return Ok(0);
+    }
+    println!(
+        "pin  vector  dest  mode      trigger  polarity  masked  remote-IRR  raised  delivered"
+    );
+    for p in v["pins"].as_array().cloned().unwrap_or_default() {
+        println!(
+            "{:>3}  {:>#6x}  {:>4}  {:<8}  {:<7}  {:<8}  {:<6}  {:<10}  {:>6}  {:>9}",
+            p["pin"].as_u64().unwrap_or(0),
+            p["vector"].as_u64().unwrap_or(0),
+            p["dest"].as_u64().unwrap_or(0),
+            p["dest_mode"].as_str().unwrap_or(""),
+            p["trigger"].as_str().unwrap_or(""),
+            p["polarity"].as_str().unwrap_or(""),
+            if p["masked"] == true { "yes" } else { "no" },
+            if p["remote_irr"] == true { "set" } else { "-" },
+            p["raised"].as_u64().unwrap_or(0),
+            p["delivered"].as_u64().unwrap_or(0),
+        );
+    }
+    Ok(0)
+}
+
+/// `faultvisor iommu`.
+pub fn iommu(a: &IommuArgs) -> Result<i32, CliError> {
+    let v = match get(&a.api_socket, &format!("/v1/iommu?last={}", a.last.min(64)))? {
+        Ok(v) => v,
+        Err(c) => return Ok(c),
+    };
+    if a.json {
+        println!("{v}");
+        return Ok(0);
+    }
+    println!(
+        "translation {}  queued invalidation {}  GSTS {}  FSTS {}",
+        if v["translation"] == true {
+            "on"
+        } else {
+            "off"
+        },
+        if v["queued_invalidation"] == true {
+            "on"
+        } else {
+            "off"
+        },
+        v["gsts"].as_str().unwrap_or(""),
+        v["fsts"].as_str().unwrap_or("")
+    );
+    println!("root table  {}", v["root_table"].as_str().unwrap_or(""));
+    let fe = &v["fault_event"];
+    println!(
+        "fault event vector {:#x} -> APIC {} {}{}",
+        fe["vector"].as_u64().unwrap_or(0),
+        fe["dest"],
+        if fe["masked"] == true { "(masked)" } else { "" },
+        if fe["pending"] == true {
+            " (pending)"
+        } else {
+            ""
+        }
+    );
+    let faults = v["faults"].as_array().cloned().unwrap_or_default();
+    println!("last {} fault(s), newest first:", faults.len());
+    for f in faults {
+        println!(
+            "  {:>10} us  [DMA {} NO_PASID] Request device [{}] fault addr {} [fault reason {}] {}",
+            f["at_us"],
+            if f["direction"] == "read" {
+                "Read"
+            } else {
+                "Write"
+            },
+            f["device"].as_str().unwrap_or(""),
+            f["address"].as_str().unwrap_or(""),
+            f["reason"].as_str().unwrap_or(""),
+            f["text"].as_str().unwrap_or("")
+        );
     }
     Ok(0)
 }

@@ -159,6 +159,7 @@ pub fn run(args: &DemoArgs, start: Instant) -> Result<i32, CliError> {
         ],
         iommu: vmm::IommuMode::Auto,
         api_socket: None,
+        metrics_file: None,
         start,
     };
     println!(

@@ -73,6 +73,10 @@ pub enum Command {
     Campaign(campaign::CampaignArgs),
     /// Join the outputs of campaign shards into one report.
     Merge(campaign::MergeArgs),
+    /// Show a running VM's IOAPIC redirection table, decoded.
+    Ioapic(client::SocketArgs),
+    /// Show a running VM's VT-d unit: state, root table, the last faults decoded.
+    Iommu(client::IommuArgs),
 }
 
 /// Locks a mutex, taking over a poisoned one (a panicked reader thread must not stop
@@ -117,6 +121,9 @@ pub struct RunArgs {
     /// and `faultvisor stats` talk to it.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+    /// Write every counter (interrupts, VT-d, VM exits) as JSON to PATH when the VM ends.
+    #[arg(long, value_name = "PATH")]
+    pub metrics_file: Option<PathBuf>,
 }
 
 fn parse_iommu(s: &str) -> Result<vmm::IommuMode, String> {
@@ -266,6 +273,7 @@ pub fn build_config(args: &RunArgs, start: Instant) -> Result<VmConfig, CliError
         devices: args.devices.clone(),
         iommu: args.iommu,
         api_socket: args.api_socket.clone(),
+        metrics_file: args.metrics_file.clone(),
         start,
     })
 }
@@ -353,6 +361,8 @@ pub fn main() -> i32 {
         Command::Stats(a) => client::stats(a),
         Command::Campaign(a) => campaign::run(a),
         Command::Merge(a) => campaign::merge(a),
+        Command::Ioapic(a) => client::ioapic(a),
+        Command::Iommu(a) => client::iommu(a),
     };
     match result {
         Ok(code) => code,

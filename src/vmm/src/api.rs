@@ -5,6 +5,9 @@
 //! - `GET /v1/vm`: vCPUs, uptime, IOMMU, devices;
 //! - `GET /v1/stats`: VT-d, interrupt-injection and IOAPIC counters;
 //! - `GET /v1/faults`: interrupt rules still armed;
+//! - `GET /v1/ioapic`: the redirection table, decoded;
+//! - `GET /v1/iommu[?last=N]`: the VT-d unit's state and its last faults;
+//! - `GET /metrics`: every counter in the Prometheus text format;
 //! - `POST /v1/inject`: one fault, `{"fault": "<kind>", ...}`.
 //!
 //! Every connection carries one request and is closed after the response. A request
@@ -25,7 +28,6 @@ use devices::interrupt::{MsiMessage, MsiSource};
 use devices::ioapic::IoApic;
 use devices::iommu::{DmaError, Vtd};
 use devices::pci::Bdf;
-use devices::sync::lock;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -60,6 +62,8 @@ pub struct ApiContext {
     pub start: Instant,
     /// Number of vCPUs.
     pub vcpus: u32,
+    /// Exit counters per vCPU.
+    pub vcpu_stats: Vec<Arc<crate::vcpu::VcpuStats>>,
 }
 
 /// An API error: HTTP status, message and (for a bad request) the offending field.
@@ -127,7 +131,9 @@ enum Inject {
         direction: String,
         length: Num,
     },
-    /// `count` faults by `device` (beyond the address width), to overflow the FRCDs.
+    /// `count` faulting writes by `device` beyond the address width (so they fault
+    /// whatever is mapped: reason 0x4 with a valid context entry, else the context
+    /// fault), to overflow the FRCDs.
     FaultStorm { device: String, count: Num },
     /// The next `count` requests of `device` fail with "invalid context entry".
     ContextInvalid { device: String, count: Num },
@@ -383,39 +389,6 @@ impl ApiContext {
         Ok(json!({"result": "armed", "rule": id, "interrupts": n}))
     }
 
-    fn stats(&self) -> Value {
-        let vtd = self.vtd.as_ref().map(|v| {
-            let s = v.stats();
-            json!({
-                "dma_requests": s.dma_requests,
-                "walks": s.walks,
-                "faults_recorded": s.faults_recorded,
-                "faults_overflowed": s.faults_overflowed,
-                "faults_suppressed": s.faults_suppressed,
-                "fault_events": s.fault_events,
-                "invalidations": s.invalidations,
-                "qi_descriptors": s.qi_descriptors,
-            })
-        });
-        let f = self.irq.faults().stats();
-        let io = lock(&self.ioapic);
-        let pins: Vec<Value> = (0..devices::ioapic::NUM_PINS)
-            .filter_map(|p| io.stats(p).map(|s| (p, s)))
-            .filter(|(_, s)| s.raised > 0)
-            .map(|(p, s)| {
-                json!({"pin": p, "raised": s.raised, "delivered": s.delivered,
-                       "masked": s.masked, "coalesced": s.coalesced})
-            })
-            .collect();
-        json!({
-            "uptime_ms": self.start.elapsed().as_millis() as u64,
-            "vtd": vtd,
-            "irq_injection": {"dropped": f.dropped, "delayed": f.delayed, "duplicated": f.duplicated,
-                               "rules_armed": self.irq.faults().rules().len()},
-            "ioapic": pins,
-        })
-    }
-
     fn vm(&self) -> Value {
         let devs: Vec<Value> = self
             .devices
@@ -448,7 +421,18 @@ impl ApiContext {
     fn handle(&self, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
         let r = match (method, path) {
             ("GET", "/v1/vm") => Ok(self.vm()),
-            ("GET", "/v1/stats") => Ok(self.stats()),
+            ("GET", "/v1/stats") => Ok(crate::metrics::json(self)),
+            ("GET", "/v1/ioapic") => Ok(crate::metrics::ioapic(self)),
+            ("GET", p) if p == "/v1/iommu" || p.starts_with("/v1/iommu?") => {
+                let n = p
+                    .split_once("last=")
+                    .and_then(|(_, v)| v.parse::<usize>().ok())
+                    .unwrap_or(16)
+                    .min(64);
+                crate::metrics::iommu(self, n).ok_or_else(|| {
+                    ApiError::status(409, "this VM has no IOMMU (run with --iommu intel)")
+                })
+            }
             ("GET", "/v1/faults") => Ok(self.faults()),
             ("POST", "/v1/inject") | ("PUT", "/v1/inject") => {
                 parse_inject(body).and_then(|i| self.inject(i))
@@ -686,6 +670,16 @@ fn respond(stream: &mut UnixStream, status: u16, body: &Value) {
     let _ = stream.write_all(msg.as_bytes());
 }
 
+fn respond_text(stream: &mut UnixStream, text: &str) {
+    let msg = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+        text.len()
+    );
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
+    let _ = stream.write_all(msg.as_bytes());
+}
+
 /// The API's event-loop subscriber.
 pub struct ApiServer {
     listener: UnixListener,
@@ -759,6 +753,13 @@ impl ApiServer {
             Parse::Incomplete if !closed && buf.len() <= MAX_HEAD + MAX_BODY => return,
             Parse::Incomplete => Some((400, json!({"error": "incomplete request"}))),
             Parse::Error(status, msg) => Some((status, json!({"error": msg}))),
+            Parse::Done { method, path, .. } if method == "GET" && path == "/metrics" => {
+                if let Some((mut stream, _)) = self.conns.remove(&fd) {
+                    let _ = ops.remove(Events::new(&stream, EventSet::IN));
+                    respond_text(&mut stream, &crate::metrics::prometheus(&self.ctx));
+                }
+                return;
+            }
             Parse::Done { method, path, body } => Some(self.ctx.handle(&method, &path, &body)),
         };
         if let Some((status, body)) = outcome {

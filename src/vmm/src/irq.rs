@@ -7,6 +7,7 @@
 //! place where interrupt remapping will translate or block it.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use devices::inject::{IrqAction, IrqFaults};
@@ -36,6 +37,26 @@ pub struct KvmIrqController {
     /// Who owns each routed GSI and what it sends (for fault injection and accounting).
     sources: RwLock<HashMap<u32, (MsiSource, MsiMessage)>>,
     faults: Arc<IrqFaults>,
+    /// Per GSI: messages raised by their source, and written to KVM.
+    raised: Vec<AtomicU64>,
+    delivered: Arc<Vec<AtomicU64>>,
+    /// One-off messages sent with KVM_SIGNAL_MSI (spurious interrupts, storms).
+    signalled: AtomicU64,
+}
+
+/// Counters of one routed GSI.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GsiCounters {
+    /// The GSI.
+    pub gsi: u32,
+    /// Who raises it.
+    pub source: MsiSource,
+    /// The message it sends now.
+    pub msg: MsiMessage,
+    /// Raised by the device / IOAPIC.
+    pub raised: u64,
+    /// Written to KVM (raised, minus dropped, plus duplicates).
+    pub delivered: u64,
 }
 
 impl std::fmt::Debug for KvmIrqController {
@@ -64,12 +85,48 @@ impl KvmIrqController {
             irqfds: RwLock::new(HashMap::new()),
             sources: RwLock::new(HashMap::new()),
             faults: Arc::new(IrqFaults::new()),
+            raised: (0..=max_routes.max(IOAPIC_GSIS))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            delivered: Arc::new(
+                (0..=max_routes.max(IOAPIC_GSIS))
+                    .map(|_| AtomicU64::new(0))
+                    .collect(),
+            ),
+            signalled: AtomicU64::new(0),
         };
         for gsi in 0..IOAPIC_GSIS {
             c.add_irqfd(gsi)?;
         }
         c.commit(&c.lock_routes())?;
         Ok(c)
+    }
+
+    /// Counters of every GSI that has a route.
+    pub fn gsi_counters(&self) -> Vec<GsiCounters> {
+        let mut v: Vec<GsiCounters> = read(&self.sources)
+            .iter()
+            .map(|(&gsi, &(source, msg))| GsiCounters {
+                gsi,
+                source,
+                msg,
+                raised: self
+                    .raised
+                    .get(gsi as usize)
+                    .map_or(0, |c| c.load(Ordering::Relaxed)),
+                delivered: self
+                    .delivered
+                    .get(gsi as usize)
+                    .map_or(0, |c| c.load(Ordering::Relaxed)),
+            })
+            .collect();
+        v.sort_by_key(|c| c.gsi);
+        v
+    }
+
+    /// One-off messages sent (spurious interrupts and storms).
+    pub fn signalled(&self) -> u64 {
+        self.signalled.load(Ordering::Relaxed)
     }
 
     /// The interrupt fault-injection rules every message is checked against.
@@ -106,6 +163,7 @@ impl KvmIrqController {
         let Some(m) = self.program_msi(source, msg) else {
             return Ok(());
         };
+        self.signalled.fetch_add(1, Ordering::Relaxed);
         let msi = kvm_bindings::kvm_msi {
             address_lo: m.address as u32,
             address_hi: (m.address >> 32) as u32,
@@ -180,29 +238,45 @@ impl InterruptController for KvmIrqController {
     fn trigger(&self, gsi: u32) -> Result<(), InterruptError> {
         let g = read(&self.irqfds);
         let fd = g.get(&gsi).ok_or(InterruptError::UnknownGsi(gsi))?;
+        if let Some(c) = self.raised.get(gsi as usize) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        let count = move |delivered: &Vec<AtomicU64>| {
+            if let Some(c) = delivered.get(gsi as usize) {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+        };
         let source = read(&self.sources).get(&gsi).copied();
         let decision = source.and_then(|(src, msg)| self.faults.decide(src, &msg));
         match decision {
-            None => fd.write(1).map_err(hv),
+            None => {
+                count(&self.delivered);
+                fd.write(1).map_err(hv)
+            }
             Some(IrqAction::Drop) => {
                 log::debug!("injected: interrupt on GSI {gsi} dropped");
                 Ok(())
             }
             Some(IrqAction::Delay(d)) => {
                 let fd = fd.try_clone().map_err(hv)?;
+                let delivered = self.delivered.clone();
                 spawn_later(move || {
                     std::thread::sleep(d);
+                    count(&delivered);
                     let _ = fd.write(1);
                 })
             }
             Some(IrqAction::Duplicate(n)) => {
+                count(&self.delivered);
                 fd.write(1).map_err(hv)?;
                 // Copies a little apart, so that the local APIC sees separate messages
                 // rather than one pending request.
                 let fd = fd.try_clone().map_err(hv)?;
+                let delivered = self.delivered.clone();
                 spawn_later(move || {
                     for _ in 0..n {
                         std::thread::sleep(std::time::Duration::from_millis(1));
+                        count(&delivered);
                         let _ = fd.write(1);
                     }
                 })

@@ -9,6 +9,7 @@
 pub mod api;
 pub mod device_spec;
 pub mod irq;
+pub mod metrics;
 mod stdin;
 pub mod vcpu;
 
@@ -87,6 +88,8 @@ pub struct VmConfig {
     pub iommu: IommuMode,
     /// Where to serve the control API (HTTP on a Unix socket), if anywhere.
     pub api_socket: Option<PathBuf>,
+    /// Where to write every counter as JSON when the VM ends.
+    pub metrics_file: Option<PathBuf>,
     /// When the VMM process started (for the boot timer and start-up logs).
     pub start: Instant,
 }
@@ -204,6 +207,9 @@ pub struct Vm {
     vtd: Option<Arc<Vtd>>,
     api: Option<api::ApiServer>,
     api_path: Option<PathBuf>,
+    vcpu_stats: Vec<Arc<vcpu::VcpuStats>>,
+    ctx: Arc<api::ApiContext>,
+    metrics_file: Option<PathBuf>,
     _mem: GuestMemoryMmap,
 }
 
@@ -541,22 +547,32 @@ impl Vm {
             vcpus.push(v);
         }
 
+        let vcpu_stats: Vec<Arc<vcpu::VcpuStats>> = (0..cfg.vcpus)
+            .map(|_| Arc::new(vcpu::VcpuStats::default()))
+            .collect();
+        let ctx = Arc::new(api::ApiContext {
+            mem: mem.clone(),
+            vtd: vtd.clone(),
+            devices: placed,
+            virtio_corruption,
+            irq: irqc.clone(),
+            ioapic: ioapic.clone(),
+            start: cfg.start,
+            vcpus: cfg.vcpus,
+            vcpu_stats: vcpu_stats.clone(),
+        });
         let api = match &cfg.api_socket {
-            Some(path) => {
-                let ctx = Arc::new(api::ApiContext {
-                    mem: mem.clone(),
-                    vtd: vtd.clone(),
-                    devices: placed,
-                    virtio_corruption,
-                    irq: irqc.clone(),
-                    ioapic: ioapic.clone(),
-                    start: cfg.start,
-                    vcpus: cfg.vcpus,
-                });
-                Some(api::ApiServer::bind(path, ctx)?)
-            }
+            Some(path) => Some(api::ApiServer::bind(path, ctx.clone())?),
             None => None,
         };
+        if let Some(p) = &cfg.metrics_file {
+            // Fail now rather than after the guest ran.
+            File::create(p).map_err(|source| VmmError::File {
+                what: "metrics file",
+                path: p.clone(),
+                source,
+            })?;
+        }
 
         Ok(Self {
             _kvm: kvm,
@@ -572,6 +588,9 @@ impl Vm {
             vtd,
             api,
             api_path: cfg.api_socket.clone(),
+            vcpu_stats,
+            ctx,
+            metrics_file: cfg.metrics_file.clone(),
             _mem: mem,
         })
     }
@@ -610,6 +629,7 @@ impl Vm {
                 io: self.io.clone(),
                 ioapic: self.ioapic.clone(),
                 exit: self.exit.clone(),
+                stats: self.vcpu_stats.get(id).cloned().unwrap_or_default(),
             };
             let start = self.start;
             // The threads are not joined: the VMM process ends when the VM does.
@@ -635,6 +655,13 @@ impl Vm {
         }
         if let Some(p) = &self.api_path {
             let _ = std::fs::remove_file(p);
+        }
+        if let Some(p) = &self.metrics_file {
+            let mut m = metrics::json(&self.ctx);
+            m["exit"] = serde_json::json!({"code": req.code, "reason": req.reason});
+            if let Err(e) = std::fs::write(p, format!("{m:#}\n")) {
+                log::warn!("cannot write the metrics file {}: {e}", p.display());
+            }
         }
         Ok(req)
     }

@@ -80,6 +80,43 @@ pub fn configure(
     Ok(())
 }
 
+/// Exit reasons counted per vCPU.
+pub const EXIT_REASONS: [&str; 11] = [
+    "io_in",
+    "io_out",
+    "mmio_read",
+    "mmio_write",
+    "ioapic_eoi",
+    "hlt",
+    "shutdown",
+    "system_event",
+    "internal_error",
+    "intr",
+    "other",
+];
+
+/// VM exits of one vCPU, by reason (indexes of [`EXIT_REASONS`]); each vCPU has its own
+/// so the counting threads do not share cache lines.
+#[derive(Debug, Default)]
+pub struct VcpuStats {
+    exits: [std::sync::atomic::AtomicU64; 11],
+}
+
+impl VcpuStats {
+    fn count(&self, i: usize) {
+        self.exits[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// (reason, count) pairs.
+    pub fn exits(&self) -> Vec<(&'static str, u64)> {
+        EXIT_REASONS
+            .iter()
+            .zip(&self.exits)
+            .map(|(r, c)| (*r, c.load(std::sync::atomic::Ordering::Relaxed)))
+            .collect()
+    }
+}
+
 /// What a vCPU thread needs.
 pub struct VcpuContext {
     /// Port and MMIO devices.
@@ -88,6 +125,8 @@ pub struct VcpuContext {
     pub ioapic: Arc<Mutex<IoApic>>,
     /// Where VM-ending events go.
     pub exit: Arc<ExitHandle>,
+    /// This vCPU's exit counters.
+    pub stats: Arc<VcpuStats>,
 }
 
 fn internal_error_detail(vcpu: &mut VcpuFd) -> String {
@@ -134,26 +173,31 @@ pub fn run(mut vcpu: VcpuFd, id: u32, ctx: VcpuContext) {
         match vcpu.run() {
             Ok(exit) => match exit {
                 VcpuExit::IoIn(port, data) => {
+                    ctx.stats.count(0);
                     if ctx.io.pio_read(PioAddress(port), data).is_err() {
                         data.fill(0xff);
                     }
                     log::trace!("vcpu{id}: in {port:#x} -> {data:x?}");
                 }
                 VcpuExit::IoOut(port, data) => {
+                    ctx.stats.count(1);
                     log::trace!("vcpu{id}: out {port:#x} <- {data:x?}");
                     let _ = ctx.io.pio_write(PioAddress(port), data);
                 }
                 VcpuExit::MmioRead(addr, data) => {
+                    ctx.stats.count(2);
                     if ctx.io.mmio_read(MmioAddress(addr), data).is_err() {
                         data.fill(0xff);
                     }
                     log::trace!("vcpu{id}: mmio {addr:#x} -> {data:x?}");
                 }
                 VcpuExit::MmioWrite(addr, data) => {
+                    ctx.stats.count(3);
                     log::trace!("vcpu{id}: mmio {addr:#x} <- {data:x?}");
                     let _ = ctx.io.mmio_write(MmioAddress(addr), data);
                 }
                 VcpuExit::IoapicEoi(vector) => {
+                    ctx.stats.count(4);
                     // KVM forwards every EOI of a level-triggered IOAPIC vector, even
                     // when the guest asked its local APIC to suppress EOI broadcasts
                     // (directed EOI: SVR bit 12); the guest then ends the interrupt
@@ -165,15 +209,18 @@ pub fn run(mut vcpu: VcpuFd, id: u32, ctx: VcpuContext) {
                     }
                 }
                 VcpuExit::Hlt => {
+                    ctx.stats.count(5);
                     log::debug!("vcpu{id}: HLT exit");
                 }
                 VcpuExit::Shutdown => {
+                    ctx.stats.count(6);
                     ctx.exit.request(
                         EXIT_GUEST_CRASH,
                         format!("vcpu{id}: guest triple-faulted (KVM_EXIT_SHUTDOWN)"),
                     );
                 }
                 VcpuExit::SystemEvent(kind, _) => {
+                    ctx.stats.count(7);
                     let (code, what) = match kind {
                         SYSTEM_EVENT_SHUTDOWN => (0, "shutdown"),
                         SYSTEM_EVENT_RESET => (0, "reset"),
@@ -183,6 +230,7 @@ pub fn run(mut vcpu: VcpuFd, id: u32, ctx: VcpuContext) {
                         .request(code, format!("vcpu{id}: guest system event: {what}"));
                 }
                 VcpuExit::InternalError => {
+                    ctx.stats.count(8);
                     let detail = internal_error_detail(&mut vcpu);
                     ctx.exit
                         .request(EXIT_GUEST_CRASH, format!("vcpu{id}: {detail}"));
@@ -193,8 +241,9 @@ pub fn run(mut vcpu: VcpuFd, id: u32, ctx: VcpuContext) {
                         format!("vcpu{id}: VM entry failed (reason {reason:#x}, host cpu {cpu})"),
                     );
                 }
-                VcpuExit::Intr => {}
+                VcpuExit::Intr => ctx.stats.count(9),
                 other => {
+                    ctx.stats.count(10);
                     ctx.exit.request(
                         EXIT_GUEST_CRASH,
                         format!("vcpu{id}: unexpected exit {other:?}"),

@@ -45,6 +45,8 @@ pub const VTD_BASE: u64 = 0xfed9_0000;
 pub const VTD_SIZE: u64 = 0x1000;
 /// Fault-recording registers (QEMU has 1).
 pub const NUM_FAULT_RECORDS: usize = 16;
+/// Recorded faults kept for introspection (`faultvisor iommu`).
+const HISTORY: usize = 64;
 /// IOTLB registers at `IRO * 16`.
 const IRO: u64 = 0x10;
 /// Fault-recording registers at `FRO * 16`.
@@ -170,6 +172,27 @@ impl FaultRecord {
     }
 }
 
+/// The unit's state as `faultvisor iommu` shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VtdState {
+    /// Global status (TES, RTPS, QIES ...).
+    pub gsts: u32,
+    /// Root table in use.
+    pub root: u64,
+    /// Fault status (PPF derived).
+    pub fsts: u32,
+    /// Fault event control.
+    pub fectl: u32,
+    /// The fault-event message.
+    pub fe_msi: MsiMessage,
+    /// Invalidation queue address register.
+    pub iqa: u64,
+    /// Invalidation queue head.
+    pub iqh: u64,
+    /// Invalidation queue tail.
+    pub iqt: u64,
+}
+
 /// Counters of what the unit did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VtdStats {
@@ -189,6 +212,8 @@ pub struct VtdStats {
     pub walks: u64,
     /// DMA requests by devices while translation was on.
     pub dma_requests: u64,
+    /// Faults recorded, by reason code (index = reason, 0x1..0xC used).
+    pub faults_by_reason: [u64; 16],
 }
 
 impl std::fmt::Display for VtdStats {
@@ -231,6 +256,8 @@ struct Regs {
     frcd: [FaultRecord; NUM_FAULT_RECORDS],
     next_frcd: usize,
     stats: VtdStats,
+    /// The last recorded faults, with microseconds since the unit was created.
+    history: std::collections::VecDeque<(u64, FaultRecord)>,
     event_gsi: Option<u32>,
     event_route: Option<MsiMessage>,
 }
@@ -248,6 +275,7 @@ pub struct Vtd {
     generation: AtomicU64,
     /// Page walks done (IOTLB misses), for the statistics.
     walks: AtomicU64,
+    created: std::time::Instant,
     /// Injected faults: requester → requests still to fail with "invalid context".
     context_faults: Mutex<std::collections::HashMap<u16, u32>>,
     context_faults_armed: AtomicBool,
@@ -284,6 +312,7 @@ impl Vtd {
                 frcd: [FaultRecord::default(); NUM_FAULT_RECORDS],
                 next_frcd: 0,
                 stats: VtdStats::default(),
+                history: std::collections::VecDeque::with_capacity(HISTORY),
                 event_gsi: None,
                 event_route: None,
             }),
@@ -293,6 +322,7 @@ impl Vtd {
             root: AtomicU64::new(0),
             generation: AtomicU64::new(0),
             walks: AtomicU64::new(0),
+            created: std::time::Instant::now(),
             context_faults: Mutex::new(std::collections::HashMap::new()),
             context_faults_armed: AtomicBool::new(false),
             request_counters: Mutex::new(Vec::new()),
@@ -383,6 +413,31 @@ impl Vtd {
         lock(&self.regs).frcd
     }
 
+    /// The last recorded faults (oldest first), each with microseconds since the unit
+    /// was created.
+    pub fn fault_history(&self) -> Vec<(u64, FaultRecord)> {
+        lock(&self.regs).history.iter().copied().collect()
+    }
+
+    /// Register state for introspection: (GSTS, RTADDR latched by SRTP, FSTS, FECTL,
+    /// IQA, IQH, IQT).
+    pub fn state(&self) -> VtdState {
+        let r = lock(&self.regs);
+        VtdState {
+            gsts: r.gsts,
+            root: self.root(),
+            fsts: self.fsts_value(&r),
+            fectl: r.fectl,
+            fe_msi: MsiMessage {
+                address: u64::from(r.feaddr) | (u64::from(r.feuaddr) << 32),
+                data: r.fedata,
+            },
+            iqa: r.iqa,
+            iqh: r.iqh,
+            iqt: r.iqt,
+        }
+    }
+
     /// Guest accesses refused so far.
     pub fn anomalies(&self) -> u64 {
         self.anomalies.count()
@@ -468,6 +523,13 @@ impl Vtd {
         };
         r.next_frcd = (i + 1) % NUM_FAULT_RECORDS;
         r.stats.faults_recorded += 1;
+        r.stats.faults_by_reason[(reason as usize) & 0xf] += 1;
+        if r.history.len() == HISTORY {
+            r.history.pop_front();
+        }
+        let rec = r.frcd[i];
+        r.history
+            .push_back((self.created.elapsed().as_micros() as u64, rec));
         if before & fsts::PPF == 0 {
             r.fsts = (r.fsts & !(0xff << 8)) | ((i as u32) << 8);
         }
