@@ -406,6 +406,8 @@ fn bad_requests_get_4xx_naming_the_field() {
     }
     assert_eq!(http(s, b"GET /v2/nothing HTTP/1.1\r\n\r\n").0, 404);
     assert_eq!(http(s, b"DELETE /v1/vm HTTP/1.1\r\n\r\n").0, 405);
+    assert_eq!(http(s, b"POST /metrics HTTP/1.1\r\n\r\n").0, 405);
+    assert_eq!(http(s, b"PUT /v1/ioapic HTTP/1.1\r\n\r\n").0, 405);
     assert_eq!(
         http(
             s,
@@ -666,4 +668,54 @@ fn prometheus_text_and_metrics_file() {
     );
     assert_eq!(m["vtd"]["faults_by_reason"]["0x01"], 16);
     assert!(m["vcpus"][0]["exits"]["mmio_write"].as_u64().unwrap_or(0) > 10);
+}
+
+#[test]
+fn timeline_as_chrome_trace() {
+    if !common::kvm_available("timeline") {
+        return;
+    }
+    let trace = std::env::temp_dir().join(format!("fv-trace-{}.json", std::process::id()));
+    let Some(vm) = Vm::start(
+        "timeline",
+        &[
+            "--device",
+            "test",
+            "--device",
+            "edu",
+            "--trace-file",
+            trace.to_str().expect("utf-8"),
+        ],
+        "opt.watch",
+    ) else {
+        return;
+    };
+    vm.wait_for("# watch: ready");
+    assert_eq!(
+        vm.inject(&["drop-irq", "--device", "00:01.0", "--count", "3"])
+            .0,
+        0
+    );
+    assert_eq!(
+        vm.inject(&["dma", "--device", "00:02.0", "--iova", "0x5000"])
+            .0,
+        0
+    );
+    let w = vm.finish();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&trace).expect("trace file")).expect("json");
+    let evs = v["traceEvents"].as_array().expect("events");
+    let named = |n: &str| evs.iter().filter(|e| e["name"] == n).count();
+    assert_eq!(named("interrupt dropped"), 3);
+    assert_eq!(
+        named("vector 0x71") as u64,
+        w["msi_received"],
+        "delivered MSIs are on the timeline"
+    );
+    assert_eq!(named("fault 0x01"), 1, "the injected DMA's fault");
+    assert_eq!(named("fault event"), 1);
+    assert!(named("injected") >= 3, "the API requests");
+    // Timestamps never go backwards.
+    let ts: Vec<u64> = evs.iter().filter_map(|e| e["ts"].as_u64()).collect();
+    assert!(ts.windows(2).all(|p| p[0] <= p[1]));
 }

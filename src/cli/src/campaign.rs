@@ -1,6 +1,8 @@
 //! `faultvisor campaign FILE.toml`: many short VMs, each with a fault plan and
 //! expectations, run in parallel (one VMM process each, a timeout each); results as JSON
-//! Lines and a Markdown report; `faultvisor merge` joins the outputs of shards.
+//! Lines and a Markdown report (each failed experiment links its VM's event trace,
+//! `trace.json`, which opens in Perfetto); `faultvisor merge` joins the outputs of
+//! shards.
 //!
 //! A campaign file (see resources/campaigns/):
 //!
@@ -563,6 +565,8 @@ fn run_one(p: &Plan, out: &Path) -> Outcome {
         .args(&p.args)
         .args(["--serial", "stdio", "--log-level", "info", "--api-socket"])
         .arg(&sock)
+        .arg("--trace-file")
+        .arg(dir.join("trace.json"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -765,6 +769,7 @@ fn result_line(campaign: &str, p: &Plan, o: &Outcome) -> Value {
         "duration_ms": o.duration_ms as u64,
         "stats": o.stats,
         "vmm_log_tail": o.vmm_log.lines().rev().take(3).collect::<Vec<_>>(),
+        "trace": format!("{}/trace.json", sanitize(&p.name)),
     })
 }
 

@@ -160,6 +160,7 @@ pub fn run(args: &DemoArgs, start: Instant) -> Result<i32, CliError> {
         iommu: vmm::IommuMode::Auto,
         api_socket: None,
         metrics_file: None,
+        trace_file: None,
         start,
     };
     println!(

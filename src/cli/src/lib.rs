@@ -124,6 +124,10 @@ pub struct RunArgs {
     /// Write every counter (interrupts, VT-d, VM exits) as JSON to PATH when the VM ends.
     #[arg(long, value_name = "PATH")]
     pub metrics_file: Option<PathBuf>,
+    /// Record interrupts, DMA requests, VT-d faults and injections (the last 65536) and
+    /// write them to PATH as Chrome trace JSON when the VM ends (opens in Perfetto).
+    #[arg(long, value_name = "PATH")]
+    pub trace_file: Option<PathBuf>,
 }
 
 fn parse_iommu(s: &str) -> Result<vmm::IommuMode, String> {
@@ -274,6 +278,7 @@ pub fn build_config(args: &RunArgs, start: Instant) -> Result<VmConfig, CliError
         iommu: args.iommu,
         api_socket: args.api_socket.clone(),
         metrics_file: args.metrics_file.clone(),
+        trace_file: args.trace_file.clone(),
         start,
     })
 }

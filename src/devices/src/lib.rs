@@ -16,6 +16,7 @@ pub mod legacy;
 pub mod pci;
 mod ratelimit;
 pub mod sync;
+pub mod timeline;
 pub mod virtio;
 
 pub use ratelimit::GuestAnomalies;

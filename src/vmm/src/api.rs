@@ -64,6 +64,8 @@ pub struct ApiContext {
     pub vcpus: u32,
     /// Exit counters per vCPU.
     pub vcpu_stats: Vec<Arc<crate::vcpu::VcpuStats>>,
+    /// The event timeline (`--trace-file`).
+    pub timeline: Arc<devices::timeline::Timeline>,
 }
 
 /// An API error: HTTP status, message and (for a bad request) the offending field.
@@ -435,9 +437,17 @@ impl ApiContext {
             }
             ("GET", "/v1/faults") => Ok(self.faults()),
             ("POST", "/v1/inject") | ("PUT", "/v1/inject") => {
+                self.timeline
+                    .record(|| devices::timeline::EventKind::Injection {
+                        what: String::from_utf8_lossy(body).into_owned(),
+                    });
                 parse_inject(body).and_then(|i| self.inject(i))
             }
-            (_, "/v1/vm" | "/v1/stats" | "/v1/faults" | "/v1/inject") => Err(ApiError::status(
+            (
+                _,
+                "/v1/vm" | "/v1/stats" | "/v1/faults" | "/v1/inject" | "/v1/ioapic" | "/v1/iommu"
+                | "/metrics",
+            ) => Err(ApiError::status(
                 405,
                 format!("{method} is not allowed on {path}"),
             )),

@@ -42,6 +42,7 @@ pub struct KvmIrqController {
     delivered: Arc<Vec<AtomicU64>>,
     /// One-off messages sent with KVM_SIGNAL_MSI (spurious interrupts, storms).
     signalled: AtomicU64,
+    timeline: std::sync::OnceLock<Arc<devices::timeline::Timeline>>,
 }
 
 /// Counters of one routed GSI.
@@ -94,6 +95,7 @@ impl KvmIrqController {
                     .collect(),
             ),
             signalled: AtomicU64::new(0),
+            timeline: std::sync::OnceLock::new(),
         };
         for gsi in 0..IOAPIC_GSIS {
             c.add_irqfd(gsi)?;
@@ -122,6 +124,17 @@ impl KvmIrqController {
             .collect();
         v.sort_by_key(|c| c.gsi);
         v
+    }
+
+    /// Traces every interrupt into `t` from now on.
+    pub fn attach_timeline(&self, t: Arc<devices::timeline::Timeline>) {
+        let _ = self.timeline.set(t);
+    }
+
+    fn trace(&self, kind: impl FnOnce() -> devices::timeline::EventKind) {
+        if let Some(t) = self.timeline.get() {
+            t.record(kind);
+        }
     }
 
     /// One-off messages sent (spurious interrupts and storms).
@@ -164,6 +177,12 @@ impl KvmIrqController {
             return Ok(());
         };
         self.signalled.fetch_add(1, Ordering::Relaxed);
+        self.trace(|| devices::timeline::EventKind::Interrupt {
+            gsi: u32::MAX,
+            vector: msg.vector(),
+            dest: msg.destination(),
+            source: format!("{source:?}"),
+        });
         let msi = kvm_bindings::kvm_msi {
             address_lo: m.address as u32,
             address_hi: (m.address >> 32) as u32,
@@ -248,6 +267,24 @@ impl InterruptController for KvmIrqController {
         };
         let source = read(&self.sources).get(&gsi).copied();
         let decision = source.and_then(|(src, msg)| self.faults.decide(src, &msg));
+        if let Some((src, msg)) = source {
+            self.trace(|| match decision {
+                Some(a) => devices::timeline::EventKind::InterruptInjected {
+                    gsi,
+                    action: match a {
+                        IrqAction::Drop => "dropped",
+                        IrqAction::Delay(_) => "delayed",
+                        IrqAction::Duplicate(_) => "duplicated",
+                    },
+                },
+                None => devices::timeline::EventKind::Interrupt {
+                    gsi,
+                    vector: msg.vector(),
+                    dest: msg.destination(),
+                    source: format!("{src:?}"),
+                },
+            });
+        }
         match decision {
             None => {
                 count(&self.delivered);

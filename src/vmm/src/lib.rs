@@ -51,6 +51,8 @@ pub const EXIT_VMM_ERROR: i32 = 2;
 pub const EXIT_GUEST_CRASH: i32 = 4;
 /// Smallest guest RAM accepted.
 pub const MIN_MEMORY: u64 = 64 << 20;
+/// Events the timeline keeps (the oldest are overwritten).
+pub const TIMELINE_EVENTS: usize = 65536;
 /// Largest vCPU count (APIC IDs must fit the MADT's 8-bit xAPIC entries).
 pub const MAX_VCPUS: u32 = 255;
 
@@ -90,6 +92,8 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
     /// Where to write every counter as JSON when the VM ends.
     pub metrics_file: Option<PathBuf>,
+    /// Where to write the event timeline (Chrome trace JSON) when the VM ends.
+    pub trace_file: Option<PathBuf>,
     /// When the VMM process started (for the boot timer and start-up logs).
     pub start: Instant,
 }
@@ -210,6 +214,7 @@ pub struct Vm {
     vcpu_stats: Vec<Arc<vcpu::VcpuStats>>,
     ctx: Arc<api::ApiContext>,
     metrics_file: Option<PathBuf>,
+    trace_file: Option<PathBuf>,
     _mem: GuestMemoryMmap,
 }
 
@@ -312,6 +317,11 @@ impl Vm {
         }
 
         let irqc = Arc::new(KvmIrqController::new(vm.clone(), max_routes)?);
+        let timeline = Arc::new(devices::timeline::Timeline::new(TIMELINE_EVENTS));
+        if cfg.trace_file.is_some() {
+            timeline.enable();
+            irqc.attach_timeline(timeline.clone());
+        }
         let exit = Arc::new(ExitHandle::new());
 
         // Devices.
@@ -374,6 +384,9 @@ impl Vm {
         // The VT-d unit, before the devices whose DMA it translates.
         let vtd = if cfg.iommu.enabled(&cfg.devices) {
             let v = Arc::new(Vtd::new(mem.clone(), irqc.clone()));
+            if cfg.trace_file.is_some() {
+                v.attach_timeline(timeline.clone());
+            }
             io.register_mmio(mmio(VTD_BASE, VTD_SIZE)?, Arc::new(VtdMmio(v.clone())))
                 .map_err(reg_err("the VT-d unit"))?;
             log::info!("Intel VT-d unit at {VTD_BASE:#x}");
@@ -560,18 +573,24 @@ impl Vm {
             start: cfg.start,
             vcpus: cfg.vcpus,
             vcpu_stats: vcpu_stats.clone(),
+            timeline,
         });
         let api = match &cfg.api_socket {
             Some(path) => Some(api::ApiServer::bind(path, ctx.clone())?),
             None => None,
         };
-        if let Some(p) = &cfg.metrics_file {
-            // Fail now rather than after the guest ran.
-            File::create(p).map_err(|source| VmmError::File {
-                what: "metrics file",
-                path: p.clone(),
-                source,
-            })?;
+        for (what, p) in [
+            ("metrics file", &cfg.metrics_file),
+            ("trace file", &cfg.trace_file),
+        ] {
+            if let Some(p) = p {
+                // Fail now rather than after the guest ran.
+                File::create(p).map_err(|source| VmmError::File {
+                    what,
+                    path: p.clone(),
+                    source,
+                })?;
+            }
         }
 
         Ok(Self {
@@ -591,6 +610,7 @@ impl Vm {
             vcpu_stats,
             ctx,
             metrics_file: cfg.metrics_file.clone(),
+            trace_file: cfg.trace_file.clone(),
             _mem: mem,
         })
     }
@@ -655,6 +675,11 @@ impl Vm {
         }
         if let Some(p) = &self.api_path {
             let _ = std::fs::remove_file(p);
+        }
+        if let Some(p) = &self.trace_file {
+            if let Err(e) = std::fs::write(p, self.ctx.timeline.chrome_trace()) {
+                log::warn!("cannot write the trace file {}: {e}", p.display());
+            }
         }
         if let Some(p) = &self.metrics_file {
             let mut m = metrics::json(&self.ctx);

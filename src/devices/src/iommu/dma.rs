@@ -169,6 +169,12 @@ impl DmaHandle {
         if let Inner::Translated { vtd, requests, .. } = &self.inner {
             if vtd.translating() {
                 requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                vtd.trace(|| crate::timeline::EventKind::Dma {
+                    sid: self.sid,
+                    iova,
+                    len: len as u64,
+                    write,
+                });
             }
         }
         let end = iova.checked_add(len as u64 - 1).ok_or(DmaError::Fault {

@@ -148,6 +148,12 @@ impl Iommu for DeviceIommu {
         if let (Some(c), Some(v)) = (&self.requests, &self.vtd) {
             if v.translating() {
                 c.fetch_add(1, Ordering::Relaxed);
+                v.trace(|| crate::timeline::EventKind::Dma {
+                    sid: self.sid,
+                    iova: iova.0,
+                    len: length as u64,
+                    write: matches!(access, Permissions::Write | Permissions::ReadWrite),
+                });
             }
         }
         let gen = self.vtd.as_ref().map_or(0, |v| v.generation());

@@ -275,6 +275,8 @@ pub struct Vtd {
     generation: AtomicU64,
     /// Page walks done (IOTLB misses), for the statistics.
     walks: AtomicU64,
+    /// Where DMA requests and faults are traced (`--trace-file`), if anywhere.
+    timeline: std::sync::OnceLock<Arc<crate::timeline::Timeline>>,
     created: std::time::Instant,
     /// Injected faults: requester → requests still to fail with "invalid context".
     context_faults: Mutex<std::collections::HashMap<u16, u32>>,
@@ -322,6 +324,7 @@ impl Vtd {
             root: AtomicU64::new(0),
             generation: AtomicU64::new(0),
             walks: AtomicU64::new(0),
+            timeline: std::sync::OnceLock::new(),
             created: std::time::Instant::now(),
             context_faults: Mutex::new(std::collections::HashMap::new()),
             context_faults_armed: AtomicBool::new(false),
@@ -356,6 +359,17 @@ impl Vtd {
         let c = Arc::new(AtomicU64::new(0));
         lock(&self.request_counters).push(c.clone());
         c
+    }
+
+    /// Traces DMA requests, faults and fault events into `t` from now on.
+    pub fn attach_timeline(&self, t: Arc<crate::timeline::Timeline>) {
+        let _ = self.timeline.set(t);
+    }
+
+    pub(crate) fn trace(&self, kind: impl FnOnce() -> crate::timeline::EventKind) {
+        if let Some(t) = self.timeline.get() {
+            t.record(kind);
+        }
     }
 
     /// Fault injection: the next `count` translated requests of `sid` fail as if its
@@ -496,15 +510,33 @@ impl Vtd {
         reason: FaultReason,
         fpd: bool,
     ) {
+        let recorded = self.record_fault_locked(sid, iova, read, reason, fpd);
+        self.trace(|| crate::timeline::EventKind::Fault {
+            sid,
+            iova,
+            reason: reason as u8,
+            recorded,
+        });
+    }
+
+    /// Records the fault under the register lock; returns whether an FRCD took it.
+    fn record_fault_locked(
+        &self,
+        sid: u16,
+        iova: u64,
+        read: bool,
+        reason: FaultReason,
+        fpd: bool,
+    ) -> bool {
         let mut r = lock(&self.regs);
         if fpd && reason.qualified() {
             r.stats.faults_suppressed += 1;
-            return;
+            return false;
         }
         let before = self.fsts_value(&r);
         if r.fsts & fsts::PFO != 0 {
             r.stats.faults_overflowed += 1;
-            return;
+            return false;
         }
         let i = r.next_frcd;
         if r.frcd[i].pending {
@@ -512,7 +544,7 @@ impl Vtd {
             r.stats.faults_overflowed += 1;
             // Overflow is itself an event when nothing else is pending.
             self.fault_event(&mut r, before);
-            return;
+            return false;
         }
         r.frcd[i] = FaultRecord {
             page: iova & !0xfff,
@@ -540,6 +572,7 @@ impl Vtd {
             if read { "read" } else { "write" }
         );
         self.fault_event(&mut r, before);
+        true
     }
 
     /// FSTS as the guest reads it (PPF derived from the F bits).
@@ -587,7 +620,12 @@ impl Vtd {
             r.event_route = Some(msg);
         }
         match self.irq.trigger(gsi) {
-            Ok(()) => r.stats.fault_events += 1,
+            Ok(()) => {
+                r.stats.fault_events += 1;
+                self.trace(|| crate::timeline::EventKind::FaultEvent {
+                    vector: msg.vector(),
+                });
+            }
             Err(e) => log::warn!("vtd: fault event: {e}"),
         }
     }
