@@ -719,3 +719,59 @@ fn timeline_as_chrome_trace() {
     let ts: Vec<u64> = evs.iter().filter_map(|e| e["ts"].as_u64()).collect();
     assert!(ts.windows(2).all(|p| p[0] <= p[1]));
 }
+
+#[test]
+fn idt_dump_matches_the_probes_handlers() {
+    let Some(vm) = Vm::start("idt", &["--device", "test", "--device", "edu"], "opt.watch") else {
+        return;
+    };
+    vm.wait_for("# watch: ready");
+    let s = vm.socket.to_str().expect("utf-8").to_string();
+    let p = probe();
+    for vcpu in ["0", "1"] {
+        let out = common::run(&[
+            "idt",
+            "--api-socket",
+            &s,
+            "--vcpu",
+            vcpu,
+            "--symbols",
+            p.to_str().expect("utf-8"),
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{text}");
+        let gates: Vec<&str> = text
+            .lines()
+            .filter(|l| l.len() > 3 && l.as_bytes()[2] == b':')
+            .collect();
+        assert_eq!(gates.len(), 256, "{text}");
+        // The probe installs stub n at isr_stubs + 16 * n, interrupt gates, DPL 0, IST 0.
+        for (n, line) in gates.iter().enumerate() {
+            let sym = if n == 0 {
+                "isr_stubs ".to_string()
+            } else {
+                format!("isr_stubs+{:#x} ", 16 * n)
+            };
+            assert!(
+                line.contains(&sym) && line.contains("int-gate dpl0 ist0"),
+                "{line}"
+            );
+        }
+        assert!(
+            gates[0x71].contains("<- MSI 00:01.0 #0 -> APIC 0"),
+            "{}",
+            gates[0x71]
+        );
+        assert!(
+            gates[0xa8].contains("<- VT-d fault event -> APIC 0"),
+            "{}",
+            gates[0xa8]
+        );
+    }
+    let out = common::run(&["idt", "--api-socket", &s, "--vcpu", "9"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("vCPU 9 does not exist"));
+    let out = common::run(&["idt", "--api-socket", &s, "--symbols", "/nonexistent.map"]);
+    assert_eq!(out.status.code(), Some(2));
+    vm.finish();
+}

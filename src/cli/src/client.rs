@@ -445,3 +445,141 @@ pub fn iommu(a: &IommuArgs) -> Result<i32, CliError> {
     }
     Ok(0)
 }
+
+/// Arguments of `faultvisor idt`.
+#[derive(Debug, Args, Clone)]
+pub struct IdtArgs {
+    /// The VMM's API socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: PathBuf,
+    /// Which vCPU.
+    #[arg(long, default_value_t = 0)]
+    pub vcpu: usize,
+    /// Symbols: an ELF file with a symbol table (the probe guest, a vmlinux) or a
+    /// System.map / /proc/kallsyms text file.
+    #[arg(long, value_name = "FILE")]
+    pub symbols: Option<PathBuf>,
+    /// Show every gate, not only present ones.
+    #[arg(long)]
+    pub all: bool,
+}
+
+/// What faultvisor routes to each vector: (vector, description).
+fn routes(socket: &Path) -> Result<Vec<(u64, String)>, CliError> {
+    let mut out = Vec::new();
+    if let (200, io) = request(socket, "GET", "/v1/ioapic", None)? {
+        for p in io["pins"].as_array().cloned().unwrap_or_default() {
+            if p["masked"] == false {
+                out.push((
+                    p["vector"].as_u64().unwrap_or(0),
+                    format!(
+                        "IOAPIC pin {} -> APIC {} ({}, delivered {})",
+                        p["pin"],
+                        p["dest"],
+                        p["trigger"].as_str().unwrap_or(""),
+                        p["delivered"]
+                    ),
+                ));
+            }
+        }
+    }
+    if let (200, st) = request(socket, "GET", "/v1/stats", None)? {
+        for m in st["msi"].as_array().cloned().unwrap_or_default() {
+            let who = match m["device"].as_str() {
+                Some(d) => format!("MSI {d} #{}", m["msi_index"]),
+                None => "platform MSI".to_string(),
+            };
+            out.push((
+                m["vector"].as_u64().unwrap_or(0),
+                format!("{who} -> APIC {} (delivered {})", m["dest"], m["delivered"]),
+            ));
+        }
+    }
+    if let (200, iommu) = request(socket, "GET", "/v1/iommu?last=0", None)? {
+        let fe = &iommu["fault_event"];
+        if fe["vector"].as_u64().unwrap_or(0) != 0 {
+            out.push((
+                fe["vector"].as_u64().unwrap_or(0),
+                format!(
+                    "VT-d fault event -> APIC {}{}",
+                    fe["dest"],
+                    if fe["masked"] == true {
+                        " (masked)"
+                    } else {
+                        ""
+                    }
+                ),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// `faultvisor idt`.
+pub fn idt(a: &IdtArgs) -> Result<i32, CliError> {
+    let syms = match &a.symbols {
+        Some(p) => Some(crate::symbols::Symbols::load(p).map_err(CliError::Usage)?),
+        None => None,
+    };
+    let v = match get(&a.api_socket, &format!("/v1/idt?vcpu={}", a.vcpu))? {
+        Ok(v) => v,
+        Err(c) => return Ok(c),
+    };
+    let routes = routes(&a.api_socket)?;
+    let gates = v["gates"].as_array().cloned().unwrap_or_default();
+    println!(
+        "Dumping IDT: {} (limit {:#x}, vCPU {}, CR3 {}, RIP {})",
+        v["idt_base"].as_str().unwrap_or("?"),
+        v["idt_limit"].as_u64().unwrap_or(0),
+        a.vcpu,
+        v["cr3"].as_str().unwrap_or("?"),
+        v["rip"].as_str().unwrap_or("?")
+    );
+    println!();
+    for g in gates {
+        let vec = g["vector"].as_u64().unwrap_or(0);
+        if g["readable"] == false {
+            println!("{vec:02x}: <not readable through the guest page tables>");
+            continue;
+        }
+        if g["present"] == false && !a.all {
+            continue;
+        }
+        let handler = g["handler"].as_str().unwrap_or("0");
+        let addr = u64::from_str_radix(handler.trim_start_matches("0x"), 16).unwrap_or(0);
+        let sym = syms
+            .as_ref()
+            .and_then(|s| s.resolve(addr))
+            .unwrap_or_default();
+        let mut line = format!(
+            "{vec:02x}: {} {:<24} {} dpl{} ist{}{}",
+            &handler[2..],
+            sym,
+            g["type"].as_str().unwrap_or("?"),
+            g["dpl"],
+            g["ist"],
+            if g["present"] == true {
+                ""
+            } else {
+                " (not present)"
+            }
+        );
+        let here: Vec<&String> = routes
+            .iter()
+            .filter(|(rv, _)| *rv == vec)
+            .map(|(_, d)| d)
+            .collect();
+        if !here.is_empty() {
+            line.push_str("  <- ");
+            line.push_str(
+                &here
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            );
+        }
+        println!("{line}");
+    }
+    Ok(0)
+}

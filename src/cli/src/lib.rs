@@ -10,6 +10,7 @@ pub mod client;
 pub mod demo;
 mod logger;
 pub mod size;
+pub mod symbols;
 mod terminal;
 
 use std::path::{Path, PathBuf};
@@ -77,6 +78,9 @@ pub enum Command {
     Ioapic(client::SocketArgs),
     /// Show a running VM's VT-d unit: state, root table, the last faults decoded.
     Iommu(client::IommuArgs),
+    /// Dump a vCPU's IDT like WinDbg's !idt: handler, symbol+offset, gate type, DPL,
+    /// IST, and what faultvisor routes to each vector with its count.
+    Idt(client::IdtArgs),
 }
 
 /// Locks a mutex, taking over a poisoned one (a panicked reader thread must not stop
@@ -368,6 +372,7 @@ pub fn main() -> i32 {
         Command::Merge(a) => campaign::merge(a),
         Command::Ioapic(a) => client::ioapic(a),
         Command::Iommu(a) => client::iommu(a),
+        Command::Idt(a) => client::idt(a),
     };
     match result {
         Ok(code) => code,

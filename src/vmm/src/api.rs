@@ -7,6 +7,7 @@
 //! - `GET /v1/faults`: interrupt rules still armed;
 //! - `GET /v1/ioapic`: the redirection table, decoded;
 //! - `GET /v1/iommu[?last=N]`: the VT-d unit's state and its last faults;
+//! - `GET /v1/idt[?vcpu=N]`: a vCPU's IDT read through the guest page tables;
 //! - `GET /metrics`: every counter in the Prometheus text format;
 //! - `POST /v1/inject`: one fault, `{"fault": "<kind>", ...}`.
 //!
@@ -64,6 +65,8 @@ pub struct ApiContext {
     pub vcpus: u32,
     /// Exit counters per vCPU.
     pub vcpu_stats: Vec<Arc<crate::vcpu::VcpuStats>>,
+    /// Register requests to the vCPU threads.
+    pub vcpu_probes: Vec<Arc<crate::vcpu::VcpuProbe>>,
     /// The event timeline (`--trace-file`).
     pub timeline: Arc<devices::timeline::Timeline>,
 }
@@ -391,6 +394,27 @@ impl ApiContext {
         Ok(json!({"result": "armed", "rule": id, "interrupts": n}))
     }
 
+    fn idt(&self, path: &str) -> Result<Value, ApiError> {
+        let n = match path.split_once("vcpu=") {
+            Some((_, v)) => v
+                .parse::<usize>()
+                .map_err(|_| ApiError::bad("vcpu", format!("'{v}' is not a vCPU number")))?,
+            None => 0,
+        };
+        let probe = self.vcpu_probes.get(n).ok_or_else(|| {
+            ApiError::bad(
+                "vcpu",
+                format!("vCPU {n} does not exist (0..{})", self.vcpus),
+            )
+        })?;
+        let snap = probe
+            .snapshot(Duration::from_secs(1))
+            .ok_or_else(|| ApiError::status(503, format!("vCPU {n} did not answer")))?;
+        let mut v = crate::introspect::idt(&self.mem, &snap);
+        v["vcpu"] = json!(n);
+        Ok(v)
+    }
+
     fn vm(&self) -> Value {
         let devs: Vec<Value> = self
             .devices
@@ -425,6 +449,7 @@ impl ApiContext {
             ("GET", "/v1/vm") => Ok(self.vm()),
             ("GET", "/v1/stats") => Ok(crate::metrics::json(self)),
             ("GET", "/v1/ioapic") => Ok(crate::metrics::ioapic(self)),
+            ("GET", p) if p == "/v1/idt" || p.starts_with("/v1/idt?") => self.idt(p),
             ("GET", p) if p == "/v1/iommu" || p.starts_with("/v1/iommu?") => {
                 let n = p
                     .split_once("last=")
@@ -446,7 +471,7 @@ impl ApiContext {
             (
                 _,
                 "/v1/vm" | "/v1/stats" | "/v1/faults" | "/v1/inject" | "/v1/ioapic" | "/v1/iommu"
-                | "/metrics",
+                | "/v1/idt" | "/metrics",
             ) => Err(ApiError::status(
                 405,
                 format!("{method} is not allowed on {path}"),
@@ -663,6 +688,7 @@ fn reason(status: u16) -> &'static str {
         409 => "Conflict",
         413 => "Payload Too Large",
         431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
         505 => "HTTP Version Not Supported",
         _ => "Internal Server Error",
     }

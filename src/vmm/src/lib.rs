@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod device_spec;
+pub mod introspect;
 pub mod irq;
 pub mod metrics;
 mod stdin;
@@ -212,6 +213,7 @@ pub struct Vm {
     api: Option<api::ApiServer>,
     api_path: Option<PathBuf>,
     vcpu_stats: Vec<Arc<vcpu::VcpuStats>>,
+    vcpu_probes: Vec<Arc<vcpu::VcpuProbe>>,
     ctx: Arc<api::ApiContext>,
     metrics_file: Option<PathBuf>,
     trace_file: Option<PathBuf>,
@@ -563,6 +565,9 @@ impl Vm {
         let vcpu_stats: Vec<Arc<vcpu::VcpuStats>> = (0..cfg.vcpus)
             .map(|_| Arc::new(vcpu::VcpuStats::default()))
             .collect();
+        let vcpu_probes: Vec<Arc<vcpu::VcpuProbe>> = (0..cfg.vcpus)
+            .map(|_| Arc::new(vcpu::VcpuProbe::default()))
+            .collect();
         let ctx = Arc::new(api::ApiContext {
             mem: mem.clone(),
             vtd: vtd.clone(),
@@ -573,6 +578,7 @@ impl Vm {
             start: cfg.start,
             vcpus: cfg.vcpus,
             vcpu_stats: vcpu_stats.clone(),
+            vcpu_probes: vcpu_probes.clone(),
             timeline,
         });
         let api = match &cfg.api_socket {
@@ -608,6 +614,7 @@ impl Vm {
             api,
             api_path: cfg.api_socket.clone(),
             vcpu_stats,
+            vcpu_probes,
             ctx,
             metrics_file: cfg.metrics_file.clone(),
             trace_file: cfg.trace_file.clone(),
@@ -644,16 +651,18 @@ impl Vm {
             subscribers.push(Arc::new(Mutex::new(api)));
         }
         stdin::spawn_event_loop(subscribers)?;
+        vcpu::register_kick_signal()?;
         for (id, v) in self.vcpus.into_iter().enumerate() {
             let ctx = vcpu::VcpuContext {
                 io: self.io.clone(),
                 ioapic: self.ioapic.clone(),
                 exit: self.exit.clone(),
                 stats: self.vcpu_stats.get(id).cloned().unwrap_or_default(),
+                probe: self.vcpu_probes.get(id).cloned().unwrap_or_default(),
             };
             let start = self.start;
             // The threads are not joined: the VMM process ends when the VM does.
-            std::thread::Builder::new()
+            let handle = std::thread::Builder::new()
                 .name(format!("fv-vcpu{id}"))
                 .spawn(move || {
                     if id == 0 {
@@ -665,6 +674,10 @@ impl Vm {
                     vcpu::run(v, id as u32, ctx)
                 })
                 .map_err(|e| VmmError::Setup(format!("cannot start a vCPU thread: {e}")))?;
+            if let Some(p) = self.vcpu_probes.get(id) {
+                use std::os::unix::thread::JoinHandleExt;
+                p.set_thread(handle.as_pthread_t());
+            }
         }
         let req = self.exit.wait(None).unwrap_or(ExitRequest {
             code: EXIT_VMM_ERROR,

@@ -117,6 +117,101 @@ impl VcpuStats {
     }
 }
 
+/// Special registers of a vCPU, as introspection needs them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VcpuSnapshot {
+    /// IDT base (a guest-virtual address) and limit.
+    pub idt_base: u64,
+    /// IDT limit.
+    pub idt_limit: u16,
+    /// CR0, CR3, CR4 and EFER (paging mode and page-table root).
+    pub cr0: u64,
+    /// CR3.
+    pub cr3: u64,
+    /// CR4.
+    pub cr4: u64,
+    /// EFER.
+    pub efer: u64,
+    /// RIP at the moment of the snapshot.
+    pub rip: u64,
+}
+
+/// Asks a running vCPU thread for its registers: the requester sets `pending` and
+/// signals the thread out of KVM_RUN; the thread answers between two runs, so the vCPU
+/// pauses only for that.
+#[derive(Debug, Default)]
+pub struct VcpuProbe {
+    pending: std::sync::atomic::AtomicBool,
+    reply: Mutex<Option<VcpuSnapshot>>,
+    ready: std::sync::Condvar,
+    thread: std::sync::OnceLock<libc::pthread_t>,
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) handler of the signal that kicks vCPU threads out of KVM_RUN.
+pub fn register_kick_signal() -> Result<(), VmmError> {
+    vmm_sys_util::signal::register_signal_handler(vmm_sys_util::signal::SIGRTMIN(), kick_handler)
+        .map_err(|e| VmmError::Setup(format!("cannot install the vCPU kick signal: {e}")))
+}
+
+impl VcpuProbe {
+    /// Records the thread that runs this vCPU.
+    pub fn set_thread(&self, t: libc::pthread_t) {
+        let _ = self.thread.set(t);
+    }
+
+    /// The vCPU's registers, or None if its thread does not answer within `timeout`.
+    pub fn snapshot(&self, timeout: std::time::Duration) -> Option<VcpuSnapshot> {
+        let thread = *self.thread.get()?;
+        *lock(&self.reply) = None;
+        self.pending
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + timeout;
+        let mut reply = lock(&self.reply);
+        loop {
+            if let Some(r) = reply.take() {
+                return Some(r);
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                self.pending
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
+                return None;
+            }
+            // A signal that lands outside KVM_RUN is lost; kick again until answered.
+            // SAFETY: `thread` is a live vCPU thread (they never exit before the VMM),
+            // and the kick signal has a handler that does nothing.
+            unsafe { libc::pthread_kill(thread, vmm_sys_util::signal::SIGRTMIN()) };
+            let wait = (deadline - now).min(std::time::Duration::from_millis(5));
+            reply = match self.ready.wait_timeout(reply, wait) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+    }
+
+    fn serve(&self, vcpu: &VcpuFd) {
+        if !self
+            .pending
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
+        let snap = vcpu.get_sregs().ok().map(|s| VcpuSnapshot {
+            idt_base: s.idt.base,
+            idt_limit: s.idt.limit,
+            cr0: s.cr0,
+            cr3: s.cr3,
+            cr4: s.cr4,
+            efer: s.efer,
+            rip: vcpu.get_regs().map(|r| r.rip).unwrap_or(0),
+        });
+        *lock(&self.reply) = snap;
+        self.ready.notify_all();
+    }
+}
+
 /// What a vCPU thread needs.
 pub struct VcpuContext {
     /// Port and MMIO devices.
@@ -127,6 +222,8 @@ pub struct VcpuContext {
     pub exit: Arc<ExitHandle>,
     /// This vCPU's exit counters.
     pub stats: Arc<VcpuStats>,
+    /// Register requests from the API.
+    pub probe: Arc<VcpuProbe>,
 }
 
 fn internal_error_detail(vcpu: &mut VcpuFd) -> String {
@@ -170,6 +267,7 @@ pub fn run(mut vcpu: VcpuFd, id: u32, ctx: VcpuContext) {
         if ctx.exit.get().is_some() {
             return;
         }
+        ctx.probe.serve(&vcpu);
         match vcpu.run() {
             Ok(exit) => match exit {
                 VcpuExit::IoIn(port, data) => {
