@@ -38,6 +38,16 @@ JOBS = [
         "FAULTVISOR_CACHE=/tmp/fvc /lab/faultvisor campaign /lab/linux.toml --jobs 1 "
         "--out /tmp/lc; rc=$?; cat /tmp/lc/report.md; "
         "for f in /tmp/lc/*/console.log; do echo \"== $f\"; cat \"$f\"; done; exit $rc")),
+    lab.Job("idt-linux", [], timeout=120, raw=(
+        "/lab/faultvisor run --kernel /lab/vmlinux --initrd /lab/initramfs.cpio --vcpus 2 "
+        "--memory 512M --api-socket /tmp/idt.sock --cmdline "
+        "'console=ttyS0 quiet panic=-1 fv.checks=kallsyms,pause,pause' > /tmp/con.log 2>&1 & "
+        "pid=$!; for i in $(seq 600); do grep -q FV-KALLSYMS-END /tmp/con.log && break; "
+        "sleep 0.1; done; "
+        "sed -n '/FV-KALLSYMS-BEGIN/,/FV-KALLSYMS-END/p' /tmp/con.log | grep -v FV-KALLSYMS "
+        "| tr -d '\\r' > /tmp/k.map; echo \"symbols: $(wc -l < /tmp/k.map)\"; "
+        "/lab/faultvisor idt --api-socket /tmp/idt.sock --vcpu 1 --symbols /tmp/k.map; "
+        "echo IDT-RC=$?; wait $pid")),
     lab.Job("probe-x2apic", ["--kernel", "{probe}", "--vcpus", "2", "--memory", "64M",
                              "--device", "test", "--device", "edu", "--cmdline",
                              "probe.tests=boot.*,apic.*,exc.*,pci.*,ioapic.*,serial.*,"
@@ -209,6 +219,22 @@ class LinuxCampaign(unittest.TestCase):
             self.assertIn(line, r.output, r.output)
         self.assertIn("No irq handler for vector", r.output)
         self.assertIn("fault addr 0x7000 [fault reason 0x05]", r.output)
+
+
+class IdtOfLinux(unittest.TestCase):
+    """`faultvisor idt` on the Debian guest, with the symbols its init printed."""
+
+    def test_idt_names_linux_entry_points_and_routes(self):
+        r = job("idt-linux")
+        self.assertIn("IDT-RC=0", r.output, r.output)
+        gates = [l for l in r.lines if re.match(r"^[0-9a-f]{2}: [0-9a-f]{16} ", l)]
+        self.assertGreater(len(gates), 200, r.output)
+        by_vec = {int(l[:2], 16): l for l in gates}
+        self.assertIn("asm_exc_page_fault", by_vec.get(0x0e, ""), r.output)
+        self.assertIn("asm_exc_divide_error", by_vec.get(0x00, ""), r.output)
+        self.assertIn("asm_sysvec_apic_timer_interrupt", by_vec.get(0xec, ""), r.output)
+        self.assertTrue(any("irq_entries_start+" in l for l in gates), r.output)
+        self.assertTrue(any("<- IOAPIC pin 4 -> APIC" in l for l in gates), r.output)
 
 
 class ProbeOnRealKvm(unittest.TestCase):
