@@ -357,16 +357,30 @@ fn get(socket: &Path, path: &str) -> Result<Result<serde_json::Value, i32>, CliE
     Ok(Ok(v))
 }
 
+/// GETs `path` for a table: `Ok(value)` to print as a table, or `Err(exit code)` when
+/// the VMM refused or `json` asked for the raw answer (already printed).
+fn fetch(
+    socket: &Path,
+    path: &str,
+    json: bool,
+) -> Result<Result<serde_json::Value, i32>, CliError> {
+    let v = match get(socket, path)? {
+        Ok(v) => v,
+        Err(c) => return Ok(Err(c)),
+    };
+    if json {
+        println!("{v}");
+        return Ok(Err(0));
+    }
+    Ok(Ok(v))
+}
+
 /// `faultvisor ioapic`.
 pub fn ioapic(a: &SocketArgs) -> Result<i32, CliError> {
-    let v = match get(&a.api_socket, "/v1/ioapic")? {
+    let v = match fetch(&a.api_socket, "/v1/ioapic", a.json)? {
         Ok(v) => v,
-        Err(c) => return Ok(c),
+        Err(code) => return Ok(code),
     };
-    if a.json {
-        println!("{v}");
-        return Ok(0);
-    }
     println!(
         "pin  vector  dest  mode      trigger  polarity  masked  remote-IRR  raised  delivered"
     );
@@ -390,14 +404,14 @@ pub fn ioapic(a: &SocketArgs) -> Result<i32, CliError> {
 
 /// `faultvisor iommu`.
 pub fn iommu(a: &IommuArgs) -> Result<i32, CliError> {
-    let v = match get(&a.api_socket, &format!("/v1/iommu?last={}", a.last.min(64)))? {
+    let v = match fetch(
+        &a.api_socket,
+        &format!("/v1/iommu?last={}", a.last.min(64)),
+        a.json,
+    )? {
         Ok(v) => v,
-        Err(c) => return Ok(c),
+        Err(code) => return Ok(code),
     };
-    if a.json {
-        println!("{v}");
-        return Ok(0);
-    }
     println!(
         "translation {}  queued invalidation {}  GSTS {}  FSTS {}",
         if v["translation"] == true {
