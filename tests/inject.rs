@@ -775,3 +775,53 @@ fn idt_dump_matches_the_probes_handlers() {
     assert_eq!(out.status.code(), Some(2));
     vm.finish();
 }
+
+#[test]
+fn demo_serves_the_api_too() {
+    if !common::kvm_available("demo_api") {
+        return;
+    }
+    let socket = std::env::temp_dir().join(format!("fv-demo-{}.sock", std::process::id()));
+    let child = Command::new(common::faultvisor())
+        .args(["demo", "--tests", "opt.watch", "--api-socket"])
+        .arg(&socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn demo");
+    let t0 = Instant::now();
+    while !socket.exists() && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let s = socket.to_str().expect("utf-8");
+    for args in [
+        &[
+            "inject",
+            "--api-socket",
+            s,
+            "drop-irq",
+            "--vector",
+            "0x71",
+            "--count",
+            "4",
+        ][..],
+        &[
+            "inject",
+            "--api-socket",
+            s,
+            "spurious-irq",
+            "--vector",
+            "0xee",
+            "--cpu",
+            "0",
+        ][..],
+    ] {
+        assert_eq!(common::run(args).status.code(), Some(0), "{args:?}");
+    }
+    let out = child.wait_with_output().expect("demo");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("msi_received=6 "), "{text}");
+    assert!(text.contains("faultvisor demo: PASS"), "{text}");
+}

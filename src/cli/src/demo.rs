@@ -59,6 +59,11 @@ pub struct DemoArgs {
     /// Write the embedded probe guest ELF to PATH and exit.
     #[arg(long, value_name = "PATH")]
     pub write_probe: Option<PathBuf>,
+    /// Serve the control API on PATH while the demo runs (try `--tests opt.watch`,
+    /// then `faultvisor inject --api-socket PATH ...` and the "go" interrupt:
+    /// `faultvisor inject --api-socket PATH spurious-irq --vector 0xee --cpu 0`).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
 }
 
 /// The probe command line for `args`.
@@ -158,7 +163,7 @@ pub fn run(args: &DemoArgs, start: Instant) -> Result<i32, CliError> {
             },
         ],
         iommu: vmm::IommuMode::Auto,
-        api_socket: None,
+        api_socket: args.api_socket.clone(),
         metrics_file: None,
         trace_file: None,
         start,
@@ -199,6 +204,7 @@ mod tests {
             iters: None,
             list: false,
             write_probe: None,
+            api_socket: None,
         }
     }
 

@@ -11,7 +11,8 @@
 //! - `GET /metrics`: every counter in the Prometheus text format;
 //! - `POST /v1/inject`: one fault, `{"fault": "<kind>", ...}`.
 //!
-//! Every connection carries one request and is closed after the response. A request
+//! Every connection carries one request and is closed after the response; at most 64
+//! are open at once, and one that stays silent for 10 s loses its slot. A request
 //! that is not understood gets a 4xx with `{"error": "...", "field": "..."}`; nothing a
 //! client sends can stop the VMM (sizes are bounded, parsing never panics, long faults
 //! run on their own threads).
@@ -720,9 +721,12 @@ fn respond_text(stream: &mut UnixStream, text: &str) {
 pub struct ApiServer {
     listener: UnixListener,
     path: PathBuf,
-    conns: HashMap<RawFd, (UnixStream, Vec<u8>)>,
+    conns: HashMap<RawFd, (UnixStream, Vec<u8>, Instant)>,
     ctx: Arc<ApiContext>,
 }
+
+/// A connection that has not sent a whole request by then is closed.
+const IDLE: Duration = Duration::from_secs(10);
 
 impl ApiServer {
     /// Binds `path` (a stale socket file left by a dead VMM is replaced).
@@ -753,6 +757,18 @@ impl ApiServer {
     }
 
     fn accept(&mut self, ops: &mut EventOps) {
+        // Clients that connected and went quiet do not keep their slot.
+        let stale: Vec<RawFd> = self
+            .conns
+            .iter()
+            .filter(|(_, (_, _, since))| since.elapsed() > IDLE)
+            .map(|(fd, _)| *fd)
+            .collect();
+        for fd in stale {
+            if let Some((stream, _, _)) = self.conns.remove(&fd) {
+                let _ = ops.remove(Events::new(&stream, EventSet::IN));
+            }
+        }
         while let Ok((stream, _)) = self.listener.accept() {
             if self.conns.len() >= MAX_CONNS {
                 let mut s = stream;
@@ -762,13 +778,13 @@ impl ApiServer {
             let _ = stream.set_nonblocking(true);
             let fd = stream.as_raw_fd();
             if ops.add(Events::new(&stream, EventSet::IN)).is_ok() {
-                self.conns.insert(fd, (stream, Vec::new()));
+                self.conns.insert(fd, (stream, Vec::new(), Instant::now()));
             }
         }
     }
 
     fn serve(&mut self, fd: RawFd, ops: &mut EventOps) {
-        let Some((stream, buf)) = self.conns.get_mut(&fd) else {
+        let Some((stream, buf, _)) = self.conns.get_mut(&fd) else {
             return;
         };
         let mut chunk = [0u8; 4096];
@@ -790,7 +806,7 @@ impl ApiServer {
             Parse::Incomplete => Some((400, json!({"error": "incomplete request"}))),
             Parse::Error(status, msg) => Some((status, json!({"error": msg}))),
             Parse::Done { method, path, .. } if method == "GET" && path == "/metrics" => {
-                if let Some((mut stream, _)) = self.conns.remove(&fd) {
+                if let Some((mut stream, _, _)) = self.conns.remove(&fd) {
                     let _ = ops.remove(Events::new(&stream, EventSet::IN));
                     respond_text(&mut stream, &crate::metrics::prometheus(&self.ctx));
                 }
@@ -799,7 +815,7 @@ impl ApiServer {
             Parse::Done { method, path, body } => Some(self.ctx.handle(&method, &path, &body)),
         };
         if let Some((status, body)) = outcome {
-            if let Some((mut stream, _)) = self.conns.remove(&fd) {
+            if let Some((mut stream, _, _)) = self.conns.remove(&fd) {
                 let _ = ops.remove(Events::new(&stream, EventSet::IN));
                 respond(&mut stream, status, &body);
             }
