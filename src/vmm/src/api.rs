@@ -217,8 +217,9 @@ impl ApiContext {
                 let (bdf, _) = self.device("device", &d)?;
                 Ok(IrqTarget::Device(bdf.requester_id()))
             }
-            (None, Some(v), None) => Ok(IrqTarget::Vector(range("vector", v, 16, 255)? as u8)),
-            (None, None, Some(p)) => Ok(IrqTarget::Pin(range("pin", p, 0, 23)? as u8)),
+            // Ranges were checked with the body (`static_checks`).
+            (None, Some(v), None) => Ok(IrqTarget::Vector(v.0 as u8)),
+            (None, None, Some(p)) => Ok(IrqTarget::Pin(p.0 as u8)),
             _ => Err(ApiError::bad(
                 "device",
                 "name exactly one of device, vector or pin",
@@ -226,6 +227,8 @@ impl ApiContext {
         }
     }
 
+    /// Carries out a request that [`parse_inject`] accepted: number ranges and syntax
+    /// are checked there; what is left needs the VM (devices, vCPUs, the IOMMU).
     fn inject(&self, req: Inject) -> Result<Value, ApiError> {
         match req {
             Inject::Dma {
@@ -235,22 +238,17 @@ impl ApiContext {
                 length,
             } => {
                 let (bdf, _) = self.device("device", &device)?;
-                let len = range("length", length, 1, u64::from(MAX_DMA))? as usize;
+                let len = length.0 as usize;
                 let sid = bdf.requester_id();
                 let handle = match &self.vtd {
                     Some(v) => v.handle(sid),
                     None => devices::iommu::DmaHandle::direct(self.mem.clone(), sid),
                 };
                 let mut buf = vec![0xfau8; len];
-                let r = match direction.as_str() {
-                    "write" => handle.write(iova.0, &buf),
-                    "read" => handle.read(iova.0, &mut buf),
-                    other => {
-                        return Err(ApiError::bad(
-                            "direction",
-                            format!("'{other}' is not a direction (read or write)"),
-                        ))
-                    }
+                let r = if direction == "write" {
+                    handle.write(iova.0, &buf)
+                } else {
+                    handle.read(iova.0, &mut buf)
                 };
                 Ok(match r {
                     Ok(()) => json!({"result": "done", "bytes": len}),
@@ -267,7 +265,7 @@ impl ApiContext {
             }
             Inject::FaultStorm { device, count } => {
                 let (bdf, _) = self.device("device", &device)?;
-                let n = range("count", count, 1, 1_000_000)? as u32;
+                let n = count.0 as u32;
                 let vtd = self.vtd()?;
                 if !vtd.translating() {
                     return Err(ApiError::status(
@@ -280,13 +278,13 @@ impl ApiContext {
             }
             Inject::ContextInvalid { device, count } => {
                 let (bdf, _) = self.device("device", &device)?;
-                let n = range("count", count, 1, 1_000_000)? as u32;
+                let n = count.0 as u32;
                 self.vtd()?.inject_context_invalid(bdf.requester_id(), n);
                 Ok(json!({"result": "armed", "requests": n}))
             }
             Inject::CorruptDescriptor { device, count } => {
                 let (bdf, kind) = self.device("device", &device)?;
-                let n = range("count", count, 1, 1_000_000)? as u32;
+                let n = count.0 as u32;
                 let counter = self
                     .virtio_corruption
                     .iter()
@@ -314,7 +312,7 @@ impl ApiContext {
                 count,
                 delay_ms,
             } => {
-                let ms = range("delay_ms", delay_ms, 1, 60_000)?;
+                let ms = delay_ms.0;
                 self.arm(
                     device,
                     vector,
@@ -330,7 +328,7 @@ impl ApiContext {
                 count,
                 copies,
             } => {
-                let c = range("copies", copies, 1, 100)? as u32;
+                let c = copies.0 as u32;
                 self.arm(device, vector, pin, count, IrqAction::Duplicate(c))
             }
             Inject::SpuriousIrq { vector, cpu } => {
@@ -347,8 +345,7 @@ impl ApiContext {
                 duration_ms,
             } => {
                 let msg = self.message(vector, cpu)?;
-                let rate = range("rate_hz", rate_hz, 1, 100_000)?;
-                let ms = range("duration_ms", duration_ms, 1, 60_000)?;
+                let (rate, ms) = (rate_hz.0, duration_ms.0);
                 let irq = self.irq.clone();
                 let period = Duration::from_nanos(1_000_000_000 / rate);
                 let n = rate * ms / 1000;
@@ -373,7 +370,7 @@ impl ApiContext {
     }
 
     fn message(&self, vector: Num, cpu: Num) -> Result<MsiMessage, ApiError> {
-        let v = range("vector", vector, 16, 255)?;
+        let v = vector.0;
         let c = range("cpu", cpu, 0, u64::from(self.vcpus.saturating_sub(1)))?;
         Ok(MsiMessage {
             address: 0xfee0_0000 | ((c & 0xff) << 12) | ((c >> 8) << 40),
@@ -390,7 +387,7 @@ impl ApiContext {
         action: IrqAction,
     ) -> Result<Value, ApiError> {
         let target = self.irq_target(device, vector, pin)?;
-        let n = range("count", count, 1, 1_000_000)? as u32;
+        let n = count.0 as u32;
         let id = self.irq.faults().add(target, action, n);
         Ok(json!({"result": "armed", "rule": id, "interrupts": n}))
     }
@@ -493,11 +490,11 @@ impl ApiContext {
 }
 
 /// Checks an inject body the way the API will (for campaign files): `Err((field,
-/// message))` when it would be refused at parse time.
+/// message))` when it would be refused before reaching the VM.
 pub fn validate_inject(body: &Value) -> Result<(), (String, String)> {
     let bytes = serde_json::to_vec(body).map_err(|e| ("body".to_string(), e.to_string()))?;
     parse_inject(&bytes)
-        .and_then(|r| static_checks(&r))
+        .map(|_| ())
         .map_err(|e| (e.field.unwrap_or_else(|| "body".into()), e.message))
 }
 
@@ -590,7 +587,8 @@ fn static_checks(r: &Inject) -> Result<(), ApiError> {
 }
 
 /// Parses an inject body: JSON syntax first (field "body"), then the object and its
-/// "fault" kind, then the fields of that kind (serde names them: `missing field `iova``).
+/// "fault" kind, then the fields of that kind (serde names them: `missing field `iova``),
+/// then the checks that need no VM (`static_checks`).
 fn parse_inject(body: &[u8]) -> Result<Inject, ApiError> {
     let v: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad("body", format!("the body is not JSON: {e}")))?;
@@ -610,7 +608,7 @@ fn parse_inject(body: &[u8]) -> Result<Inject, ApiError> {
             .find(|(_, val)| val.as_str() == Some(quoted))
             .map(|(k, _)| k.clone())
     };
-    serde_json::from_value::<Inject>(v.clone()).map_err(|e| {
+    let req = serde_json::from_value::<Inject>(v.clone()).map_err(|e| {
         let msg = e.to_string();
         let named = msg.split('`').nth(1).map(str::to_string);
         let field = if msg.starts_with("unknown variant") {
@@ -621,7 +619,9 @@ fn parse_inject(body: &[u8]) -> Result<Inject, ApiError> {
             holder(&msg).unwrap_or_else(|| "body".into())
         };
         ApiError::bad(&field, msg)
-    })
+    })?;
+    static_checks(&req)?;
+    Ok(req)
 }
 
 /// A parsed request, or why there is none yet.
