@@ -900,13 +900,20 @@ fn msi_mask(c: &Ctx) -> Outcome {
     s.bdf().enable(true);
     msi.enable(bsp(), V, 1);
     msi.set_mask(1);
-    let before = idt::total(V);
-    s.raise(0);
-    let last = s.last_raise();
-    let quiet = !wait_total(V, before + 1, QUIET);
-    let pending = msi.pending() & 1 != 0;
-    msi.set_mask(0);
-    let fired = wait_total(V, before + 1, SOON);
+    let mut last = 0;
+    let Held {
+        quiet,
+        pending,
+        fired,
+    } = held_then_released(
+        V,
+        || {
+            s.raise(0);
+            last = s.last_raise();
+        },
+        || msi.pending() & 1 != 0,
+        || msi.set_mask(0),
+    );
     let cleared = msi.pending() & 1 == 0;
     msi.disable();
     check!(
@@ -920,6 +927,36 @@ fn msi_mask(c: &Ctx) -> Outcome {
     Outcome::Pass(Some(
         "masked: pending bit set, nothing delivered; unmask delivered it".into(),
     ))
+}
+
+/// What a message held back by a mask did.
+struct Held {
+    /// Nothing arrived while it was held.
+    quiet: bool,
+    /// The pending bit was set while it was held.
+    pending: bool,
+    /// It arrived once released.
+    fired: bool,
+}
+
+/// Raises vector `v` while a mask holds it back, watches, then releases the mask.
+fn held_then_released(
+    v: u8,
+    raise: impl FnOnce(),
+    pending: impl FnOnce() -> bool,
+    release: impl FnOnce(),
+) -> Held {
+    let before = idt::total(v);
+    raise();
+    let quiet = !wait_total(v, before + 1, QUIET);
+    let pending = pending();
+    release();
+    let fired = wait_total(v, before + 1, SOON);
+    Held {
+        quiet,
+        pending,
+        fired,
+    }
 }
 
 fn msix_setup(c: &Ctx) -> Result<(Source, Msix), Outcome> {
@@ -968,12 +1005,11 @@ fn msix_mask(c: &Ctx) -> Outcome {
     };
     m.program(2, bsp(), V, true);
     m.enable(false);
-    let before = idt::total(V);
-    s.raise(2);
-    let quiet = !wait_total(V, before + 1, QUIET);
-    let pending = m.pending(2);
-    m.mask(2, false);
-    let fired = wait_total(V, before + 1, SOON);
+    let Held {
+        quiet,
+        pending,
+        fired,
+    } = held_then_released(V, || s.raise(2), || m.pending(2), || m.mask(2, false));
     let cleared = !m.pending(2);
     m.disable();
     check!(quiet, "a masked MSI-X entry was delivered");
@@ -993,12 +1029,11 @@ fn msix_function_mask(c: &Ctx) -> Outcome {
     };
     m.program(3, bsp(), V, false);
     m.enable(true);
-    let before = idt::total(V);
-    s.raise(3);
-    let quiet = !wait_total(V, before + 1, QUIET);
-    let pending = m.pending(3);
-    m.enable(false);
-    let fired = wait_total(V, before + 1, SOON);
+    let Held {
+        quiet,
+        pending,
+        fired,
+    } = held_then_released(V, || s.raise(3), || m.pending(3), || m.enable(false));
     m.disable();
     check!(quiet, "delivered despite the function mask");
     check!(pending, "PBA bit not set under the function mask");
