@@ -100,6 +100,11 @@ impl IrqFaults {
         id
     }
 
+    /// Whether any rule is armed (one atomic load).
+    pub fn armed(&self) -> bool {
+        self.armed.load(Ordering::Acquire)
+    }
+
     /// Rules still armed.
     pub fn rules(&self) -> Vec<IrqRule> {
         lock(&self.rules).clone()
@@ -113,7 +118,7 @@ impl IrqFaults {
     /// Decides the fate of one interrupt from `source` carrying `msg`: `None` delivers
     /// it normally. The first armed rule that matches applies and is used up.
     pub fn decide(&self, source: MsiSource, msg: &MsiMessage) -> Decision {
-        if !self.armed.load(Ordering::Acquire) {
+        if !self.armed() {
             return None;
         }
         let mut rules = lock(&self.rules);

@@ -265,7 +265,14 @@ impl InterruptController for KvmIrqController {
                 c.fetch_add(1, Ordering::Relaxed);
             }
         };
-        let source = read(&self.sources).get(&gsi).copied();
+        // Who raised it matters only to armed fault rules and to the timeline; the
+        // common path skips the lookup.
+        let tracing = self.timeline.get().is_some_and(|t| t.enabled());
+        let source = if self.faults.armed() || tracing {
+            read(&self.sources).get(&gsi).copied()
+        } else {
+            None
+        };
         let decision = source.and_then(|(src, msg)| self.faults.decide(src, &msg));
         if let Some((src, msg)) = source {
             self.trace(|| match decision {
