@@ -33,7 +33,7 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -291,6 +291,22 @@ fn load(
             .ok_or_else(|| err("name", "missing".into()))?;
         if !names.insert(name.clone()) {
             return Err(err("name", format!("'{name}' is used twice")));
+        }
+        // The name becomes a directory under --out: nothing that could leave it.
+        if name.trim().is_empty()
+            || name.len() > 100
+            || name.starts_with('.')
+            || name
+                .chars()
+                .any(|c| c == '/' || c == '\\' || c.is_control())
+        {
+            return Err(err(
+                "name",
+                format!(
+                    "'{}' is not a valid name: 1 to 100 characters, no '/', '\\' or control characters, not starting with '.'",
+                    name.chars().take(100).collect::<String>()
+                ),
+            ));
         }
         let guest = e.guest.clone().unwrap_or_else(|| "probe".into());
         let mut args: Vec<String> = Vec::new();
@@ -587,8 +603,8 @@ fn run_one(p: &Plan, out: &Path) -> Outcome {
             }
         }
     };
-    let console = Arc::new(Mutex::new(String::new()));
-    let vmm_log = Arc::new(Mutex::new(String::new()));
+    let console = Arc::new(Mutex::new(BoundedOutput::new()));
+    let vmm_log = Arc::new(Mutex::new(BoundedOutput::new()));
     let mut readers = Vec::new();
     for (pipe, sink) in [
         (
@@ -608,10 +624,14 @@ fn run_one(p: &Plan, out: &Path) -> Outcome {
     ] {
         if let Some(pipe) = pipe {
             readers.push(std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    let mut s = crate::lock_or_recover(&sink);
-                    s.push_str(&line);
-                    s.push('\n');
+                // Chunks, not lines: a line without end must not grow a buffer.
+                let mut pipe = pipe;
+                let mut chunk = [0u8; 8192];
+                loop {
+                    match pipe.read(&mut chunk) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => crate::lock_or_recover(&sink).push(&chunk[..n]),
+                    }
                 }
             }));
         }
@@ -709,8 +729,8 @@ fn run_one(p: &Plan, out: &Path) -> Outcome {
         let _ = r.join();
     }
     let _ = std::fs::remove_file(&sock);
-    let console = crate::lock_or_recover(&console).clone();
-    let vmm_log = crate::lock_or_recover(&vmm_log).clone();
+    let console = crate::lock_or_recover(&console).text();
+    let vmm_log = crate::lock_or_recover(&vmm_log).text();
     vtd_from_log(&vmm_log, &mut stats);
     let _ = std::fs::write(dir.join("console.log"), &console);
     let _ = std::fs::write(dir.join("vmm.log"), &vmm_log);
@@ -739,16 +759,77 @@ fn wait(deadline: Instant, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// A directory name for an experiment: names are checked at load time, and this keeps
+/// even a repetition suffix (`name#3`) or a leading dot from leaving `--out`.
 fn sanitize(name: &str) -> String {
     name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+        .enumerate()
+        .map(|(i, c)| {
+            if c.is_ascii_alphanumeric() || "-_".contains(c) || (c == '.' && i > 0) {
                 c
             } else {
                 '_'
             }
         })
         .collect()
+}
+
+/// Output of one VM kept in memory: the first and the last [`OUTPUT_HALF`] bytes,
+/// with the cut marked (a guest printing without end cannot grow the runner).
+pub(crate) struct BoundedOutput {
+    head: Vec<u8>,
+    tail: std::collections::VecDeque<u8>,
+    cut: u64,
+}
+
+/// Bytes kept at each end of a VM's console and log.
+pub(crate) const OUTPUT_HALF: usize = 512 * 1024;
+
+impl BoundedOutput {
+    pub(crate) fn new() -> Self {
+        Self {
+            head: Vec::new(),
+            tail: std::collections::VecDeque::new(),
+            cut: 0,
+        }
+    }
+
+    pub(crate) fn push(&mut self, bytes: &[u8]) {
+        let room = OUTPUT_HALF.saturating_sub(self.head.len());
+        let (h, rest) = bytes.split_at(room.min(bytes.len()));
+        self.head.extend_from_slice(h);
+        for &b in rest {
+            if self.tail.len() == OUTPUT_HALF {
+                self.tail.pop_front();
+                if self.cut == 0 {
+                    devices::limits::hit(devices::limits::Cap::CampaignOutput);
+                }
+                self.cut += 1;
+            }
+            self.tail.push_back(b);
+        }
+    }
+
+    /// The text kept, with a line marking what was cut.
+    pub(crate) fn text(&self) -> String {
+        let mut s = String::from_utf8_lossy(&self.head).into_owned();
+        if self.cut > 0 {
+            s.push_str(&format!(
+                "\n[faultvisor campaign: {} bytes cut here; the first and last {} KiB are kept]\n",
+                self.cut,
+                OUTPUT_HALF / 1024
+            ));
+        }
+        let (a, b) = self.tail.as_slices();
+        s.push_str(&String::from_utf8_lossy(a));
+        s.push_str(&String::from_utf8_lossy(b));
+        s
+    }
+
+    /// Whether `pat` occurs in what is kept.
+    pub(crate) fn contains(&self, pat: &str) -> bool {
+        self.text().contains(pat)
+    }
 }
 
 fn result_line(campaign: &str, p: &Plan, o: &Outcome) -> Value {
@@ -1024,6 +1105,34 @@ mod tests {
     }
 
     const HEAD: &str = "[campaign]\nname = \"t\"\nseed = 7\n";
+
+    #[test]
+    fn experiment_names_cannot_leave_the_output_directory() {
+        for bad in ["..", "../x", "a/b", ".hidden", "", " "] {
+            let t = format!("{HEAD}[[experiment]]\nname = \"{bad}\"\nprobe_tests = \"msi.dest\"\n");
+            let e = load_str(&t).expect_err(bad);
+            assert!(e.contains("field 'name'"), "{bad}: {e}");
+        }
+        let t =
+            format!("{HEAD}[[experiment]]\nname = \"ok-1.2_x y\"\nprobe_tests = \"msi.dest\"\n");
+        assert!(load_str(&t).is_ok());
+        assert_eq!(sanitize("..#3"), "_.#3".replace('#', "_"));
+    }
+
+    #[test]
+    fn output_kept_per_vm_is_bounded() {
+        let mut o = BoundedOutput::new();
+        o.push(b"start\n");
+        for _ in 0..5000 {
+            o.push(&[b'x'; 1000]);
+        }
+        o.push(b"\nend marker");
+        let t = o.text();
+        assert!(t.len() < 2 * OUTPUT_HALF + 200, "{}", t.len());
+        assert!(t.starts_with("start") && t.ends_with("end marker"));
+        assert!(t.contains("bytes cut here"));
+        assert!(o.contains("end marker"));
+    }
 
     #[test]
     fn errors_name_line_and_field() {

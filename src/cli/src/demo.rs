@@ -64,6 +64,9 @@ pub struct DemoArgs {
     /// `faultvisor inject --api-socket PATH spurious-irq --vector 0xee --cpu 0`).
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+    /// Per-thread seccomp filters: on, log or off (as for `run`).
+    #[arg(long, value_name = "MODE", default_value = "on", value_parser = crate::parse_seccomp)]
+    pub seccomp: vmm::seccomp::SeccompMode,
 }
 
 /// The probe command line for `args`.
@@ -167,6 +170,7 @@ pub fn run(args: &DemoArgs, start: Instant) -> Result<i32, CliError> {
         metrics_file: None,
         trace_file: None,
         start,
+        seccomp: args.seccomp,
     };
     println!(
         "faultvisor demo: booting the embedded probe guest ({} KiB) with {} vCPU(s), the fv-test device and edu behind an Intel VT-d unit; the guest reports:",
@@ -205,6 +209,7 @@ mod tests {
             list: false,
             write_probe: None,
             api_socket: None,
+            seccomp: vmm::seccomp::SeccompMode::On,
         }
     }
 

@@ -132,6 +132,15 @@ pub struct RunArgs {
     /// write them to PATH as Chrome trace JSON when the VM ends (opens in Perfetto).
     #[arg(long, value_name = "PATH")]
     pub trace_file: Option<PathBuf>,
+    /// Per-thread seccomp filters: on (a forbidden system call ends the VMM with a
+    /// message naming the thread and the call), log (the kernel logs it and lets it
+    /// through) or off.
+    #[arg(long, value_name = "MODE", default_value = "on", value_parser = parse_seccomp)]
+    pub seccomp: vmm::seccomp::SeccompMode,
+}
+
+pub(crate) fn parse_seccomp(s: &str) -> Result<vmm::seccomp::SeccompMode, String> {
+    s.parse()
 }
 
 fn parse_iommu(s: &str) -> Result<vmm::IommuMode, String> {
@@ -284,6 +293,7 @@ pub fn build_config(args: &RunArgs, start: Instant) -> Result<VmConfig, CliError
         metrics_file: args.metrics_file.clone(),
         trace_file: args.trace_file.clone(),
         start,
+        seccomp: args.seccomp,
     })
 }
 

@@ -107,7 +107,7 @@ fn fault(c: &mut Criterion) {
 
 fn dma(c: &mut Criterion) {
     let (mem, vtd) = rig();
-    let direct = DmaHandle::direct(mem.clone(), 0x20);
+    let direct = DmaHandle::direct(mem.clone(), 0x20, None);
     let translated = vtd.handle(0x20);
     let data = vec![0x5au8; 4096];
     let mut g = c.benchmark_group("dma_write_4k");

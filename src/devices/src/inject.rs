@@ -2,9 +2,13 @@
 //! device, an IOAPIC pin or a vector.
 //!
 //! The VMM's interrupt controller asks [`IrqFaults::decide`] before it raises any
-//! message; with no rule armed that is one atomic load.
+//! message; with no rule armed that is one atomic load, and with rules armed an
+//! interrupt that no rule can match (checked against bitmaps of the targeted vectors
+//! and pins) takes no lock either. At most [`MAX_RULES`] rules are armed at once, and
+//! delayed or duplicated interrupts still to be delivered are budgeted: arming a rule
+//! reserves what it may schedule, so that at most [`MAX_PENDING`] ever wait.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -71,6 +75,38 @@ pub struct IrqFaultStats {
     pub duplicated: u64,
 }
 
+/// Rules armed at once, at most.
+pub const MAX_RULES: usize = 64;
+/// Delayed or duplicated interrupts armed or waiting, at most.
+pub const MAX_PENDING: u64 = 65536;
+
+/// Why a rule was not armed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ArmError {
+    /// [`MAX_RULES`] rules are armed already.
+    #[error("{MAX_RULES} interrupt rules are armed already; wait until some are used up")]
+    TooManyRules,
+    /// The rule would schedule more interrupts than the budget has left.
+    #[error("the rule would schedule {wanted} delayed or duplicated interrupts, but only {available} of {MAX_PENDING} are left")]
+    TooManyPending {
+        /// What the rule needs.
+        wanted: u64,
+        /// What is left.
+        available: u64,
+    },
+}
+
+impl IrqAction {
+    /// Interrupts one use of the rule schedules for later.
+    fn scheduled(self) -> u64 {
+        match self {
+            Self::Drop => 0,
+            Self::Delay(_) => 1,
+            Self::Duplicate(n) => u64::from(n),
+        }
+    }
+}
+
 /// The rule set.
 #[derive(Debug, Default)]
 pub struct IrqFaults {
@@ -78,6 +114,14 @@ pub struct IrqFaults {
     next_id: AtomicU64,
     rules: Mutex<Vec<IrqRule>>,
     stats: Mutex<IrqFaultStats>,
+    /// Vectors that a rule targets (256 bits).
+    vectors: [AtomicU64; 4],
+    /// Pins that a rule targets.
+    pins: AtomicU64,
+    /// Rules that target a device.
+    device_rules: AtomicU32,
+    /// Interrupts reserved by armed rules or waiting in the scheduler.
+    pending: AtomicU64,
 }
 
 impl IrqFaults {
@@ -87,17 +131,82 @@ impl IrqFaults {
     }
 
     /// Arms a rule for the next `count` matching interrupts; returns its id.
-    pub fn add(&self, target: IrqTarget, action: IrqAction, count: u32) -> u64 {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+    pub fn add(&self, target: IrqTarget, action: IrqAction, count: u32) -> Result<u64, ArmError> {
         let mut r = lock(&self.rules);
+        if r.len() >= MAX_RULES {
+            crate::limits::hit(crate::limits::Cap::IrqRules);
+            return Err(ArmError::TooManyRules);
+        }
+        let wanted = action.scheduled().saturating_mul(u64::from(count));
+        let reserved = self
+            .pending
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {
+                p.checked_add(wanted).filter(|t| *t <= MAX_PENDING)
+            });
+        if let Err(p) = reserved {
+            crate::limits::hit(crate::limits::Cap::PendingIrqs);
+            return Err(ArmError::TooManyPending {
+                wanted,
+                available: MAX_PENDING.saturating_sub(p),
+            });
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         r.push(IrqRule {
             id,
             target,
             action,
             remaining: count,
         });
+        self.reindex(&r);
         self.armed.store(true, Ordering::Release);
-        id
+        Ok(id)
+    }
+
+    /// Rebuilds the match bitmaps from the armed rules.
+    fn reindex(&self, rules: &[IrqRule]) {
+        let (mut vectors, mut pins, mut devices) = ([0u64; 4], 0u64, 0u32);
+        for rule in rules {
+            match rule.target {
+                IrqTarget::Vector(v) => vectors[usize::from(v / 64)] |= 1 << (v % 64),
+                IrqTarget::Pin(p) => pins |= 1u64.checked_shl(u32::from(p)).unwrap_or(0),
+                IrqTarget::Device(_) => devices += 1,
+            }
+        }
+        for (a, v) in self.vectors.iter().zip(vectors) {
+            a.store(v, Ordering::Release);
+        }
+        self.pins.store(pins, Ordering::Release);
+        self.device_rules.store(devices, Ordering::Release);
+    }
+
+    /// Whether some armed rule could match (no lock).
+    fn may_match(&self, source: MsiSource, msg: &MsiMessage) -> bool {
+        let v = msg.vector();
+        if self.vectors[usize::from(v / 64)].load(Ordering::Acquire) & (1 << (v % 64)) != 0 {
+            return true;
+        }
+        match source {
+            MsiSource::Ioapic { pin } => {
+                self.pins.load(Ordering::Acquire) & 1u64.checked_shl(u32::from(pin)).unwrap_or(0)
+                    != 0
+            }
+            MsiSource::Pci { .. } => self.device_rules.load(Ordering::Acquire) > 0,
+            MsiSource::Platform => false,
+        }
+    }
+
+    /// One scheduled interrupt was delivered (or given up): its budget is free again.
+    pub fn release(&self, n: u64) {
+        let _ = self
+            .pending
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {
+                Some(p.saturating_sub(n))
+            });
+    }
+
+    /// Delayed or duplicated interrupts armed or waiting.
+    pub fn pending(&self) -> u64 {
+        self.pending.load(Ordering::Acquire)
     }
 
     /// Whether any rule is armed (one atomic load).
@@ -118,7 +227,7 @@ impl IrqFaults {
     /// Decides the fate of one interrupt from `source` carrying `msg`: `None` delivers
     /// it normally. The first armed rule that matches applies and is used up.
     pub fn decide(&self, source: MsiSource, msg: &MsiMessage) -> Decision {
-        if !self.armed() {
+        if !self.armed() || !self.may_match(source, msg) {
             return None;
         }
         let mut rules = lock(&self.rules);
@@ -129,6 +238,7 @@ impl IrqFaults {
         rules[i].remaining -= 1;
         if rules[i].remaining == 0 {
             rules.remove(i);
+            self.reindex(&rules);
         }
         if rules.is_empty() {
             self.armed.store(false, Ordering::Release);
@@ -163,13 +273,17 @@ mod tests {
             vector: 0,
         };
         assert_eq!(f.decide(pci, &msg(0x40)), None);
-        f.add(IrqTarget::Device(0x20), IrqAction::Drop, 2);
-        f.add(IrqTarget::Vector(0x41), IrqAction::Duplicate(3), 1);
+        f.add(IrqTarget::Device(0x20), IrqAction::Drop, 2)
+            .expect("armed");
+        f.add(IrqTarget::Vector(0x41), IrqAction::Duplicate(3), 1)
+            .expect("armed");
         f.add(
             IrqTarget::Pin(4),
             IrqAction::Delay(Duration::from_millis(5)),
             1,
-        );
+        )
+        .expect("armed");
+        assert_eq!(f.pending(), 4, "3 copies and 1 delay reserved");
         assert_eq!(
             f.decide(
                 MsiSource::Pci {
@@ -202,5 +316,33 @@ mod tests {
             }
         );
         assert_eq!(f.decide(MsiSource::Platform, &msg(0x41)), None);
+        f.release(4);
+        assert_eq!(f.pending(), 0);
+    }
+
+    #[test]
+    fn rules_and_pending_interrupts_are_capped() {
+        let f = IrqFaults::new();
+        for i in 0..MAX_RULES {
+            f.add(IrqTarget::Pin((i % 24) as u8), IrqAction::Drop, 1)
+                .expect("under the cap");
+        }
+        assert_eq!(
+            f.add(IrqTarget::Pin(1), IrqAction::Drop, 1),
+            Err(ArmError::TooManyRules)
+        );
+        let f = IrqFaults::new();
+        f.add(IrqTarget::Vector(0x40), IrqAction::Duplicate(100), 600)
+            .expect("60000 copies fit");
+        assert_eq!(
+            f.add(IrqTarget::Vector(0x40), IrqAction::Duplicate(100), 100),
+            Err(ArmError::TooManyPending {
+                wanted: 10_000,
+                available: MAX_PENDING - 60_000
+            })
+        );
+        // Interrupts that no rule targets never take the lock.
+        assert!(!f.may_match(MsiSource::Ioapic { pin: 3 }, &msg(0x41)));
+        assert!(f.may_match(MsiSource::Ioapic { pin: 3 }, &msg(0x40)));
     }
 }

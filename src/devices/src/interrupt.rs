@@ -2,9 +2,10 @@
 //!
 //! Every interrupt in faultvisor is an MSI in the end: IOAPIC redirection entries, PCI
 //! MSI and MSI-X vectors all become MSI routes on a GSI, and each GSI is raised by writing
-//! its irqfd. The VMM implements [`InterruptController`] over KVM (and passes every
-//! message through one function, where interrupt remapping will sit); unit tests use
-//! [`RecordingController`].
+//! its irqfd; messages without a GSI (a DMA write to the interrupt range, the IOMMU's
+//! completion event) are signalled directly. The VMM implements [`InterruptController`]
+//! over KVM (and passes every message through one function, where interrupt remapping
+//! sits); unit tests use [`RecordingController`].
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -84,6 +85,9 @@ pub trait InterruptController: Send + Sync {
     ) -> Result<(), InterruptError>;
     /// Raises `gsi` (writes its irqfd).
     fn trigger(&self, gsi: u32) -> Result<(), InterruptError>;
+    /// Sends one message that has no GSI (a device's DMA write to the interrupt range,
+    /// the IOMMU's invalidation completion event, injected interrupts).
+    fn signal_msi(&self, source: MsiSource, msg: MsiMessage) -> Result<(), InterruptError>;
 }
 
 /// What [`RecordingController`] saw.
@@ -93,6 +97,8 @@ pub enum Recorded {
     Route(u32, MsiSource, Option<MsiMessage>),
     /// A trigger of a GSI, with the route in force at that moment.
     Trigger(u32, Option<MsiMessage>),
+    /// A one-off message.
+    Signal(MsiSource, MsiMessage),
 }
 
 /// An [`InterruptController`] that records everything (for tests and dry runs).
@@ -137,7 +143,7 @@ impl RecordingController {
             .log
             .iter()
             .filter_map(|r| match r {
-                Recorded::Trigger(_, Some(m)) => Some(*m),
+                Recorded::Trigger(_, Some(m)) | Recorded::Signal(_, m) => Some(*m),
                 _ => None,
             })
             .collect()
@@ -171,17 +177,32 @@ impl InterruptController for RecordingController {
             Some(m) => g.routes.insert(gsi, m),
             None => g.routes.remove(&gsi),
         };
-        g.log.push(Recorded::Route(gsi, source, msg));
+        if g.log.len() < RECORD_CAP {
+            g.log.push(Recorded::Route(gsi, source, msg));
+        }
         Ok(())
     }
 
     fn trigger(&self, gsi: u32) -> Result<(), InterruptError> {
         let mut g = self.lock();
         let r = g.routes.get(&gsi).copied();
-        g.log.push(Recorded::Trigger(gsi, r));
+        if g.log.len() < RECORD_CAP {
+            g.log.push(Recorded::Trigger(gsi, r));
+        }
+        Ok(())
+    }
+
+    fn signal_msi(&self, source: MsiSource, msg: MsiMessage) -> Result<(), InterruptError> {
+        let mut g = self.lock();
+        if g.log.len() < RECORD_CAP {
+            g.log.push(Recorded::Signal(source, msg));
+        }
         Ok(())
     }
 }
+
+/// Events a recorder keeps (fuzzing and long tests must not grow it without bound).
+const RECORD_CAP: usize = 1 << 16;
 
 #[cfg(test)]
 mod tests {

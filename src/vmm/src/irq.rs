@@ -5,19 +5,26 @@
 //!
 //! Every MSI message enters KVM through [`KvmIrqController::program_msi`], the single
 //! place where interrupt remapping will translate or block it.
+//!
+//! A route that KVM refuses (for instance address bits 39:32 set under the x2APIC API,
+//! which KVM reserves) never enters the table: the table stays as it was, the GSI's
+//! messages are dropped (as hardware drops an MSI that reaches no local APIC) and
+//! counted, and every other route keeps working. Delayed and duplicated interrupts
+//! (fault injection) wait in one timer thread's queue, never in threads of their own.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
 
 use devices::inject::{IrqAction, IrqFaults};
 use devices::interrupt::{InterruptController, InterruptError, MsiMessage, MsiSource};
+use devices::limits::{self, Cap};
 use devices::sync::{lock, read, write};
 use kvm_bindings::{
     kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1, kvm_irq_routing_msi, KvmIrqRouting,
     KVM_IRQ_ROUTING_MSI,
 };
-use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// GSIs reserved for the IOAPIC pins.
@@ -28,12 +35,25 @@ struct Routes {
     next_gsi: u32,
 }
 
+/// Interrupts waiting for their time (delayed or duplicated by fault injection).
+struct Later {
+    queue: Mutex<BinaryHeap<std::cmp::Reverse<(Instant, u64, u32)>>>,
+    wake: Condvar,
+    seq: AtomicU64,
+    started: AtomicBool,
+}
+
 /// GSI routing and irqfds over a KVM VM.
 pub struct KvmIrqController {
-    vm: Arc<VmFd>,
+    vm: Arc<crate::KvmVm>,
     max_gsi: u32,
     routes: Mutex<Routes>,
-    irqfds: RwLock<HashMap<u32, EventFd>>,
+    irqfds: Arc<RwLock<HashMap<u32, EventFd>>>,
+    /// Per GSI: its last route was refused by KVM, so its messages are dropped.
+    refused: Vec<AtomicBool>,
+    /// Messages dropped because their route was refused.
+    refused_drops: AtomicU64,
+    later: Arc<Later>,
     /// Who owns each routed GSI and what it sends (for fault injection and accounting).
     sources: RwLock<HashMap<u32, (MsiSource, MsiMessage)>>,
     faults: Arc<IrqFaults>,
@@ -75,7 +95,7 @@ fn hv(e: impl std::fmt::Display) -> InterruptError {
 impl KvmIrqController {
     /// Creates the controller and the irqfds of the IOAPIC pins. `max_routes` is KVM's
     /// `KVM_CAP_IRQ_ROUTING` value.
-    pub fn new(vm: Arc<VmFd>, max_routes: u32) -> Result<Self, InterruptError> {
+    pub fn new(vm: Arc<crate::KvmVm>, max_routes: u32) -> Result<Self, InterruptError> {
         let c = Self {
             vm,
             max_gsi: max_routes.saturating_sub(1).max(IOAPIC_GSIS),
@@ -83,7 +103,12 @@ impl KvmIrqController {
                 table: BTreeMap::new(),
                 next_gsi: IOAPIC_GSIS,
             }),
-            irqfds: RwLock::new(HashMap::new()),
+            irqfds: Arc::new(RwLock::new(HashMap::new())),
+            refused: (0..=max_routes.max(IOAPIC_GSIS))
+                .map(|_| AtomicBool::new(false))
+                .collect(),
+            refused_drops: AtomicU64::new(0),
+            later: Arc::new(Later::new()),
             sources: RwLock::new(HashMap::new()),
             faults: Arc::new(IrqFaults::new()),
             raised: (0..=max_routes.max(IOAPIC_GSIS))
@@ -142,6 +167,16 @@ impl KvmIrqController {
         self.signalled.load(Ordering::Relaxed)
     }
 
+    /// Messages dropped because KVM refused their route or message.
+    pub fn refused_drops(&self) -> u64 {
+        self.refused_drops.load(Ordering::Relaxed)
+    }
+
+    /// Delayed or duplicated interrupts waiting in the timer queue.
+    pub fn scheduled(&self) -> usize {
+        lock(&self.later.queue).len()
+    }
+
     /// The interrupt fault-injection rules every message is checked against.
     pub fn faults(&self) -> Arc<IrqFaults> {
         self.faults.clone()
@@ -172,7 +207,7 @@ impl KvmIrqController {
     }
 
     /// Sends a one-off MSI (no GSI), through the same remapping point.
-    pub fn signal_msi(&self, source: MsiSource, msg: MsiMessage) -> Result<(), InterruptError> {
+    pub fn send_msi(&self, source: MsiSource, msg: MsiMessage) -> Result<(), InterruptError> {
         let Some(m) = self.program_msi(source, msg) else {
             return Ok(());
         };
@@ -189,16 +224,110 @@ impl KvmIrqController {
             data: m.data,
             ..Default::default()
         };
-        self.vm.signal_msi(msi).map(|_| ()).map_err(hv)
+        match self.vm.signal_msi(msi) {
+            Ok(_) => Ok(()),
+            Err(e) if e.errno() == libc::EINVAL => {
+                // A message KVM cannot deliver (reserved address bits): hardware would
+                // reach no local APIC, so it is lost; counted, not an error.
+                self.refused_drops.fetch_add(1, Ordering::Relaxed);
+                limits::hit(Cap::RefusedRoutes);
+                log::warn!(
+                    "interrupt message {:#x}/{:#x} from {source:?} refused by KVM ({e}); dropped",
+                    m.address,
+                    m.data
+                );
+                Ok(())
+            }
+            Err(e) => Err(hv(e)),
+        }
+    }
+
+    /// Starts the thread that delivers delayed and duplicated interrupts; `on_start`
+    /// runs first on it (its seccomp filter).
+    pub fn start_timer(&self, on_start: Arc<dyn Fn() + Send + Sync>) -> std::io::Result<()> {
+        let later = self.later.clone();
+        let target = LaterTarget {
+            irqfds: self.irqfds.clone(),
+            delivered: self.delivered.clone(),
+            faults: self.faults.clone(),
+        };
+        std::thread::Builder::new()
+            .name("fv-irq-timer".into())
+            .spawn(move || {
+                on_start();
+                later.run(target)
+            })?;
+        self.later.started.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Queues a write of `gsi`'s irqfd at `when`, for the timer thread.
+    fn later(&self, gsi: u32, when: Instant) -> Result<(), InterruptError> {
+        let l = &self.later;
+        if !l.started.load(Ordering::Acquire) {
+            // No timer (no API, so no rule can be armed): deliver it now.
+            if let Some(fd) = read(&self.irqfds).get(&gsi) {
+                let _ = fd.write(1);
+            }
+            self.faults.release(1);
+            return Ok(());
+        }
+        let seq = l.seq.fetch_add(1, Ordering::Relaxed);
+        lock(&l.queue).push(std::cmp::Reverse((when, seq, gsi)));
+        l.wake.notify_one();
+        Ok(())
     }
 }
 
-fn spawn_later(f: impl FnOnce() + Send + 'static) -> Result<(), InterruptError> {
-    std::thread::Builder::new()
-        .name("fv-irq-inject".into())
-        .spawn(f)
-        .map(|_| ())
-        .map_err(hv)
+/// What the timer thread needs to deliver a queued interrupt.
+struct LaterTarget {
+    irqfds: Arc<RwLock<HashMap<u32, EventFd>>>,
+    delivered: Arc<Vec<AtomicU64>>,
+    faults: Arc<IrqFaults>,
+}
+
+impl Later {
+    fn new() -> Self {
+        Self {
+            queue: Mutex::new(BinaryHeap::new()),
+            wake: Condvar::new(),
+            seq: AtomicU64::new(0),
+            started: AtomicBool::new(false),
+        }
+    }
+
+    fn run(&self, t: LaterTarget) {
+        let mut q = lock(&self.queue);
+        loop {
+            let now = Instant::now();
+            match q.peek().map(|r| r.0) {
+                Some((when, _, gsi)) if when <= now => {
+                    q.pop();
+                    drop(q);
+                    if let Some(fd) = read(&t.irqfds).get(&gsi) {
+                        let _ = fd.write(1);
+                    }
+                    if let Some(c) = t.delivered.get(gsi as usize) {
+                        c.fetch_add(1, Ordering::Relaxed);
+                    }
+                    t.faults.release(1);
+                    q = lock(&self.queue);
+                }
+                Some((when, _, _)) => {
+                    q = match self.wake.wait_timeout(q, when - now) {
+                        Ok((g, _)) => g,
+                        Err(p) => p.into_inner().0,
+                    };
+                }
+                None => {
+                    q = match self.wake.wait(q) {
+                        Ok(g) => g,
+                        Err(p) => p.into_inner(),
+                    };
+                }
+            }
+        }
+    }
 }
 
 impl InterruptController for KvmIrqController {
@@ -226,6 +355,7 @@ impl InterruptController for KvmIrqController {
         if gsi >= r.next_gsi {
             return Err(InterruptError::UnknownGsi(gsi));
         }
+        let previous = r.table.get(&gsi).copied();
         match msg.and_then(|m| self.program_msi(source, m)) {
             Some(m) => {
                 let entry = kvm_irq_routing_entry {
@@ -251,7 +381,37 @@ impl InterruptController for KvmIrqController {
             Some(m) => write(&self.sources).insert(gsi, (source, m)),
             None => write(&self.sources).remove(&gsi),
         };
-        self.commit(&r)
+        let refused = match self.commit(&r) {
+            Ok(()) => false,
+            Err(e) => {
+                // KVM refused the whole table because of this entry. Take it out (the
+                // GSI then has no route and its messages are dropped, as hardware drops
+                // an MSI that reaches no local APIC) and push the table without it, so
+                // that every other route keeps working.
+                r.table.remove(&gsi);
+                limits::hit(Cap::RefusedRoutes);
+                log::warn!(
+                    "interrupt route of GSI {gsi} ({source:?}, {msg:x?}) refused by KVM ({e}); its messages are dropped until the guest reprograms it"
+                );
+                if let Err(e2) = self.commit(&r) {
+                    // Cannot happen with a table KVM accepted before; restore it.
+                    if let Some(p) = previous {
+                        r.table.insert(gsi, p);
+                    }
+                    let _ = self.commit(&r);
+                    return Err(e2);
+                }
+                true
+            }
+        };
+        if let Some(f) = self.refused.get(gsi as usize) {
+            f.store(refused, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    fn signal_msi(&self, source: MsiSource, msg: MsiMessage) -> Result<(), InterruptError> {
+        self.send_msi(source, msg)
     }
 
     fn trigger(&self, gsi: u32) -> Result<(), InterruptError> {
@@ -260,7 +420,15 @@ impl InterruptController for KvmIrqController {
         if let Some(c) = self.raised.get(gsi as usize) {
             c.fetch_add(1, Ordering::Relaxed);
         }
-        let count = move |delivered: &Vec<AtomicU64>| {
+        if self
+            .refused
+            .get(gsi as usize)
+            .is_some_and(|f| f.load(Ordering::Acquire))
+        {
+            self.refused_drops.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        let count = |delivered: &Vec<AtomicU64>| {
             if let Some(c) = delivered.get(gsi as usize) {
                 c.fetch_add(1, Ordering::Relaxed);
             }
@@ -302,28 +470,20 @@ impl InterruptController for KvmIrqController {
                 Ok(())
             }
             Some(IrqAction::Delay(d)) => {
-                let fd = fd.try_clone().map_err(hv)?;
-                let delivered = self.delivered.clone();
-                spawn_later(move || {
-                    std::thread::sleep(d);
-                    count(&delivered);
-                    let _ = fd.write(1);
-                })
+                drop(g);
+                self.later(gsi, Instant::now() + d)
             }
             Some(IrqAction::Duplicate(n)) => {
                 count(&self.delivered);
                 fd.write(1).map_err(hv)?;
+                drop(g);
                 // Copies a little apart, so that the local APIC sees separate messages
                 // rather than one pending request.
-                let fd = fd.try_clone().map_err(hv)?;
-                let delivered = self.delivered.clone();
-                spawn_later(move || {
-                    for _ in 0..n {
-                        std::thread::sleep(std::time::Duration::from_millis(1));
-                        count(&delivered);
-                        let _ = fd.write(1);
-                    }
-                })
+                let now = Instant::now();
+                for i in 1..=n {
+                    self.later(gsi, now + Duration::from_millis(u64::from(i)))?;
+                }
+                Ok(())
             }
         }
     }

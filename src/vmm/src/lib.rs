@@ -10,9 +10,13 @@ pub mod api;
 pub mod device_spec;
 pub mod introspect;
 pub mod irq;
+pub mod kvm_vm;
 pub mod metrics;
+pub mod seccomp;
+mod seccomp_names;
 mod stdin;
 pub mod vcpu;
+pub mod workers;
 
 use std::fs::File;
 use std::io::Write;
@@ -38,13 +42,14 @@ use kvm_bindings::{
     kvm_enable_cap, kvm_userspace_memory_region, KVM_CAP_SPLIT_IRQCHIP, KVM_CAP_X2APIC_API,
     KVM_MAX_CPUID_ENTRIES, KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK, KVM_X2APIC_API_USE_32BIT_IDS,
 };
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use kvm_ioctls::{Cap, Kvm};
 use vm_device::bus::{MmioAddress, MmioRange, PioAddress, PioRange};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 pub use device_spec::{DeviceKind, DeviceSpec, IommuMode};
 pub use irq::KvmIrqController;
+pub use kvm_vm::KvmVm;
 
 /// Exit code when the VMM itself fails (bad configuration, host errors).
 pub const EXIT_VMM_ERROR: i32 = 2;
@@ -97,6 +102,8 @@ pub struct VmConfig {
     pub trace_file: Option<PathBuf>,
     /// When the VMM process started (for the boot timer and start-up logs).
     pub start: Instant,
+    /// Per-thread seccomp filters.
+    pub seccomp: seccomp::SeccompMode,
 }
 
 /// Errors of building or running a VM.
@@ -200,7 +207,7 @@ pub fn host_kvm_is_pvm() -> bool {
 /// A VM ready to run.
 pub struct Vm {
     _kvm: Kvm,
-    vm: Arc<VmFd>,
+    vm: Arc<KvmVm>,
     vcpus: Vec<kvm_ioctls::VcpuFd>,
     io: Arc<IoManager>,
     ioapic: Arc<Mutex<IoApic>>,
@@ -217,6 +224,7 @@ pub struct Vm {
     ctx: Arc<api::ApiContext>,
     metrics_file: Option<PathBuf>,
     trace_file: Option<PathBuf>,
+    seccomp: seccomp::SeccompMode,
     _mem: GuestMemoryMmap,
 }
 
@@ -251,10 +259,22 @@ impl Vm {
             }
         }
         let max_routes = kvm.check_extension_int(Cap::IrqRouting).max(64) as u32;
-        let vm = Arc::new(
+        // Guest RAM around the MMIO hole.
+        let mem_layout = MemoryLayout::new(cfg.mem_size);
+        let ranges: Vec<(GuestAddress, usize)> = mem_layout
+            .ram
+            .iter()
+            .map(|(a, s)| (GuestAddress(*a), *s as usize))
+            .collect();
+        let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmmError::Memory {
+            size: cfg.mem_size >> 20,
+            reason: e.to_string(),
+        })?;
+        let vm = Arc::new(KvmVm::new(
             kvm.create_vm()
                 .map_err(|e| VmmError::Kvm("KVM_CREATE_VM", e))?,
-        );
+            mem.clone(),
+        ));
         vm.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
             .map_err(|e| VmmError::Kvm("KVM_SET_TSS_ADDR", e))?;
 
@@ -279,17 +299,6 @@ impl Vm {
             log::warn!("host KVM lacks KVM_CAP_X2APIC_API; APIC IDs above 254 are unusable");
         }
 
-        // Guest RAM around the MMIO hole.
-        let mem_layout = MemoryLayout::new(cfg.mem_size);
-        let ranges: Vec<(GuestAddress, usize)> = mem_layout
-            .ram
-            .iter()
-            .map(|(a, s)| (GuestAddress(*a), *s as usize))
-            .collect();
-        let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmmError::Memory {
-            size: cfg.mem_size >> 20,
-            reason: e.to_string(),
-        })?;
         for (slot, region) in mem.iter().enumerate() {
             let r = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -298,9 +307,11 @@ impl Vm {
                 userspace_addr: region.as_ptr() as u64,
                 flags: 0,
             };
-            // SAFETY: the region is a live mmap owned by `mem`, which the returned `Vm`
-            // keeps alive for as long as the KVM VM exists; the host address range is
-            // exactly the mapping's.
+            // SAFETY: the region is a live mmap of `mem`, and `vm` (a `KvmVm`) holds a
+            // clone of `mem` that it drops only after closing the VM fd; every vCPU
+            // thread holds the `KvmVm` until its vCPU fd is closed. So the mapping
+            // outlives every KVM object that can reach this slot, and the host range
+            // given is exactly the mapping's.
             unsafe { vm.set_user_memory_region(r) }
                 .map_err(|e| VmmError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
             // Transparent huge pages: loading a 50 MB vmlinux then takes a few hundred
@@ -398,7 +409,7 @@ impl Vm {
         };
         let dma_handle = |bdf: Bdf| match &vtd {
             Some(v) => v.handle(bdf.requester_id()),
-            None => DmaHandle::direct(mem.clone(), bdf.requester_id()),
+            None => DmaHandle::direct(mem.clone(), bdf.requester_id(), Some(irqc.clone())),
         };
 
         // PCI: the host bridge, then the --device list (explicit addresses first, so
@@ -473,8 +484,14 @@ impl Vm {
                         Some(line),
                     )
                     .map_err(|e| dev_err(e.to_string()))?;
-                    root.add(bdf, Arc::new(Mutex::new(dev)))
-                        .map_err(|e| dev_err(e.to_string()))?;
+                    let dev = Arc::new(Mutex::new(dev));
+                    VirtioPci::start_worker(
+                        dev.clone(),
+                        format!("fv-virtio-{:02x}", bdf.device),
+                        seccomp::thread_filter(cfg.seccomp, seccomp::ThreadKind::Worker)?,
+                    )
+                    .map_err(|e| dev_err(format!("cannot start its worker thread: {e}")))?;
+                    root.add(bdf, dev).map_err(|e| dev_err(e.to_string()))?;
                     log::info!(
                         "device virtio-rng (1af4:1044) at {bdf}, BAR0 {bar0:#x}, DMA {}",
                         if vtd.is_some() {
@@ -580,9 +597,25 @@ impl Vm {
             vcpu_stats: vcpu_stats.clone(),
             vcpu_probes: vcpu_probes.clone(),
             timeline,
+            workers: std::sync::OnceLock::new(),
         });
         let api = match &cfg.api_socket {
-            Some(path) => Some(api::ApiServer::bind(path, ctx.clone())?),
+            Some(path) => {
+                let server = api::ApiServer::bind(path, ctx.clone())?;
+                let pool = workers::Workers::start(seccomp::thread_filter(
+                    cfg.seccomp,
+                    seccomp::ThreadKind::Worker,
+                )?)
+                .map_err(|e| VmmError::Setup(format!("cannot start the API workers: {e}")))?;
+                let _ = ctx.workers.set(pool);
+                // Delayed and duplicated interrupts (armed only through the API).
+                irqc.start_timer(seccomp::thread_filter(
+                    cfg.seccomp,
+                    seccomp::ThreadKind::Worker,
+                )?)
+                .map_err(|e| VmmError::Setup(format!("cannot start the interrupt timer: {e}")))?;
+                Some(server)
+            }
             None => None,
         };
         for (what, p) in [
@@ -618,6 +651,7 @@ impl Vm {
             ctx,
             metrics_file: cfg.metrics_file.clone(),
             trace_file: cfg.trace_file.clone(),
+            seccomp: cfg.seccomp,
             _mem: mem,
         })
     }
@@ -633,8 +667,29 @@ impl Vm {
     }
 
     /// The KVM VM.
-    pub fn vm_fd(&self) -> Arc<VmFd> {
+    pub fn vm_fd(&self) -> Arc<KvmVm> {
         self.vm.clone()
+    }
+
+    /// Ends every vCPU thread (each sees the exit request after a kick out of KVM_RUN)
+    /// and joins it. A thread that does not end within 2 s is reported and left to the
+    /// process exit.
+    fn stop_vcpus(&self, threads: Vec<std::thread::JoinHandle<()>>) {
+        let deadline = Instant::now() + std::time::Duration::from_secs(2);
+        while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+            // A kick that lands outside KVM_RUN is lost; repeat until all are out.
+            for p in &self.vcpu_probes {
+                p.kick();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        for (id, t) in threads.into_iter().enumerate() {
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                log::warn!("vcpu{id} did not stop within 2 s; leaving it to the process exit");
+            }
+        }
     }
 
     /// Runs the VM until the guest ends it; returns why it ended.
@@ -650,9 +705,14 @@ impl Vm {
         if let Some(api) = self.api.take() {
             subscribers.push(Arc::new(Mutex::new(api)));
         }
-        stdin::spawn_event_loop(subscribers)?;
+        let filter = |k| seccomp::thread_filter(self.seccomp, k);
+        stdin::spawn_event_loop(subscribers, filter(seccomp::ThreadKind::EventLoop)?)?;
         vcpu::register_kick_signal()?;
-        for (id, v) in self.vcpus.into_iter().enumerate() {
+        let vcpu_filter = filter(seccomp::ThreadKind::Vcpu)?;
+        // From here on the guest drives the log: every call site is rate-limited.
+        devices::ratelimit::set_guest_running();
+        let mut threads = Vec::new();
+        for (id, v) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
             let ctx = vcpu::VcpuContext {
                 io: self.io.clone(),
                 ioapic: self.ioapic.clone(),
@@ -661,28 +721,32 @@ impl Vm {
                 probe: self.vcpu_probes.get(id).cloned().unwrap_or_default(),
             };
             let start = self.start;
-            // The threads are not joined: the VMM process ends when the VM does.
+            // Holds the guest memory mapped until this thread's vCPU fd is closed.
+            let vm = self.vm.clone();
+            let install = vcpu_filter.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("fv-vcpu{id}"))
                 .spawn(move || {
+                    install();
                     if id == 0 {
                         log::info!(
                             "first KVM_RUN {} us after VMM start",
                             start.elapsed().as_micros()
                         );
                     }
-                    vcpu::run(v, id as u32, ctx)
+                    vcpu::run(v, id as u32, ctx);
+                    drop(vm);
                 })
                 .map_err(|e| VmmError::Setup(format!("cannot start a vCPU thread: {e}")))?;
-            if let Some(p) = self.vcpu_probes.get(id) {
-                use std::os::unix::thread::JoinHandleExt;
-                p.set_thread(handle.as_pthread_t());
-            }
+            threads.push(handle);
         }
+        // The main thread only waits and tears down from here on.
+        filter(seccomp::ThreadKind::Main)?();
         let req = self.exit.wait(None).unwrap_or(ExitRequest {
             code: EXIT_VMM_ERROR,
             reason: "exit handle closed".into(),
         });
+        self.stop_vcpus(threads);
         if let Some(v) = &self.vtd {
             log::info!("VT-d: {}", v.stats());
         }

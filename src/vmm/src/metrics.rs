@@ -101,11 +101,24 @@ pub fn json(ctx: &ApiContext) -> Value {
         "vtd": vtd,
         "irq_injection": {"dropped": f.dropped, "delayed": f.delayed, "duplicated": f.duplicated,
                            "rules_armed": ctx.irq.faults().rules().len(),
+                           "pending": ctx.irq.faults().pending(),
+                           "scheduled": ctx.irq.scheduled(),
                            "signalled": ctx.irq.signalled()},
+        "irq_refused_drops": ctx.irq.refused_drops(),
+        "caps": caps_json(),
         "ioapic": pins,
         "msi": msis,
         "vcpus": exits,
     })
+}
+
+/// Hits of every cap (see `devices::limits`), by name.
+fn caps_json() -> Value {
+    let m: serde_json::Map<String, Value> = devices::limits::snapshot()
+        .into_iter()
+        .map(|(i, n)| (i.name.to_string(), json!(n)))
+        .collect();
+    Value::Object(m)
 }
 
 struct Prom(String);
@@ -210,6 +223,20 @@ pub fn prometheus(ctx: &ApiContext) -> String {
         "counter",
     );
     p.sample("irq_signalled_total", "", ctx.irq.signalled());
+    p.family(
+        "irq_refused_drops_total",
+        "Messages dropped because KVM refused their route (reserved address bits).",
+        "counter",
+    );
+    p.sample("irq_refused_drops_total", "", ctx.irq.refused_drops());
+    p.family(
+        "cap_hits_total",
+        "Times a cap on guest- or client-driven growth was reached.",
+        "counter",
+    );
+    for (i, n) in devices::limits::snapshot() {
+        p.sample("cap_hits_total", &format!("cap=\"{}\"", i.name), n);
+    }
     if let Some(v) = &ctx.vtd {
         let s = v.stats();
         for (name, help, val) in [

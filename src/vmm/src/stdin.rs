@@ -82,6 +82,7 @@ pub fn input(serial: Arc<Mutex<SerialDevice>>, exit: Arc<ExitHandle>) -> impl Mu
 /// Starts the VMM's event thread with `subscribers` (console input, the API socket).
 pub fn spawn_event_loop(
     subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+    on_start: Arc<dyn Fn() + Send + Sync>,
 ) -> Result<(), VmmError> {
     if subscribers.is_empty() {
         return Ok(());
@@ -93,10 +94,13 @@ pub fn spawn_event_loop(
     }
     std::thread::Builder::new()
         .name("fv-events".into())
-        .spawn(move || loop {
-            if let Err(e) = em.run() {
-                log::warn!("event loop stopped: {e:?}");
-                return;
+        .spawn(move || {
+            on_start();
+            loop {
+                if let Err(e) = em.run() {
+                    log::warn!("event loop stopped: {e:?}");
+                    return;
+                }
             }
         })
         .map_err(|e| VmmError::Setup(format!("cannot start the event thread: {e}")))?;

@@ -144,7 +144,10 @@ pub struct VcpuProbe {
     pending: std::sync::atomic::AtomicBool,
     reply: Mutex<Option<VcpuSnapshot>>,
     ready: std::sync::Condvar,
-    thread: std::sync::OnceLock<libc::pthread_t>,
+    /// The vCPU's thread while it runs: set by the thread itself first thing, cleared
+    /// by it last thing, both under this lock, so a holder of the lock that sees
+    /// `Some` knows the thread is alive.
+    thread: Mutex<Option<libc::pthread_t>>,
 }
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
@@ -156,14 +159,33 @@ pub fn register_kick_signal() -> Result<(), VmmError> {
 }
 
 impl VcpuProbe {
-    /// Records the thread that runs this vCPU.
-    pub fn set_thread(&self, t: libc::pthread_t) {
-        let _ = self.thread.set(t);
+    /// Called by the vCPU thread when it starts.
+    fn thread_started(&self) {
+        // SAFETY: pthread_self has no preconditions.
+        *lock(&self.thread) = Some(unsafe { libc::pthread_self() });
+    }
+
+    /// Called by the vCPU thread as its last act.
+    fn thread_exited(&self) {
+        *lock(&self.thread) = None;
+    }
+
+    /// Kicks the vCPU thread out of KVM_RUN; false when it no longer runs.
+    pub fn kick(&self) -> bool {
+        let t = lock(&self.thread);
+        let Some(thread) = *t else {
+            return false;
+        };
+        // SAFETY: `thread` is alive: it clears this field, under the lock we hold,
+        // before it ends. The kick signal has a handler that does nothing, so the
+        // only effect is that a blocking KVM_RUN returns EINTR.
+        unsafe { libc::pthread_kill(thread, vmm_sys_util::signal::SIGRTMIN()) };
+        true
     }
 
     /// The vCPU's registers, or None if its thread does not answer within `timeout`.
     pub fn snapshot(&self, timeout: std::time::Duration) -> Option<VcpuSnapshot> {
-        let thread = *self.thread.get()?;
+        lock(&self.thread).as_ref()?;
         *lock(&self.reply) = None;
         self.pending
             .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -180,9 +202,11 @@ impl VcpuProbe {
                 return None;
             }
             // A signal that lands outside KVM_RUN is lost; kick again until answered.
-            // SAFETY: `thread` is a live vCPU thread (they never exit before the VMM),
-            // and the kick signal has a handler that does nothing.
-            unsafe { libc::pthread_kill(thread, vmm_sys_util::signal::SIGRTMIN()) };
+            if !self.kick() {
+                self.pending
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
+                return None;
+            }
             let wait = (deadline - now).min(std::time::Duration::from_millis(5));
             reply = match self.ready.wait_timeout(reply, wait) {
                 Ok((g, _)) => g,
@@ -261,8 +285,14 @@ fn eoi_broadcast_suppressed(vcpu: &VcpuFd) -> bool {
     u32::from_le_bytes(b) & APIC_SVR_SUPPRESS_EOI_BROADCAST != 0
 }
 
-/// Runs vCPU `id` until the VM ends.
-pub fn run(mut vcpu: VcpuFd, id: u32, ctx: VcpuContext) {
+/// Runs vCPU `id` until the VM ends; the vCPU fd is closed when this returns.
+pub fn run(vcpu: VcpuFd, id: u32, ctx: VcpuContext) {
+    ctx.probe.thread_started();
+    run_loop(vcpu, id, &ctx);
+    ctx.probe.thread_exited();
+}
+
+fn run_loop(mut vcpu: VcpuFd, id: u32, ctx: &VcpuContext) {
     loop {
         if ctx.exit.get().is_some() {
             return;

@@ -5,8 +5,15 @@
 //! cache, then the walk); only when all of them are allowed are bytes moved, so a
 //! faulting request writes nothing and reads nothing. One fault is recorded per request,
 //! at the first page that failed.
+//!
+//! The interrupt address range (0xFEEx_xxxx) is never translated, with or without the
+//! unit: an aligned dword write there is an interrupt request (the MSI it describes is
+//! sent), anything else touching the range is blocked and moves nothing.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
+
+use crate::interrupt::{InterruptController, MsiMessage, MsiSource};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -33,6 +40,15 @@ pub enum DmaError {
     NotRam {
         /// Guest-physical address.
         gpa: u64,
+    },
+    /// A request to the interrupt address range that is not an interrupt (a read, or a
+    /// write other than one aligned dword): blocked, nothing moved (VT-d §3.14).
+    #[error(
+        "DMA to {address:#x} in the interrupt address range is not an interrupt request; blocked"
+    )]
+    Interrupt {
+        /// The address.
+        address: u64,
     },
 }
 
@@ -89,28 +105,56 @@ impl Cache {
 pub struct DmaHandle {
     sid: u16,
     inner: Inner,
+    interrupts: AtomicU64,
+}
+
+/// Whether `[iova, iova + len)` touches the interrupt address range.
+pub(crate) fn touches_interrupt_range(iova: u64, len: usize) -> bool {
+    let end = iova.saturating_add(len as u64);
+    len > 0 && iova < super::INTERRUPT_RANGE.end && end > super::INTERRUPT_RANGE.start
+}
+
+/// A write to the interrupt range: `Some(message)` for an aligned dword (an interrupt
+/// request), an error for anything else there, `None` outside the range.
+fn interrupt_request(iova: u64, data: &[u8]) -> Result<Option<MsiMessage>, DmaError> {
+    if !touches_interrupt_range(iova, data.len()) {
+        return Ok(None);
+    }
+    match <[u8; 4]>::try_from(data) {
+        Ok(b) if iova.is_multiple_of(4) => Ok(Some(MsiMessage {
+            address: iova,
+            data: u32::from_le_bytes(b),
+        })),
+        _ => Err(DmaError::Interrupt { address: iova }),
+    }
 }
 
 enum Inner {
-    Direct(GuestMemoryMmap),
+    Direct(GuestMemoryMmap, Option<Arc<dyn InterruptController>>),
     Translated {
         vtd: Arc<Vtd>,
         cache: Box<Mutex<Cache>>,
-        requests: Arc<std::sync::atomic::AtomicU64>,
+        requests: Arc<AtomicU64>,
     },
 }
 
 impl DmaHandle {
-    /// A handle without an IOMMU: IOVA = guest-physical address.
-    pub fn direct(mem: GuestMemoryMmap, sid: u16) -> Self {
+    /// A handle without an IOMMU: IOVA = guest-physical address; interrupt requests
+    /// (dword writes to 0xFEEx_xxxx) go to `irq`.
+    pub fn direct(
+        mem: GuestMemoryMmap,
+        sid: u16,
+        irq: Option<Arc<dyn InterruptController>>,
+    ) -> Self {
         Self {
             sid,
-            inner: Inner::Direct(mem),
+            inner: Inner::Direct(mem, irq),
+            interrupts: AtomicU64::new(0),
         }
     }
 
     pub(super) fn translated(vtd: Arc<Vtd>, sid: u16) -> Self {
-        let requests = vtd.request_counter();
+        let requests = vtd.request_counter(sid);
         Self {
             sid,
             inner: Inner::Translated {
@@ -118,6 +162,7 @@ impl DmaHandle {
                 cache: Box::new(Mutex::new(Cache::default())),
                 requests,
             },
+            interrupts: AtomicU64::new(0),
         }
     }
 
@@ -128,6 +173,9 @@ impl DmaHandle {
 
     /// Reads guest memory at `iova` into `buf` (a device read: "DMA Read").
     pub fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        if touches_interrupt_range(iova, buf.len()) {
+            return Err(DmaError::Interrupt { address: iova });
+        }
         let segs = self.resolve(iova, buf.len(), false)?;
         let mem = self.memory();
         let mut done = 0;
@@ -141,6 +189,19 @@ impl DmaHandle {
 
     /// Writes `data` to guest memory at `iova` (a device write: "DMA Write").
     pub fn write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError> {
+        if let Some(msg) = interrupt_request(iova, data)? {
+            self.interrupts
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let source = MsiSource::Pci {
+                bdf: self.sid,
+                vector: u16::MAX,
+            };
+            if let Some(irq) = self.irq() {
+                // An interrupt the VMM cannot send is lost, as one the bus drops.
+                let _ = irq.signal_msi(source, msg);
+            }
+            return Ok(());
+        }
         let segs = self.resolve(iova, data.len(), true)?;
         let mem = self.memory();
         let mut done = 0;
@@ -154,9 +215,21 @@ impl DmaHandle {
 
     fn memory(&self) -> &GuestMemoryMmap {
         match &self.inner {
-            Inner::Direct(m) => m,
+            Inner::Direct(m, _) => m,
             Inner::Translated { vtd, .. } => vtd.memory(),
         }
+    }
+
+    fn irq(&self) -> Option<&Arc<dyn InterruptController>> {
+        match &self.inner {
+            Inner::Direct(_, i) => i.as_ref(),
+            Inner::Translated { vtd, .. } => Some(vtd.interrupts()),
+        }
+    }
+
+    /// Interrupt requests (dword writes to the interrupt range) this handle sent.
+    pub fn interrupt_requests(&self) -> u64 {
+        self.interrupts.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Translates `[iova, iova + len)` into guest-physical segments, all checked to be
@@ -206,7 +279,7 @@ impl DmaHandle {
     /// Translates one address; records a fault on failure.
     pub fn translate(&self, iova: u64, write: bool) -> Result<u64, DmaError> {
         let (vtd, cache) = match &self.inner {
-            Inner::Direct(_) => return Ok(iova),
+            Inner::Direct(..) => return Ok(iova),
             Inner::Translated { vtd, cache, .. } => (vtd, cache),
         };
         if !vtd.translating() {

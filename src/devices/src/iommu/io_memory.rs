@@ -6,7 +6,10 @@
 //! [`DeviceIommu`] is one requester's view: a vm-memory [`Iotlb`] filled from the page
 //! tables on misses and emptied whenever the unit's invalidation generation moves (any
 //! context/IOTLB invalidation, SRTP, a TE change). With translation off it maps IOVA =
-//! guest-physical address.
+//! guest-physical address. vm-memory's `Iotlb` never evicts, so this view counts the
+//! mappings it adds and empties the IOTLB at [`MAX_MAPPINGS`] (a guest offering
+//! millions of one-byte buffers on distinct pages cannot grow it). The interrupt
+//! address range is never translated: a ring or buffer there is refused.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,6 +19,9 @@ use vm_memory::iommu::{Error, Iommu, IommuMemory, Iotlb, IotlbIterator, IovaRang
 use vm_memory::{GuestAddress, GuestMemoryMmap, Permissions};
 
 use super::Vtd;
+
+/// Mappings one device's IOTLB holds before it is emptied.
+pub const MAX_MAPPINGS: usize = 4096;
 
 /// Guest memory as one device sees it (IOVAs when the unit translates).
 pub type DeviceMemory = IommuMemory<GuestMemoryMmap, DeviceIommu>;
@@ -27,6 +33,8 @@ pub struct DeviceIommu {
     sid: u16,
     iotlb: RwLock<Iotlb>,
     generation: AtomicU64,
+    /// Mappings added since the IOTLB was last emptied.
+    mappings: std::sync::atomic::AtomicUsize,
 }
 
 impl fmt::Debug for DeviceIommu {
@@ -40,10 +48,11 @@ impl DeviceIommu {
     pub fn new(vtd: Option<Arc<Vtd>>, sid: u16) -> Self {
         Self {
             generation: AtomicU64::new(vtd.as_ref().map_or(0, |v| v.generation())),
-            requests: vtd.as_ref().map(|v| v.request_counter()),
+            requests: vtd.as_ref().map(|v| v.request_counter(sid)),
             vtd,
             sid,
             iotlb: RwLock::new(Iotlb::new()),
+            mappings: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -69,6 +78,22 @@ impl DeviceIommu {
         self.iotlb.write().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Adds one mapping, emptying the IOTLB first when it is full.
+    fn add_mapping(&self, iova: u64, gpa: u64, len: usize, perm: Permissions) -> Result<(), Error> {
+        let mut tlb = self.write_tlb();
+        if self.mappings.fetch_add(1, Ordering::AcqRel) >= MAX_MAPPINGS {
+            tlb.invalidate_all();
+            self.mappings.store(1, Ordering::Release);
+            crate::limits::hit(crate::limits::Cap::VirtioIotlb);
+        }
+        tlb.set_mapping(GuestAddress(iova), GuestAddress(gpa), len, perm)
+    }
+
+    /// Mappings held now (at most [`MAX_MAPPINGS`]).
+    pub fn mappings(&self) -> usize {
+        self.mappings.load(Ordering::Acquire)
+    }
+
     fn read_tlb(&self) -> RwLockReadGuard<'_, Iotlb> {
         self.iotlb.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -86,14 +111,12 @@ impl DeviceIommu {
         let mut at = iova;
         while at < end {
             let Some(vtd) = self.vtd.as_ref().filter(|v| v.translating()) else {
-                let n = (end - at) as usize;
-                self.write_tlb().set_mapping(
-                    GuestAddress(at),
-                    GuestAddress(at),
-                    n,
-                    Permissions::ReadWrite,
-                )?;
-                return Ok(());
+                // Identity: one page at a time, so that the mapping count stays a
+                // measure of the IOTLB's size.
+                let page_end = (at | 0xfff).saturating_add(1).min(end);
+                self.add_mapping(at, at, (page_end - at) as usize, Permissions::ReadWrite)?;
+                at = page_end;
+                continue;
             };
             let m =
                 vtd.resolve(self.sid, at, read, write)
@@ -116,12 +139,7 @@ impl DeviceIommu {
                 (false, true) => Permissions::Write,
                 (false, false) => Permissions::No,
             };
-            self.write_tlb().set_mapping(
-                GuestAddress(page),
-                GuestAddress(m.gpa_base),
-                size as usize,
-                perm,
-            )?;
+            self.add_mapping(page, m.gpa_base, size as usize, perm)?;
             at = page.saturating_add(size);
         }
         Ok(())
@@ -156,9 +174,16 @@ impl Iommu for DeviceIommu {
                 });
             }
         }
+        if super::dma::touches_interrupt_range(iova.0, length) {
+            return Err(Error::CannotResolve {
+                iova_range: range,
+                reason: "the interrupt address range is not translated".into(),
+            });
+        }
         let gen = self.vtd.as_ref().map_or(0, |v| v.generation());
         if self.generation.swap(gen, Ordering::AcqRel) != gen {
             self.write_tlb().invalidate_all();
+            self.mappings.store(0, Ordering::Release);
         }
         if let Ok(it) = Iotlb::lookup(self.read_tlb(), iova, length, access) {
             return Ok(it);

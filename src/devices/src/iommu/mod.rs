@@ -23,7 +23,7 @@ mod io_memory;
 mod walk;
 
 pub use dma::{DmaError, DmaHandle};
-pub use io_memory::{DeviceIommu, DeviceMemory};
+pub use io_memory::{DeviceIommu, DeviceMemory, MAX_MAPPINGS};
 pub use walk::{Context, FaultReason, Mapping};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -144,6 +144,25 @@ pub const CAP: u64 = 6
 /// Extended capability register value: page-walk coherency, queued invalidation, IRO.
 pub const ECAP: u64 = 1 | (1 << 1) | (IRO << 8);
 
+/// Injected context faults armed per requester, at most.
+pub const MAX_CONTEXT_FAULTS: u32 = 1_000_000;
+
+/// An injection would arm more than [`MAX_CONTEXT_FAULTS`] faults for one requester.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{armed} faults are armed for this device already; at most {MAX_CONTEXT_FAULTS} at once")]
+pub struct ArmedTooMany {
+    /// Already armed.
+    pub armed: u32,
+}
+
+/// The interrupt address range: device writes there are interrupt requests, never
+/// translated (VT-d §3.14).
+pub const INTERRUPT_RANGE: std::ops::Range<u64> = 0xfee0_0000..0xfef0_0000;
+
+/// RTADDR bits 11:10, the translation table mode: only legacy (00) is offered (ECAP
+/// has neither SMTS nor ADMS).
+pub const RTADDR_TTM: u64 = 3 << 10;
+
 /// One fault as the FRCD ring holds it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FaultRecord {
@@ -204,6 +223,8 @@ pub struct VtdStats {
     pub faults_suppressed: u64,
     /// Fault-event MSIs sent.
     pub fault_events: u64,
+    /// Invalidation completion events sent (wait descriptors with IF).
+    pub completion_events: u64,
     /// Queued-invalidation descriptors processed.
     pub qi_descriptors: u64,
     /// Invalidations (register or queued) that emptied the caches.
@@ -281,8 +302,9 @@ pub struct Vtd {
     /// Injected faults: requester → requests still to fail with "invalid context".
     context_faults: Mutex<std::collections::HashMap<u16, u32>>,
     context_faults_armed: AtomicBool,
-    /// One request counter per device handle (no shared cache line on the hot path).
-    request_counters: Mutex<Vec<Arc<AtomicU64>>>,
+    /// One request counter per requester ID (no shared cache line on the hot path);
+    /// every handle of a requester shares it, so the map never outgrows the devices.
+    pub(crate) request_counters: Mutex<std::collections::BTreeMap<u16, Arc<AtomicU64>>>,
     anomalies: GuestAnomalies,
 }
 
@@ -328,7 +350,7 @@ impl Vtd {
             created: std::time::Instant::now(),
             context_faults: Mutex::new(std::collections::HashMap::new()),
             context_faults_armed: AtomicBool::new(false),
-            request_counters: Mutex::new(Vec::new()),
+            request_counters: Mutex::new(std::collections::BTreeMap::new()),
             anomalies: GuestAnomalies::new(),
         }
     }
@@ -348,17 +370,18 @@ impl Vtd {
         let mut s = lock(&self.regs).stats;
         s.walks = self.walks.load(Ordering::Relaxed);
         s.dma_requests = lock(&self.request_counters)
-            .iter()
+            .values()
             .map(|c| c.load(Ordering::Relaxed))
             .sum();
         s
     }
 
-    /// A request counter for a new device handle, summed into the statistics.
-    pub(crate) fn request_counter(&self) -> Arc<AtomicU64> {
-        let c = Arc::new(AtomicU64::new(0));
-        lock(&self.request_counters).push(c.clone());
-        c
+    /// The request counter of requester `sid`, summed into the statistics.
+    pub(crate) fn request_counter(&self, sid: u16) -> Arc<AtomicU64> {
+        lock(&self.request_counters)
+            .entry(sid)
+            .or_insert_with(|| Arc::new(AtomicU64::new(0)))
+            .clone()
     }
 
     /// Traces DMA requests, faults and fault events into `t` from now on.
@@ -373,11 +396,21 @@ impl Vtd {
     }
 
     /// Fault injection: the next `count` translated requests of `sid` fail as if its
-    /// context entry were invalid (reason 0x3), each recorded as a fault.
-    pub fn inject_context_invalid(&self, sid: u16, count: u32) {
+    /// context entry were invalid (reason 0x3), each recorded as a fault. At most
+    /// [`MAX_CONTEXT_FAULTS`] are armed per requester.
+    pub fn inject_context_invalid(&self, sid: u16, count: u32) -> Result<(), ArmedTooMany> {
         let mut m = lock(&self.context_faults);
-        *m.entry(sid).or_insert(0) += count;
+        let armed = m.get(&sid).copied().unwrap_or(0);
+        let total = armed
+            .checked_add(count)
+            .filter(|t| *t <= MAX_CONTEXT_FAULTS)
+            .ok_or_else(|| {
+                crate::limits::hit(crate::limits::Cap::ContextFaults);
+                ArmedTooMany { armed }
+            })?;
+        m.insert(sid, total);
         self.context_faults_armed.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// Consumes one injected context fault of `sid`, if any (one atomic load when none
@@ -467,6 +500,10 @@ impl Vtd {
 
     pub(crate) fn memory(&self) -> &GuestMemoryMmap {
         &self.mem
+    }
+
+    pub(crate) fn interrupts(&self) -> &Arc<dyn InterruptController> {
+        &self.irq
     }
 
     /// Walks the tables for `sid` at `iova` without any cache; records the fault (once)
@@ -630,6 +667,19 @@ impl Vtd {
         }
     }
 
+    /// Sends the invalidation completion event from IEDATA/IEADDR/IEUADDR.
+    fn send_completion_event(&self, r: &mut Regs) {
+        r.iectl &= !FECTL_IP;
+        let msg = MsiMessage {
+            address: u64::from(r.ieaddr) | (u64::from(r.ieuaddr) << 32),
+            data: r.iedata,
+        };
+        match self.irq.signal_msi(MsiSource::Platform, msg) {
+            Ok(()) => r.stats.completion_events += 1,
+            Err(e) => log::warn!("vtd: invalidation completion event: {e}"),
+        }
+    }
+
     fn iq_error(&self, r: &mut Regs, code: u64) {
         let before = self.fsts_value(r);
         r.fsts |= fsts::IQE;
@@ -719,8 +769,12 @@ impl Vtd {
                     }
                 }
                 if lo & (1 << 4) != 0 {
+                    // IF: the invalidation completion event (never remapped).
                     r.ics |= 1;
                     r.iectl |= FECTL_IP;
+                    if r.iectl & FECTL_IM == 0 {
+                        self.send_completion_event(r);
+                    }
                 }
             }
             _ => return bad(self, r, 3),
@@ -748,8 +802,21 @@ impl Vtd {
 
     fn write_gcmd(&self, r: &mut Regs, v: u32) {
         if v & gcmd::SRTP != 0 {
+            // The mode bits are latched with the address: a mode the unit does not
+            // offer (scalable, abort-DMA, reserved) makes every translated request fail
+            // with "root table address invalid" rather than be walked as legacy.
+            let ttm = r.rtaddr & RTADDR_TTM;
+            if ttm != 0 {
+                self.anomalies.record(
+                    "vtd",
+                    format_args!(
+                        "root table latched in translation table mode {}, which this unit does not offer; DMA is blocked with fault 0x8",
+                        ttm >> 10
+                    ),
+                );
+            }
             self.root.store(
-                r.rtaddr & !0xfff & ((1 << walk::HAW) - 1),
+                (r.rtaddr & !0xfff & ((1 << walk::HAW) - 1)) | ttm,
                 Ordering::Release,
             );
             r.gsts |= gcmd::SRTP;
@@ -886,8 +953,19 @@ impl Vtd {
                 self.process_queue(r);
             }
             o if o & !7 == reg::IQA => r.iqa = set64(r.iqa, o & 7) & !0x7f8,
-            reg::ICS => r.ics &= !(lo32 & 1),
-            reg::IECTL => r.iectl = (r.iectl & FECTL_IP) | (lo32 & FECTL_IM),
+            reg::ICS => {
+                // Clearing IWC also clears a completion event still pending.
+                if lo32 & 1 != 0 {
+                    r.ics &= !1;
+                    r.iectl &= !FECTL_IP;
+                }
+            }
+            reg::IECTL => {
+                r.iectl = (r.iectl & FECTL_IP) | (lo32 & FECTL_IM);
+                if r.iectl & FECTL_IP != 0 && r.iectl & FECTL_IM == 0 {
+                    self.send_completion_event(r);
+                }
+            }
             reg::IEDATA => r.iedata = lo32,
             reg::IEADDR => r.ieaddr = lo32 & !3,
             reg::IEUADDR => r.ieuaddr = lo32,

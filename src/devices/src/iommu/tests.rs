@@ -233,7 +233,7 @@ fn translation_off_is_identity_and_checks_ram() {
         0,
         "nothing written"
     );
-    let d = DmaHandle::direct(r.mem.clone(), 0x8);
+    let d = DmaHandle::direct(r.mem.clone(), 0x8, None);
     assert!(
         d.read(u64::MAX - 1, &mut [0; 4]).is_err(),
         "wrapping range refused"
@@ -572,7 +572,7 @@ fn injected_context_faults_and_storms() {
     r.map(top, 3, 0x1000, 0x50_0000, 3, 1);
     let h = r.vtd.handle(0x20);
     h.write(0x1000, &[1]).expect("mapped");
-    r.vtd.inject_context_invalid(0x20, 2);
+    r.vtd.inject_context_invalid(0x20, 2).expect("armed");
     for _ in 0..2 {
         assert_eq!(
             h.write(0x1000, &[1]),
@@ -587,8 +587,19 @@ fn injected_context_faults_and_storms() {
     assert_eq!(r.records().len(), 2);
     assert!(r.records().iter().all(|f| f.reason == 3 && f.sid == 0x20));
     // Other devices are untouched.
-    r.vtd.inject_context_invalid(0x28, 1);
+    r.vtd.inject_context_invalid(0x28, 1).expect("armed");
     h.write(0x1000, &[1]).expect("not this device");
+    // Arming is capped per device, and counts that would overflow are refused.
+    assert!(r.vtd.inject_context_invalid(0x30, u32::MAX).is_err());
+    r.vtd
+        .inject_context_invalid(0x30, super::MAX_CONTEXT_FAULTS)
+        .expect("at the cap");
+    assert_eq!(
+        r.vtd.inject_context_invalid(0x30, 1),
+        Err(super::ArmedTooMany {
+            armed: super::MAX_CONTEXT_FAULTS
+        })
+    );
     // A storm overflows the 14 records left.
     let (rec, over) = r.vtd.fault_storm(0x20, 20);
     assert_eq!((rec, over), (14, 6));

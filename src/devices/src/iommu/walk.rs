@@ -121,12 +121,17 @@ fn read_u64<M: GuestMemoryBackend>(mem: &M, addr: u64) -> Option<u64> {
     mem.read_obj::<u64>(GuestAddress(addr)).ok()
 }
 
-/// Reads and checks the context entry of requester `sid` under the root table `root`.
+/// Reads and checks the context entry of requester `sid` under the root table `root`
+/// (as latched by SRTP: the address, with RTADDR's translation-table-mode bits 11:10,
+/// which must be legacy).
 pub fn context_entry<M: GuestMemoryBackend>(
     mem: &M,
     root: u64,
     sid: u16,
 ) -> Result<Context, FaultReason> {
+    if root & super::RTADDR_TTM != 0 {
+        return Err(FaultReason::RootTableInvalid);
+    }
     let bus = u64::from(sid >> 8);
     let devfn = u64::from(sid & 0xff);
     let re = root + bus * 16;

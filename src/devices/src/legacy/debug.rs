@@ -52,7 +52,11 @@ impl MutDevicePio for DebugExit {
     }
 }
 
-/// Logs the time since VMM start when the guest writes [`BOOT_TIMER_MAGIC`].
+/// Boot-timer marks kept (a guest writing the port in a loop cannot grow the list).
+pub const MAX_MARKS: usize = 16;
+
+/// Logs the time since VMM start when the guest writes [`BOOT_TIMER_MAGIC`]; keeps
+/// the first [`MAX_MARKS`] marks and counts the rest.
 pub struct BootTimer {
     start: Instant,
     seen: Arc<Mutex<Vec<Duration>>>,
@@ -83,12 +87,17 @@ impl MutDevicePio for BootTimer {
             return;
         }
         let t = self.start.elapsed();
+        let mut seen = crate::sync::lock(&self.seen);
+        if seen.len() >= MAX_MARKS {
+            crate::limits::hit(crate::limits::Cap::BootTimerMarks);
+            return;
+        }
+        seen.push(t);
         log::info!(
             "Guest-boot-time = {} us ({} ms) since VMM start",
             t.as_micros(),
             t.as_millis()
         );
-        crate::sync::lock(&self.seen).push(t);
     }
 }
 
@@ -125,5 +134,9 @@ mod tests {
         assert!(marks.lock().expect("marks").is_empty());
         t.pio_write(PioAddress(BOOT_TIMER_PORT), 0, &[BOOT_TIMER_MAGIC]);
         assert_eq!(marks.lock().expect("marks").len(), 1);
+        for _ in 0..100_000 {
+            t.pio_write(PioAddress(BOOT_TIMER_PORT), 0, &[BOOT_TIMER_MAGIC]);
+        }
+        assert_eq!(marks.lock().expect("marks").len(), MAX_MARKS, "capped");
     }
 }

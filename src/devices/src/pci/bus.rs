@@ -349,7 +349,7 @@ impl PciDevice for HostBridge {
 
 #[cfg(test)]
 mod tests {
-    use super::super::config::{Bar, CMD_MEMORY};
+    use super::super::config::{Bar, CMD_BUS_MASTER, CMD_MEMORY};
     use super::super::msix::Msix;
     use super::super::{PciInterrupts, Signal};
     use super::*;
@@ -389,6 +389,7 @@ mod tests {
                 irqs: PciInterrupts {
                     msi: Some(msi),
                     msix: Some(msix),
+                    blocked: 0,
                 },
                 scratch: vec![0; 0x1000],
             }
@@ -509,7 +510,7 @@ mod tests {
         let msix_cap = caps.iter().find(|(id, _)| *id == 0x11).expect("msix").1 as u64;
         let bar2 = u64::from(ecam_rd32(&ecam, 1, 0x18) & !0xf)
             | (u64::from(ecam_rd32(&ecam, 1, 0x1c)) << 32);
-        ecam_wr32(&ecam, 1, 0x04, u32::from(CMD_MEMORY));
+        ecam_wr32(&ecam, 1, 0x04, u32::from(CMD_MEMORY | CMD_BUS_MASTER));
         let win = PciBarWindow::new(root);
         win.mmio_write(MmioAddress(bar2), 0x10, &0xfee0_0000u32.to_le_bytes());
         win.mmio_write(MmioAddress(bar2), 0x18, &0x49u32.to_le_bytes());
@@ -521,6 +522,11 @@ mod tests {
         assert_eq!(irqs.signal(config, 0), Signal::Pending);
         assert_eq!(irqs.signal(config, 9), Signal::Dropped);
         assert_eq!(rec.delivered().last().map(|m| m.vector()), Some(0x49));
+        // Without bus mastering the function sends nothing.
+        let n = rec.delivered().len();
+        assert!(config.write(0x04, &CMD_MEMORY.to_le_bytes()));
+        assert_eq!(irqs.signal(config, 1), Signal::Blocked);
+        assert_eq!((rec.delivered().len(), irqs.blocked), (n, 1));
     }
 
     #[test]

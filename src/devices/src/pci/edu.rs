@@ -118,6 +118,7 @@ impl Edu {
             irqs: PciInterrupts {
                 msi: Some(msi),
                 msix: None,
+                blocked: 0,
             },
             intx,
             dma,
@@ -282,7 +283,9 @@ impl Edu {
 fn failure(e: DmaError) -> DmaFailure {
     match e {
         DmaError::Fault { reason, .. } => DmaFailure::Iommu(reason as u8),
-        DmaError::NotRam { .. } => DmaFailure::NotRam,
+        // edu's DMA engine moves whole buffers, never a lone dword: a transfer that
+        // touches the interrupt range is blocked like one that reaches no RAM.
+        DmaError::NotRam { .. } | DmaError::Interrupt { .. } => DmaFailure::NotRam,
     }
 }
 
@@ -350,7 +353,7 @@ mod tests {
     fn id_liveness_factorial_and_interrupt_bits() {
         let m = mem();
         let rec = Arc::new(RecordingController::new(24, 100));
-        let mut d = edu(DmaHandle::direct(m, 0x20), rec.clone());
+        let mut d = edu(DmaHandle::direct(m, 0x20, None), rec.clone());
         assert_eq!(rd(&mut d, 0x00), 0x0100_00ed);
         wr(&mut d, 0x04, 0x1234_5678, 4);
         assert_eq!(rd(&mut d, 0x04), !0x1234_5678u32);
@@ -382,7 +385,7 @@ mod tests {
         m.write_slice(b"hello edu", GuestAddress(0x1000))
             .expect("w");
         let rec = Arc::new(RecordingController::new(24, 100));
-        let mut d = edu(DmaHandle::direct(m.clone(), 0x20), rec);
+        let mut d = edu(DmaHandle::direct(m.clone(), 0x20, None), rec);
         wr(&mut d, 0x80, 0x1000, 8);
         wr(&mut d, 0x88, DMA_START, 8);
         wr(&mut d, 0x90, 9, 8);
@@ -402,7 +405,7 @@ mod tests {
     fn no_dma_without_bus_mastering() {
         let m = mem();
         let rec = Arc::new(RecordingController::new(24, 100));
-        let mut d = edu(DmaHandle::direct(m, 0x20), rec);
+        let mut d = edu(DmaHandle::direct(m, 0x20, None), rec);
         d.config_write(reg::COMMAND, &CMD_MEMORY.to_le_bytes());
         wr(&mut d, 0x80, 0x1000, 8);
         wr(&mut d, 0x88, DMA_START, 8);
@@ -416,7 +419,7 @@ mod tests {
     fn out_of_range_buffer_is_an_error_not_an_abort() {
         let m = mem();
         let rec = Arc::new(RecordingController::new(24, 100));
-        let mut d = edu(DmaHandle::direct(m.clone(), 0x20), rec);
+        let mut d = edu(DmaHandle::direct(m.clone(), 0x20, None), rec);
         for (dst, cnt) in [
             (DMA_START + 4000, 200),
             (0, 10),

@@ -93,6 +93,8 @@ pub struct PciInterrupts {
     pub msi: Option<msi::Msi>,
     /// MSI-X capability, if the function has one.
     pub msix: Option<msix::Msix>,
+    /// Messages not sent because bus mastering was off.
+    pub blocked: u64,
 }
 
 /// What happened to a signalled vector.
@@ -104,6 +106,9 @@ pub enum Signal {
     Pending,
     /// Neither MSI nor MSI-X is enabled, or the vector does not exist.
     Dropped,
+    /// Bus mastering is off in the command register: the function may not send
+    /// messages (an MSI is a memory write), so the interrupt is lost.
+    Blocked,
 }
 
 impl PciInterrupts {
@@ -120,8 +125,15 @@ impl PciInterrupts {
         }
     }
 
-    /// Signals vector `v` through MSI-X if enabled, else MSI.
+    /// Signals vector `v` through MSI-X if enabled, else MSI. Nothing goes out while
+    /// the command register's bus-master bit is clear.
     pub fn signal(&mut self, config: &mut PciConfig, v: u16) -> Signal {
+        let enabled = self.msix.as_ref().is_some_and(|m| m.enabled(config))
+            || self.msi.as_ref().is_some_and(|m| m.enabled(config));
+        if enabled && config.command() & config::CMD_BUS_MASTER == 0 {
+            self.blocked += 1;
+            return Signal::Blocked;
+        }
         if let Some(m) = self.msix.as_mut().filter(|m| m.enabled(config)) {
             return match m.trigger(config, usize::from(v)) {
                 true => Signal::Delivered,

@@ -167,7 +167,9 @@ impl Msi {
                 self.routed[v as usize] = want;
             }
             let pending = config.dword(self.cap + PENDING);
-            if want.is_some() && pending & (1 << v) != 0 {
+            // A pending message goes out on unmask, unless bus mastering is off.
+            let master = config.command() & super::config::CMD_BUS_MASTER != 0;
+            if want.is_some() && master && pending & (1 << v) != 0 {
                 config.set_dword(self.cap + PENDING, pending & !(1 << v));
                 if let Some(gsi) = self.gsis[v as usize] {
                     let _ = self.irq.trigger(gsi);
@@ -213,6 +215,11 @@ mod tests {
     fn enable_route_trigger_and_mask() {
         let rec = Arc::new(RecordingController::new(24, 40));
         let mut c = PciConfig::new(1, 2, 0, 0);
+        wr(
+            &mut c,
+            0x04,
+            &super::super::config::CMD_BUS_MASTER.to_le_bytes(),
+        );
         let mut msi = Msi::new(&mut c, 0x18, 1, rec.clone()).expect("msi");
         let cap = msi.offset();
         assert_eq!(c.capabilities(), vec![(cap_id::MSI, cap)]);
@@ -244,6 +251,11 @@ mod tests {
     fn multi_message_vectors_or_into_data() {
         let rec = Arc::new(RecordingController::new(24, 40));
         let mut c = PciConfig::new(1, 2, 0, 0);
+        wr(
+            &mut c,
+            0x04,
+            &super::super::config::CMD_BUS_MASTER.to_le_bytes(),
+        );
         let mut msi = Msi::new(&mut c, 0x18, 4, rec.clone()).expect("msi");
         let cap = msi.offset();
         assert_eq!((c.word(cap + CTRL) >> 1) & 7, 2);
@@ -261,6 +273,11 @@ mod tests {
     fn read_only_fields_stay() {
         let rec = Arc::new(RecordingController::new(24, 40));
         let mut c = PciConfig::new(1, 2, 0, 0);
+        wr(
+            &mut c,
+            0x04,
+            &super::super::config::CMD_BUS_MASTER.to_le_bytes(),
+        );
         let msi = Msi::new(&mut c, 0x18, 1, rec).expect("msi");
         let cap = msi.offset();
         wr(&mut c, cap + CTRL, &0xffffu16.to_le_bytes());

@@ -170,7 +170,9 @@ impl Msix {
             }
             self.routed[v] = want;
         }
-        if want.is_some() && self.pending(v) {
+        // A pending message goes out on unmask, unless bus mastering is off.
+        let master = config.command() & super::config::CMD_BUS_MASTER != 0;
+        if want.is_some() && master && self.pending(v) {
             self.set_pending(v, false);
             if let Some(gsi) = self.gsis[v] {
                 let _ = self.irq.trigger(gsi);
@@ -321,6 +323,7 @@ mod tests {
     fn setup(n: u16) -> (Arc<RecordingController>, PciConfig, Msix) {
         let rec = Arc::new(RecordingController::new(24, 4000));
         let mut c = PciConfig::new(1, 2, 0, 0);
+        assert!(c.write(0x04, &super::super::config::CMD_BUS_MASTER.to_le_bytes()));
         let m = Msix::new(&mut c, 0x20, n, (1, 0), (1, 0x800), rec.clone()).expect("msix");
         (rec, c, m)
     }
@@ -401,6 +404,23 @@ mod tests {
         assert!(rec.delivered().is_empty());
         enable(&mut c, &mut m, CTRL_ENABLE);
         assert_eq!(rec.delivered().len(), 1);
+    }
+
+    #[test]
+    fn bus_mastering_off_holds_pending_vectors() {
+        let (rec, mut c, mut m) = setup(2);
+        enable(&mut c, &mut m, CTRL_ENABLE);
+        program(&c, &mut m, 0, 0x30, true);
+        assert!(!m.trigger(&c, 0), "masked: pending");
+        assert!(c.write(0x04, &0u16.to_le_bytes()));
+        assert!(m.bar_write(&c, 1, 12, &0u32.to_le_bytes()), "unmask");
+        assert!(
+            rec.delivered().is_empty(),
+            "no message without bus mastering"
+        );
+        assert!(c.write(0x04, &super::super::config::CMD_BUS_MASTER.to_le_bytes()));
+        m.update(&c);
+        assert_eq!(rec.delivered().len(), 1, "sent once bus mastering is on");
     }
 
     #[test]

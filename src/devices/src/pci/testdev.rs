@@ -8,7 +8,7 @@
 //! |--------|------------|--------|------------------------------------------------------|
 //! | 0x00   | ID         | R      | `0xfa17_0001`                                        |
 //! | 0x04   | SCRATCH    | RW     | a register to read back (MMIO round trips)           |
-//! | 0x08   | RAISE      | W / R  | signal vector n via MSI-X if enabled, else MSI; reads the last result: 0 delivered, 1 pending (masked), 2 dropped |
+//! | 0x08   | RAISE      | W / R  | signal vector n via MSI-X if enabled, else MSI; reads the last result: 0 delivered, 1 pending (masked), 2 dropped, 3 blocked (bus mastering off) |
 //! | 0x0c   | INTX       | RW     | 1 asserts, 0 deasserts the INTx line; reads its level |
 //! | 0x10   | INTX_PULSE | W      | asserts then deasserts the line (an edge)            |
 //! | 0x14   | RAISES     | R      | RAISE writes so far                                  |
@@ -90,6 +90,7 @@ impl TestDevice {
             irqs: PciInterrupts {
                 msi: Some(msi),
                 msix: Some(msix),
+                blocked: 0,
             },
             intx,
             intx_level: false,
@@ -128,6 +129,7 @@ impl TestDevice {
                     Signal::Delivered => 0,
                     Signal::Pending => 1,
                     Signal::Dropped => 2,
+                    Signal::Blocked => 3,
                 };
             }
             regs::INTX => self.set_intx(v & 1 != 0),

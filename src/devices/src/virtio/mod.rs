@@ -7,12 +7,22 @@
 //! and VIRTIO_F_ACCESS_PLATFORM: when the driver accepts the latter and the VM has the
 //! VT-d unit, every ring and buffer address is an IOVA translated by the unit
 //! ([`crate::iommu::DeviceIommu`]), so a driver's DMA mapping bugs become guest-visible
-//! faults. Queues are `virtio-queue` split queues; a notification is handled on the
-//! notifying vCPU before the MMIO write returns.
+//! faults. With the VT-d unit present, a driver that does not accept
+//! VIRTIO_F_ACCESS_PLATFORM is refused at FEATURES_OK (as QEMU's `iommu_platform=on`
+//! does), so no virtio DMA ever bypasses the unit; and no DMA or MSI-X message goes
+//! out while the command register's bus-master bit is clear.
+//!
+//! Queues are `virtio-queue` split queues. A notification only marks its queue and
+//! wakes the device's worker thread ([`VirtioPci::start_worker`]), which serves the
+//! queue under the device lock in bounded passes (each device caps what one pass
+//! does), so a vCPU never does a device's long work.
 
 pub mod rng;
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use vmm_sys_util::eventfd::EventFd;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -46,6 +56,15 @@ const STATUS_DRIVER_OK: u8 = 4;
 const STATUS_FEATURES_OK: u8 = 8;
 const STATUS_FAILED: u8 = 0x80;
 
+/// What one pass over a queue did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Processed {
+    /// Buffers were put in the used ring.
+    pub used: bool,
+    /// The pass stopped at the device's budget with buffers still available.
+    pub more: bool,
+}
+
 /// What a device behind the transport does.
 pub trait VirtioDevice: Send {
     /// virtio device type (4: entropy).
@@ -54,8 +73,8 @@ pub trait VirtioDevice: Send {
     fn queue_max_sizes(&self) -> &[u16];
     /// Device-specific feature bits (the transport adds its own).
     fn features(&self) -> u64;
-    /// Handles available buffers of queue `idx`; returns whether it used any.
-    fn process_queue(&mut self, idx: usize, queue: &mut Queue, mem: &DeviceMemory) -> bool;
+    /// Handles available buffers of queue `idx`, at most the device's budget per call.
+    fn process_queue(&mut self, idx: usize, queue: &mut Queue, mem: &DeviceMemory) -> Processed;
 }
 
 /// A virtio device on PCI.
@@ -78,6 +97,12 @@ pub struct VirtioPci<D: VirtioDevice> {
     isr: u8,
     dma: Option<DeviceMemory>,
     anomalies: GuestAnomalies,
+    /// Queues notified and not yet fully served (bit per queue).
+    pending: Arc<AtomicU32>,
+    /// Wakes the worker thread, once it runs.
+    kick: Option<Arc<EventFd>>,
+    /// Drivers refused at FEATURES_OK for lack of ACCESS_PLATFORM.
+    refused_features: u64,
 }
 
 fn vendor_cap(cfg_type: u8, offset: u64, length: u64, extra: Option<u32>) -> Vec<u8> {
@@ -147,6 +172,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
             irqs: PciInterrupts {
                 msi: None,
                 msix: Some(msix),
+                blocked: 0,
             },
             intx,
             mem,
@@ -163,7 +189,59 @@ impl<D: VirtioDevice> VirtioPci<D> {
             isr: 0,
             dma: None,
             anomalies: GuestAnomalies::new(),
+            pending: Arc::new(AtomicU32::new(0)),
+            kick: None,
+            refused_features: 0,
         })
+    }
+
+    /// Starts the device's worker thread: it serves notified queues in bounded passes
+    /// under the device lock, releasing it between passes. `on_start` runs first on
+    /// the new thread (the seccomp filter).
+    pub fn start_worker(
+        dev: Arc<Mutex<Self>>,
+        name: String,
+        on_start: Arc<dyn Fn() + Send + Sync>,
+    ) -> std::io::Result<()>
+    where
+        D: 'static,
+    {
+        let efd = Arc::new(EventFd::new(0)?);
+        crate::sync::lock(&dev).kick = Some(efd.clone());
+        std::thread::Builder::new().name(name).spawn(move || {
+            on_start();
+            loop {
+                if efd.read().is_err() {
+                    return;
+                }
+                while crate::sync::lock(&dev).service() {
+                    std::thread::yield_now();
+                }
+            }
+        })?;
+        Ok(())
+    }
+
+    /// One bounded pass over every notified queue; true if some queue has more.
+    pub fn service(&mut self) -> bool {
+        let bits = self.pending.swap(0, Ordering::AcqRel);
+        let mut more = 0;
+        for idx in 0..self.queues.len().min(32) {
+            if bits & (1 << idx) != 0 && self.notify(idx) {
+                more |= 1 << idx;
+            }
+        }
+        self.pending.fetch_or(more, Ordering::AcqRel);
+        self.pending.load(Ordering::Acquire) != 0
+    }
+
+    /// Drivers refused at FEATURES_OK because they did not accept ACCESS_PLATFORM.
+    pub fn refused_features(&self) -> u64 {
+        self.refused_features
+    }
+
+    fn bus_master(&self) -> bool {
+        self.config.command() & crate::pci::config::CMD_BUS_MASTER != 0
     }
 
     /// The device model.
@@ -200,8 +278,19 @@ impl<D: VirtioDevice> VirtioPci<D> {
         }
         let mut v = v;
         if v & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
+            // With an IOMMU, DMA must go through it: a driver that does not accept
+            // ACCESS_PLATFORM would otherwise reach guest memory untranslated.
+            let platform_ok = self.vtd.is_none() || self.driver_features & F_ACCESS_PLATFORM != 0;
             let ok = self.driver_features & !self.device_features() == 0
-                && self.driver_features & F_VERSION_1 != 0;
+                && self.driver_features & F_VERSION_1 != 0
+                && platform_ok;
+            if !platform_ok {
+                self.refused_features += 1;
+                log::warn!(
+                    "virtio-pci {:04x}: driver did not accept VIRTIO_F_ACCESS_PLATFORM, which this VM's IOMMU requires; FEATURES_OK refused",
+                    self.sid
+                );
+            }
             if !ok {
                 v &= !STATUS_FEATURES_OK;
             }
@@ -322,23 +411,29 @@ impl<D: VirtioDevice> VirtioPci<D> {
         }
     }
 
-    fn notify(&mut self, idx: usize) {
+    /// Serves queue `idx` once (bounded by the device); true if it has more.
+    fn notify(&mut self, idx: usize) -> bool {
         if self.status & STATUS_DRIVER_OK == 0 || self.status & STATUS_FAILED != 0 {
-            return;
+            return false;
         }
-        let Some(mem) = self.dma.clone() else { return };
+        // Without bus mastering the device cannot read its rings.
+        if !self.bus_master() {
+            return false;
+        }
+        let Some(mem) = self.dma.clone() else {
+            return false;
+        };
         let Some(q) = self.queues.get_mut(idx) else {
-            return;
+            return false;
         };
         if !q.ready() {
-            return;
+            return false;
         }
-        if !self.device.process_queue(idx, q, &mem) {
-            return;
-        }
-        if q.needs_notification(&mem).unwrap_or(true) {
+        let done = self.device.process_queue(idx, q, &mem);
+        if done.used && q.needs_notification(&mem).unwrap_or(true) {
             self.interrupt(self.queue_vectors.get(idx).copied().unwrap_or(NO_VECTOR));
         }
+        done.more
     }
 
     fn interrupt(&mut self, vector: u16) {
@@ -410,7 +505,15 @@ impl<D: VirtioDevice> PciDevice for VirtioPci<D> {
             .contains(&offset)
         {
             let idx = ((offset - NOTIFY) / u64::from(NOTIFY_MULTIPLIER)) as usize;
-            self.notify(idx);
+            match &self.kick {
+                // The worker serves it; the vCPU returns at once.
+                Some(k) if idx < 32 => {
+                    self.pending.fetch_or(1 << idx, Ordering::AcqRel);
+                    let _ = k.write(1);
+                }
+                // No worker (unit tests): serve it here, to the end.
+                _ => while self.notify(idx) {},
+            }
         }
     }
 }
@@ -464,6 +567,11 @@ mod tests {
         /// The Linux driver's sequence: reset, ACK, DRIVER, features, FEATURES_OK,
         /// queue 0 (size 8, rings, vector 1), enable, DRIVER_OK; MSI-X on.
         fn bring_up(&mut self, features_hi: u32) {
+            self.dev.config_write(
+                crate::pci::config::reg::COMMAND,
+                &(crate::pci::config::CMD_MEMORY | crate::pci::config::CMD_BUS_MASTER)
+                    .to_le_bytes(),
+            );
             self.w(0x14, 0, 1);
             self.w(0x14, 1 | 2, 1);
             self.w(0x00, 1, 4);
@@ -471,7 +579,9 @@ mod tests {
             self.w(0x08, 1, 4);
             self.w(0x0c, features_hi, 4);
             self.w(0x14, 1 | 2 | 8, 1);
-            assert_eq!(self.r(0x14, 1) & 8, 8, "FEATURES_OK kept");
+            if self.r(0x14, 1) & 8 == 0 {
+                return;
+            }
             self.w(0x16, 0, 2);
             assert_eq!(self.r(0x18, 2), 256, "max size");
             self.w(0x18, 8, 2);
@@ -554,17 +664,77 @@ mod tests {
         );
         let faults = vtd.stats().faults_recorded;
         assert!(faults >= 1, "the refused ring access was recorded");
-        // Without ACCESS_PLATFORM the device bypasses the unit.
+        // A driver without ACCESS_PLATFORM is refused: it would bypass the unit.
         let mut r = rig(true);
-        let vtd = r.dev.vtd.clone().expect("vtd");
-        vtd.write(crate::iommu::reg::RTADDR, &0x30_0000u64.to_le_bytes());
-        vtd.write(crate::iommu::reg::GCMD, &(1u32 << 30).to_le_bytes());
-        vtd.write(crate::iommu::reg::GCMD, &(1u32 << 31).to_le_bytes());
         r.bring_up(1);
+        assert_eq!(r.r(0x14, 1) & 8, 0, "FEATURES_OK refused");
+        assert_eq!(r.dev.refused_features(), 1);
         r.request(BUF);
         let used_idx: u16 = r.mem.read_obj(GuestAddress(USED + 2)).expect("r");
-        assert_eq!(used_idx, 1);
-        assert_eq!(vtd.stats().faults_recorded, 0);
+        assert_eq!(used_idx, 0, "nothing served");
+        // Without an IOMMU the same driver is fine.
+        let mut r = rig(false);
+        r.bring_up(1);
+        assert_eq!(r.r(0x14, 1) & 8, 8, "FEATURES_OK kept");
+    }
+
+    #[test]
+    fn no_dma_without_bus_mastering() {
+        let mut r = rig(false);
+        r.bring_up(1);
+        r.dev.config_write(
+            crate::pci::config::reg::COMMAND,
+            &crate::pci::config::CMD_MEMORY.to_le_bytes(),
+        );
+        r.request(BUF);
+        let used_idx: u16 = r.mem.read_obj(GuestAddress(USED + 2)).expect("r");
+        assert_eq!(used_idx, 0, "rings untouched while bus mastering is off");
+        assert!(r.rec.delivered().is_empty());
+    }
+
+    #[test]
+    fn the_worker_serves_notifications_off_the_notifying_thread() {
+        let r = rig(false);
+        let dev = Arc::new(Mutex::new(r.dev));
+        VirtioPci::start_worker(dev.clone(), "test-virtio".into(), Arc::new(|| {}))
+            .expect("worker");
+        let mut rig = Rig {
+            mem: r.mem,
+            rec: r.rec,
+            dev: VirtioPci::new(
+                Rng::new(),
+                Bdf::new(4),
+                0xc000_0000,
+                GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("mem"),
+                None,
+                Arc::new(RecordingController::new(24, 30)),
+                None,
+            )
+            .expect("device"),
+        };
+        // Drive the shared device through the lock, as the bus does.
+        std::mem::swap(&mut rig.dev, &mut *crate::sync::lock(&dev));
+        rig.bring_up(1);
+        std::mem::swap(&mut rig.dev, &mut *crate::sync::lock(&dev));
+        let m = &rig.mem;
+        m.write_obj(BUF, GuestAddress(DESC)).expect("w");
+        m.write_obj(64u32, GuestAddress(DESC + 8)).expect("w");
+        m.write_obj(2u16, GuestAddress(DESC + 12)).expect("w");
+        m.write_obj(0u16, GuestAddress(AVAIL + 4)).expect("w");
+        m.write_obj(1u16, GuestAddress(AVAIL + 2)).expect("w");
+        crate::sync::lock(&dev).bar_write(0, NOTIFY, &0u16.to_le_bytes());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let used: u16 = m.read_obj(GuestAddress(USED + 2)).expect("r");
+            if used == 1 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the worker served nothing"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 
     #[test]
@@ -620,6 +790,18 @@ mod tests {
         r.w(0x0c, 0, 4);
         r.w(0x14, 1 | 2 | 8, 1);
         assert_eq!(r.r(0x14, 1) & 8, 0, "FEATURES_OK not kept");
+    }
+
+    #[test]
+    fn reset_cycles_do_not_grow_the_unit() {
+        let mut r = rig(true);
+        let vtd = r.dev.vtd.clone().expect("vtd");
+        for _ in 0..10_000 {
+            r.bring_up(3);
+        }
+        let n = crate::sync::lock(&vtd.request_counters).len();
+        assert!(n <= 1, "{n} request counters after 10000 reset cycles");
+        assert_eq!(vtd.stats().dma_requests, 0);
     }
 
     #[test]

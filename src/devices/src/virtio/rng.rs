@@ -9,12 +9,14 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemory};
 
-use super::VirtioDevice;
+use super::{Processed, VirtioDevice};
 use crate::iommu::DeviceMemory;
 
 /// Largest request served at once (bytes); longer buffers get a short fill, which the
 /// driver handles (it reads the used length).
 const MAX_REQUEST: usize = 64 * 1024;
+/// Bytes one pass serves at most; the rest of the queue waits for the next pass.
+pub const PASS_BUDGET: usize = 256 * 1024;
 
 /// The entropy device.
 pub struct Rng {
@@ -76,10 +78,15 @@ impl VirtioDevice for Rng {
         0
     }
 
-    fn process_queue(&mut self, _idx: usize, queue: &mut Queue, mem: &DeviceMemory) -> bool {
+    fn process_queue(&mut self, _idx: usize, queue: &mut Queue, mem: &DeviceMemory) -> Processed {
         let mut used = false;
-        // Bounded: at most one lap of the ring per notification.
+        let mut served = 0usize;
+        // Bounded: at most one lap of the ring and PASS_BUDGET bytes per pass.
         for _ in 0..queue.size() {
+            if served >= PASS_BUDGET {
+                crate::limits::hit(crate::limits::Cap::VirtioRngBytes);
+                return Processed { used, more: true };
+            }
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
                 break;
             };
@@ -123,12 +130,13 @@ impl VirtioDevice for Rng {
             if !ok {
                 self.failed += 1;
             }
+            served += written;
             self.served += written as u64;
             if queue.add_used(mem, head, written as u32).is_err() {
                 break;
             }
             used = true;
         }
-        used
+        Processed { used, more: false }
     }
 }
