@@ -156,6 +156,11 @@ scenarios! {
     iommu_fault_event => "iommu.fault_event",
     iommu_frcd_overflow => "iommu.frcd_overflow",
     iommu_queued_invalidation => "iommu.queued_invalidation",
+    msi_bus_master => "msi.bus_master",
+    msix_refused_route => "msix.refused_route",
+    iommu_completion_event => "iommu.completion_event",
+    iommu_interrupt_range => "iommu.interrupt_range",
+    iommu_root_mode => "iommu.root_mode",
 }
 
 #[test]
@@ -259,7 +264,7 @@ fn device_scenarios_skip_without_the_test_device() {
         return;
     };
     let results = tap(&r.out);
-    assert_eq!(results.len(), 4, "{}", r.out);
+    assert_eq!(results.len(), 5, "{}", r.out);
     for (ok, name, note) in &results {
         assert!(
             *ok && note.starts_with("SKIP no fv-test device"),
@@ -300,7 +305,7 @@ fn iommu_scenarios_skip_without_a_unit() {
         return;
     };
     let results = tap(&r.out);
-    assert_eq!(results.len(), 8, "{}", r.out);
+    assert_eq!(results.len(), 11, "{}", r.out);
     for (ok, name, note) in &results {
         assert!(
             *ok && note.starts_with("SKIP no DMAR table"),

@@ -1,7 +1,8 @@
 //! VT-d scenarios: the probe finds the remapping unit in the DMAR table, builds root,
 //! context and second-level tables in its own memory, and drives DMA with the edu
 //! device (1234:11e8), then checks translations, every fault reason, the fault-recording
-//! registers, the fault event and queued invalidation.
+//! registers, the fault event, queued invalidation and its completion event, the
+//! interrupt address range, and an unsupported root-table mode.
 
 use alloc::format;
 use alloc::vec::Vec;
@@ -12,7 +13,7 @@ use crate::cpu::{self, mmio_read32, mmio_write32, rdtsc, wait_until};
 use crate::idt::{self, Mode};
 use crate::pci::Bdf;
 use crate::tap::Outcome;
-use crate::tests::{bsp_apic, Ctx};
+use crate::tests::{bsp_apic, Ctx, QUIET, SOON};
 use crate::{apic, check, fail};
 
 /// Registers (offsets in the 4 KiB page).
@@ -31,6 +32,11 @@ mod reg {
     pub const IQH: u64 = 0x80;
     pub const IQT: u64 = 0x88;
     pub const IQA: u64 = 0x90;
+    pub const ICS: u64 = 0x9c;
+    pub const IECTL: u64 = 0xa0;
+    pub const IEDATA: u64 = 0xa4;
+    pub const IEADDR: u64 = 0xa8;
+    pub const IEUADDR: u64 = 0xac;
 }
 
 const TE: u32 = 1 << 31;
@@ -793,6 +799,141 @@ pub fn queued_invalidation(c: &Ctx) -> Outcome {
     );
     Outcome::Pass(Some(
         "wait status written synchronously; IQE stops at a bad descriptor".into(),
+    ))
+}
+
+/// Vector of the invalidation completion event.
+const COMPLETION_VECTOR: u8 = 0xa9;
+
+pub fn completion_event(c: &Ctx) -> Outcome {
+    let (u, _) = setup!(c);
+    let queue = page();
+    idt::set_mode(COMPLETION_VECTOR, Mode::Eoi);
+    u.w32(reg::IEDATA, u32::from(COMPLETION_VECTOR));
+    u.w32(reg::IEADDR, apic::msi_address(bsp_apic()) as u32);
+    u.w32(reg::IEUADDR, 0);
+    u.w32(reg::IECTL, 0);
+    u.w32(reg::ICS, 1);
+    u.w64(reg::IQT, 0);
+    u.w64(reg::IQA, queue);
+    check!(u.set_persistent(QIE, true), "QIES not set");
+    cpu::sti();
+    // A wait descriptor with IF (bit 4): the completion event, unmasked.
+    let t0 = idt::total(COMPLETION_VECTOR);
+    w64(queue, 0x5 | 1 << 4);
+    w64(queue + 8, 0);
+    u.w64(reg::IQT, 1 << 4);
+    let sent = wait_until(SOON, || idt::total(COMPLETION_VECTOR) > t0);
+    let iwc = u.r32(reg::ICS) & 1;
+    u.w32(reg::ICS, 1);
+    // Masked: held pending (IP) until IM is cleared.
+    u.w32(reg::IECTL, 1 << 31);
+    let t1 = idt::total(COMPLETION_VECTOR);
+    w64(queue + 16, 0x5 | 1 << 4);
+    w64(queue + 24, 0);
+    u.w64(reg::IQT, 2 << 4);
+    let quiet = !wait_until(QUIET, || idt::total(COMPLETION_VECTOR) > t1);
+    let ip = u.r32(reg::IECTL) & (1 << 30) != 0;
+    u.w32(reg::IECTL, 0);
+    let released = wait_until(SOON, || idt::total(COMPLETION_VECTOR) > t1);
+    cpu::cli();
+    u.w32(reg::ICS, 1);
+    u.set_persistent(QIE, false);
+    check!(sent, "no completion event for a wait descriptor with IF");
+    check!(iwc == 1, "ICS.IWC not set");
+    check!(quiet, "a masked completion event was delivered");
+    check!(ip, "IECTL.IP not set for the masked event");
+    check!(released, "the held completion event was not sent on unmask");
+    Outcome::Pass(Some(format!(
+        "vector {COMPLETION_VECTOR:#x} on IF; masked event held (IP) and sent on unmask"
+    )))
+}
+
+/// A device write of one aligned dword to 0xFEEx_xxxx is an interrupt request, never
+/// translated and never a fault; reads there are blocked.
+pub fn interrupt_range(c: &Ctx) -> Outcome {
+    const V: u8 = 0xaa;
+    let (u, e) = setup!(c);
+    let data = page();
+    w64(data, u64::from(V));
+    // The message data into edu's buffer (translation off).
+    let (cmd, _) = e.dma(data, EDU_BUF, 4, false);
+    check!(cmd & 0x100 == 0, "staging the message data failed");
+    // Translation on with no mapping at all: DMA would fault anywhere else.
+    let t = Tables::new(e.sid, 3);
+    check!(translate_with(&u, &t), "translation did not turn on");
+    idt::set_mode(V, Mode::Eoi);
+    cpu::sti();
+    let t0 = idt::total(V);
+    let msi = apic::msi_address(bsp_apic());
+    let (cmd, err) = e.dma(EDU_BUF, msi, 4, true);
+    let fired = wait_until(SOON, || idt::total(V) > t0);
+    let fsts = u.fsts();
+    // A read of the same address is not an interrupt: blocked, nothing recorded.
+    let (rcmd, rerr) = e.dma(msi, EDU_BUF + 8, 4, false);
+    let fsts2 = u.fsts();
+    cpu::cli();
+    off(&u);
+    check!(
+        cmd & 0x100 == 0,
+        "the dword write to {msi:#x} failed (error {err:#x})"
+    );
+    check!(
+        fired,
+        "the dword write to {msi:#x} did not interrupt the BSP"
+    );
+    check!(
+        fsts & PPF == 0,
+        "the interrupt request was translated and faulted (FSTS {fsts:#x})"
+    );
+    check!(
+        rcmd & 0x100 != 0,
+        "a DMA read of the interrupt range succeeded"
+    );
+    check!(
+        rerr == 0xffff_ffff || rerr & 0xff == 3,
+        "read blocked with edu error {rerr:#x}, want 3"
+    );
+    check!(fsts2 & PPF == 0, "the blocked read recorded a DMA fault");
+    Outcome::Pass(Some(format!(
+        "dword write to {msi:#x} delivered vector {V:#x} with translation on and nothing mapped; read blocked"
+    )))
+}
+
+/// A root table latched in a translation table mode the unit does not offer
+/// (RTADDR.TTM = scalable) blocks DMA with "root table address invalid".
+pub fn root_mode(c: &Ctx) -> Outcome {
+    let (u, e) = setup!(c);
+    let t = Tables::new(e.sid, 3);
+    let buf = page();
+    fill(buf, 0x5a, 64);
+    t.map(0x1000, buf, R | W, 1);
+    u.w64(reg::RTADDR, t.root | 1 << 10);
+    u.command(SRTP, SRTP, true);
+    u.invalidate();
+    u.set_persistent(TE, true);
+    let (cmd, err) = e.dma(0x1000, EDU_BUF, 64, false);
+    let (page_addr, sid, reason, read, f) = u.record(0);
+    // The same tables in legacy mode translate.
+    u.clear_faults();
+    u.set_root(t.root);
+    u.invalidate();
+    let (cmd2, _) = e.dma(0x1000, EDU_BUF, 64, false);
+    off(&u);
+    check!(
+        cmd & 0x100 != 0,
+        "DMA succeeded under an unsupported root table mode"
+    );
+    check!(
+        f && reason == 0x8 && sid == e.sid && page_addr == 0x1000 && read,
+        "record F {f} reason {reason:#x} sid {sid:#x} addr {page_addr:#x} read {read} (edu error {err:#x}), want 0x8 for the read at 0x1000"
+    );
+    check!(
+        cmd2 & 0x100 == 0,
+        "the same tables in legacy mode did not translate"
+    );
+    Outcome::Pass(Some(
+        "TTM=01 (scalable, not offered): DMA blocked with fault 0x8; legacy mode translates".into(),
     ))
 }
 

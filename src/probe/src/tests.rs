@@ -136,6 +136,8 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("msix.dest", msix_dest),
     ("msix.mask", msix_mask),
     ("msix.function_mask", msix_function_mask),
+    ("msi.bus_master", msi_bus_master),
+    ("msix.refused_route", msix_refused_route),
     ("iommu.discover", crate::iommu::discover),
     ("iommu.gcmd", crate::iommu::gcmd),
     ("iommu.translate", crate::iommu::translate),
@@ -147,6 +149,9 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
         "iommu.queued_invalidation",
         crate::iommu::queued_invalidation,
     ),
+    ("iommu.completion_event", crate::iommu::completion_event),
+    ("iommu.interrupt_range", crate::iommu::interrupt_range),
+    ("iommu.root_mode", crate::iommu::root_mode),
     // `int n` traps to the hypervisor's instruction emulator on some software KVMs
     // (kvm_pvm cannot emulate it), so it runs only on request.
     ("opt.soft_int", exc_int),
@@ -1043,6 +1048,81 @@ fn msix_function_mask(c: &Ctx) -> Outcome {
     );
     Outcome::Pass(Some(
         "function mask held the message pending; clearing it delivered".into(),
+    ))
+}
+
+fn msi_bus_master(c: &Ctx) -> Outcome {
+    const V: u8 = 0x8e;
+    let s = need_fvtest!(c);
+    let Some(m) = Msi::find(s.bdf()) else {
+        fail!("fv-test has no MSI capability");
+    };
+    s.bdf().enable(true);
+    m.enable(bsp(), V, 1);
+    let total = idt::total(V);
+    let cmd = s.bdf().read16(4);
+    // Bus mastering off: the function may not send its message (it is a DMA write).
+    s.bdf().write16(4, cmd & !(1 << 2));
+    s.raise(0);
+    let blocked = s.last_raise();
+    let quiet = !wait_until(QUIET, || idt::total(V) > total);
+    s.bdf().write16(4, cmd);
+    s.raise(0);
+    let fired = wait_total(V, total + 1, SOON);
+    m.disable();
+    check!(
+        blocked == 3,
+        "fv-test reported {blocked} for a raise without bus mastering, want 3 (blocked)"
+    );
+    check!(quiet, "an MSI went out with bus mastering off");
+    check!(fired, "no MSI once bus mastering was back on");
+    Outcome::Pass(Some(
+        "no message without bus mastering; delivered once it was back on".into(),
+    ))
+}
+
+/// A route that the hypervisor refuses (address bits 39:32 set under KVM's x2APIC API)
+/// must cost only that entry: later routes, and the entry itself once reprogrammed,
+/// still work.
+fn msix_refused_route(c: &Ctx) -> Outcome {
+    const V0: u8 = 0x84;
+    const V1: u8 = 0x85;
+    let (s, m) = match msix_setup(c) {
+        Ok(x) => x,
+        Err(o) => return o,
+    };
+    let entry = |i: u64, lo: u32, hi: u32, data: u32, masked: bool| {
+        let e = m.table + 16 * i;
+        cpu::mmio_write32(e, lo);
+        cpu::mmio_write32(e + 4, hi);
+        cpu::mmio_write32(e + 8, data);
+        cpu::mmio_write32(e + 12, u32::from(masked));
+    };
+    let dest = crate::apic::msi_address(bsp()) as u32;
+    m.enable(false);
+    // Entry 0: a message with address high bits 1 (not an interrupt address).
+    entry(0, dest, 1, u32::from(V0), false);
+    let t0 = idt::total(V0);
+    s.raise(0);
+    let quiet = !wait_until(QUIET, || idt::total(V0) > t0);
+    // Entry 1, programmed after the refused one.
+    m.program(1, bsp(), V1, false);
+    let t1 = idt::total(V1);
+    s.raise(1);
+    let later_ok = wait_total(V1, t1 + 1, SOON);
+    // Entry 0 reprogrammed with a good message.
+    entry(0, dest, 0, u32::from(V0), false);
+    s.raise(0);
+    let recovered = wait_total(V0, t0 + 1, SOON);
+    m.disable();
+    check!(quiet, "a message with address bits 63:32 = 1 was delivered");
+    check!(
+        later_ok,
+        "a route programmed after a refused one does not work"
+    );
+    check!(recovered, "the entry did not recover once reprogrammed");
+    Outcome::Pass(Some(
+        "refused entry dropped; later routes and the reprogrammed entry delivered".into(),
     ))
 }
 

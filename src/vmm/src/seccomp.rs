@@ -7,7 +7,11 @@
 //!
 //! `--seccomp on` (the default) ends the VMM at the first forbidden call with one line
 //! naming the thread and the call; `log` lets the call through and has the kernel log
-//! it (the audit log); `off` installs nothing. `ioctl` is allowed only with the request
+//! it (the audit log); `off` installs nothing. Threads other than the main one also get
+//! a second, stacked filter (`deny_open`) that makes every `open` fail with EACCES: glibc's
+//! allocator probes files such as `/proc/sys/vm/overcommit_memory` lazily, from whichever
+//! thread gets there first, and copes with a failed open, so the call is refused
+//! gracefully instead of ending the VMM, and no such thread can open a file. `ioctl` is allowed only with the request
 //! numbers each thread needs (KVM's and a few terminal and socket ones); the test
 //! `ioctl_numbers_match_kvm` checks those numbers against kvm-bindings' structures.
 
@@ -68,6 +72,9 @@ impl ThreadKind {
     }
 }
 
+/// The stacked filter that refuses `open` calls with EACCES.
+const DENY_OPEN: &str = "deny_open";
+
 /// The filters, as shipped.
 const FILTERS: &str = include_str!("../../../resources/seccomp/x86_64.json");
 
@@ -80,7 +87,10 @@ fn compile(mode: SeccompMode) -> Result<HashMap<String, seccompiler::BpfProgram>
     let mut v: Value = serde_json::from_str(FILTERS)
         .map_err(|e| VmmError::Setup(format!("seccomp filters: {e}")))?;
     if let Some(m) = v.as_object_mut() {
-        for f in m.values_mut() {
+        for (name, f) in m.iter_mut() {
+            if name == DENY_OPEN {
+                continue;
+            }
             f["default_action"] = Value::from(match mode {
                 SeccompMode::Log => "log",
                 _ => "trap",
@@ -115,23 +125,31 @@ pub fn thread_filter(
         let _ = PROGRAMS.set(p);
         install_sigsys_handler()?;
     }
-    let program = PROGRAMS
-        .get()
-        .and_then(|m| m.get(kind.name()))
-        .cloned()
-        .ok_or_else(|| VmmError::Setup(format!("no seccomp filter for {} threads", kind.name())))?;
-    Ok(Arc::new(move || install(kind, &program)))
+    let get = |name: &str| {
+        PROGRAMS
+            .get()
+            .and_then(|m| m.get(name))
+            .cloned()
+            .ok_or_else(|| VmmError::Setup(format!("no seccomp filter named {name}")))
+    };
+    let mut programs = vec![get(kind.name())?];
+    if kind != ThreadKind::Main {
+        programs.push(get(DENY_OPEN)?);
+    }
+    Ok(Arc::new(move || install(kind, &programs)))
 }
 
-/// Installs `program` on this thread; a thread that cannot be filtered ends the VMM.
-fn install(kind: ThreadKind, program: &seccompiler::BpfProgram) {
+/// Installs `programs` on this thread; a thread that cannot be filtered ends the VMM.
+fn install(kind: ThreadKind, programs: &[seccompiler::BpfProgram]) {
     remember_name();
-    if let Err(e) = seccompiler::apply_filter(program) {
-        eprintln!(
-            "faultvisor: error: cannot install the {} seccomp filter: {e}",
-            kind.name()
-        );
-        std::process::exit(crate::EXIT_VMM_ERROR);
+    for program in programs {
+        if let Err(e) = seccompiler::apply_filter(program) {
+            eprintln!(
+                "faultvisor: error: cannot install the {} seccomp filter: {e}",
+                kind.name()
+            );
+            std::process::exit(crate::EXIT_VMM_ERROR);
+        }
     }
     self_test(kind);
 }

@@ -238,6 +238,20 @@ mod tests {
             .collect();
         assert_eq!(faults.len(), 1);
         assert_eq!((faults[0].reason, faults[0].page), (5, 0x2000));
+        // Identity mappings (translation off) of a million distinct pages stay capped.
+        let big = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).expect("mem");
+        let vtd2 = Arc::new(Vtd::new(
+            big.clone(),
+            Arc::new(RecordingController::new(24, 30)),
+        ));
+        let dm = DeviceIommu::memory(&big, Some(&vtd2), 0x28, true);
+        for i in 0..(3 * MAX_MAPPINGS as u64) {
+            dm.read_obj::<u8>(GuestAddress(i * 4096)).expect("identity");
+        }
+        let n = dm.iommu().mappings();
+        assert!(n > 0 && n <= MAX_MAPPINGS, "{n} mappings");
+        // The interrupt range is never translated.
+        assert!(dm.read_obj::<u32>(GuestAddress(0xfee0_0000)).is_err());
         // Hostile ranges do not panic.
         assert!(dm.read_obj::<u64>(GuestAddress(u64::MAX - 3)).is_err());
         assert!(!dm.check_range(

@@ -55,7 +55,10 @@ impl std::str::FromStr for Bdf {
 
     /// Parses `BB:DD.F` (hex bus and device, function 0..7), as lspci prints it.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || format!("'{s}' is not a PCI address of the form BB:DD.F (e.g. 00:04.0)");
+        let shown: String = s.chars().take(32).collect();
+        let more = if s.chars().count() > 32 { "..." } else { "" };
+        let err =
+            || format!("'{shown}{more}' is not a PCI address of the form BB:DD.F (e.g. 00:04.0)");
         let (bus, rest) = s.split_once(':').ok_or_else(err)?;
         let (dev, func) = rest.split_once('.').ok_or_else(err)?;
         let bus = u8::from_str_radix(bus, 16).map_err(|_| err())?;

@@ -371,9 +371,12 @@ impl ApiContext {
 
     fn idt(&self, path: &str) -> Result<Reply, ApiError> {
         let n = match path.split_once("vcpu=") {
-            Some((_, v)) => v
-                .parse::<usize>()
-                .map_err(|_| ApiError::bad("vcpu", format!("'{v}' is not a vCPU number")))?,
+            Some((_, v)) => v.parse::<usize>().map_err(|_| {
+                ApiError::bad(
+                    "vcpu",
+                    format!("'{}' is not a vCPU number", inject_path_text(v)),
+                )
+            })?,
             None => 0,
         };
         let probe = self.vcpu_probes.get(n).ok_or_else(|| {
