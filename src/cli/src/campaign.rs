@@ -268,6 +268,32 @@ fn load(
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
+    parse(&text, path, seed_override, probe)
+}
+
+/// Runs one campaign may expand to, at most.
+pub const MAX_RUNS: usize = 100_000;
+
+/// Checks the text of a campaign file the way `faultvisor campaign` does (for fuzzing
+/// and tools); returns the number of experiments it expands to, or the one-line error.
+pub fn check_text(text: &str, seed: Option<u64>) -> Result<usize, String> {
+    parse(
+        text,
+        Path::new("campaign.toml"),
+        seed,
+        Path::new("/probe.elf"),
+    )
+    .map(|(_, plans, _)| plans.len())
+    .map_err(|e| e.to_string())
+}
+
+fn parse(
+    text: &str,
+    path: &Path,
+    seed_override: Option<u64>,
+    probe: &Path,
+) -> Result<(String, Vec<Plan>, u64), CliError> {
+    let text = text.to_string();
     let file: CampaignFile = toml::from_str(&text).map_err(|e| {
         let line = e.span().map_or(1, |s| line_of(&text, s.start));
         file_err(path, line, e.message().replace('\n', " "))
@@ -377,6 +403,12 @@ fn load(
             args.extend(["--iommu".into(), i.clone()]);
         }
         let repeat = e.repeat.unwrap_or(1).clamp(1, 1000);
+        if plans.len() + repeat as usize > MAX_RUNS {
+            return Err(err(
+                "repeat",
+                format!("the campaign expands to more than {MAX_RUNS} runs"),
+            ));
+        }
         for r in 0..repeat {
             let exp_seed = seed ^ (plans.len() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
             let mut rng = Rng(exp_seed);
@@ -826,9 +858,12 @@ impl BoundedOutput {
         s
     }
 
-    /// Whether `pat` occurs in what is kept.
+    /// Whether `pat` occurs in a complete line of what is kept (a marker counts once
+    /// its line is finished, as a reader of lines would see it).
     pub(crate) fn contains(&self, pat: &str) -> bool {
-        self.text().contains(pat)
+        let t = self.text();
+        let complete = t.rfind('\n').map_or("", |i| &t[..i]);
+        complete.contains(pat)
     }
 }
 
@@ -1126,10 +1161,10 @@ mod tests {
         for _ in 0..5000 {
             o.push(&[b'x'; 1000]);
         }
-        o.push(b"\nend marker");
+        o.push(b"\nend marker\n");
         let t = o.text();
         assert!(t.len() < 2 * OUTPUT_HALF + 200, "{}", t.len());
-        assert!(t.starts_with("start") && t.ends_with("end marker"));
+        assert!(t.starts_with("start") && t.ends_with("end marker\n"));
         assert!(t.contains("bytes cut here"));
         assert!(o.contains("end marker"));
     }

@@ -7,20 +7,30 @@ use std::path::Path;
 #[derive(Debug, Default)]
 pub struct Symbols(Vec<(u64, String)>);
 
+// Offsets come from the file: every sum is checked (a file can name any offset).
 fn u16_at(b: &[u8], o: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(o..o + 2)?.try_into().ok()?))
+    Some(u16::from_le_bytes(
+        b.get(o..o.checked_add(2)?)?.try_into().ok()?,
+    ))
 }
 
 fn u32_at(b: &[u8], o: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(o..o + 4)?.try_into().ok()?))
+    Some(u32::from_le_bytes(
+        b.get(o..o.checked_add(4)?)?.try_into().ok()?,
+    ))
 }
 
 fn u64_at(b: &[u8], o: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(b.get(o..o + 8)?.try_into().ok()?))
+    Some(u64::from_le_bytes(
+        b.get(o..o.checked_add(8)?)?.try_into().ok()?,
+    ))
 }
 
+/// A NUL-terminated name at `o` (at most 4 KiB long, so that a file of names without
+/// terminators costs linear time, not quadratic).
 fn cstr(b: &[u8], o: usize) -> Option<String> {
     let s = b.get(o..)?;
+    let s = &s[..s.len().min(4096)];
     let end = s.iter().position(|&c| c == 0)?;
     std::str::from_utf8(&s[..end]).ok().map(str::to_string)
 }
@@ -30,15 +40,18 @@ impl Symbols {
     pub fn load(path: &Path) -> Result<Self, String> {
         let data =
             std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        Self::parse(&data).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Parses the bytes of a symbol file (ELF64 with a symbol table, or System.map).
+    pub fn parse(data: &[u8]) -> Result<Self, String> {
         let mut syms = if data.starts_with(b"\x7fELF") {
-            Self::elf(&data).ok_or_else(|| {
-                format!("{}: not a 64-bit ELF with a symbol table", path.display())
-            })?
+            Self::elf(data).ok_or_else(|| "not a 64-bit ELF with a symbol table".to_string())?
         } else {
-            Self::system_map(&data)
+            Self::system_map(data)
         };
         if syms.is_empty() {
-            return Err(format!("{}: no symbols found", path.display()));
+            return Err("no symbols found".into());
         }
         syms.sort();
         syms.dedup_by(|a, b| a.0 == b.0);
@@ -58,10 +71,10 @@ impl Symbols {
         let sh = |i: usize| -> Option<(u32, usize, usize, u32)> {
             let o = shoff.checked_add(i.checked_mul(shentsize)?)?;
             Some((
-                u32_at(b, o + 4)?,
-                u64_at(b, o + 24)? as usize,
-                u64_at(b, o + 32)? as usize,
-                u32_at(b, o + 40)?,
+                u32_at(b, o.checked_add(4)?)?,
+                u64_at(b, o.checked_add(24)?)? as usize,
+                u64_at(b, o.checked_add(32)?)? as usize,
+                u32_at(b, o.checked_add(40)?)?,
             ))
         };
         let mut out = Vec::new();
@@ -75,9 +88,11 @@ impl Symbols {
             let (_, stroff, _, _) = sh(link as usize)?;
             for k in 0..size / 24 {
                 let e = off.checked_add(k * 24)?;
-                let (Some(name), Some(info), Some(value)) =
-                    (u32_at(b, e), b.get(e + 4), u64_at(b, e + 8))
-                else {
+                let (Some(name), Some(info), Some(value)) = (
+                    u32_at(b, e),
+                    e.checked_add(4).and_then(|i| b.get(i)),
+                    e.checked_add(8).and_then(|i| u64_at(b, i)),
+                ) else {
                     break;
                 };
                 let kind = info & 0xf;

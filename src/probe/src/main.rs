@@ -11,6 +11,7 @@
 //! - `probe.apic=x2apic|xapic`: local APIC mode (default x2APIC when the CPU has it).
 //! - `probe.iters=N`: samples per benchmark (default 2000).
 //! - `probe.list`: print the scenario names and stop.
+//! - `probe.seed=S`, `probe.actions=N`: seed and actions per CPU of `hostile.chaos`.
 //!
 //! Verdict: every selected scenario passed → ACPI S5 power-off (faultvisor and QEMU
 //! exit 0); a failure → debug-exit port 0xf4 value 1 (exit status 3); bad command
@@ -26,6 +27,7 @@ mod apic;
 mod boot;
 mod cpu;
 mod heap;
+mod hostile;
 mod idt;
 mod ioapic;
 mod iommu;
@@ -88,6 +90,10 @@ pub struct Options {
     pub iters: u32,
     /// Only list the scenarios.
     pub list: bool,
+    /// Seed of the hostile scenario.
+    pub seed: u64,
+    /// Actions per CPU of the hostile scenario.
+    pub actions: u32,
 }
 
 fn parse_cmdline(s: &str) -> Result<Options, String> {
@@ -96,6 +102,8 @@ fn parse_cmdline(s: &str) -> Result<Options, String> {
         xapic: false,
         iters: 2000,
         list: false,
+        seed: 1,
+        actions: 20_000,
     };
     for w in s.split_ascii_whitespace() {
         let (k, v) = w.split_once('=').unwrap_or((w, ""));
@@ -120,6 +128,18 @@ fn parse_cmdline(s: &str) -> Result<Options, String> {
                     .ok_or_else(|| alloc::format!("probe.iters={v}: expected 1..100000"))?
             }
             "probe.list" => o.list = true,
+            "probe.seed" => {
+                o.seed = v
+                    .parse()
+                    .map_err(|_| alloc::format!("probe.seed={v}: expected a number"))?
+            }
+            "probe.actions" => {
+                o.actions = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=10_000_000).contains(n))
+                    .ok_or_else(|| alloc::format!("probe.actions={v}: expected 1..10000000"))?
+            }
             k if k.starts_with("probe.") => return Err(alloc::format!("unknown option {k}")),
             _ => {}
         }

@@ -1,6 +1,6 @@
 //! Per-CPU stacks and application-processor start-up (INIT, SIPI, SIPI).
 
-use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use crate::cpu::{cpu_index_from_rsp, delay, wait_until};
 use crate::{apic, boot, idt};
@@ -90,6 +90,34 @@ pub fn start_aps(ids: &[u32]) -> usize {
     started
 }
 
+/// Work posted for each CPU: a `fn(u64)` as an address (0: none) and its argument.
+static WORK: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+static WORK_ARG: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+static WORK_DONE: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
+/// The vector that wakes an idle CPU to look at its work.
+const WAKE_VECTOR: u8 = 0x2f;
+
+/// Runs `f(arg)` on CPU `idx` (an AP), which is woken by an IPI; see [`wait_done`].
+pub fn run_on(idx: usize, f: fn(u64), arg: u64) {
+    let (Some(w), Some(a), Some(d)) = (WORK.get(idx), WORK_ARG.get(idx), WORK_DONE.get(idx)) else {
+        return;
+    };
+    d.store(0, Ordering::SeqCst);
+    a.store(arg, Ordering::SeqCst);
+    w.store(f as usize as u64, Ordering::SeqCst);
+    if let Some(id) = apic_id(idx) {
+        idt::set_mode(WAKE_VECTOR, idt::Mode::Eoi);
+        apic::send_ipi(id, u32::from(WAKE_VECTOR));
+    }
+}
+
+/// Waits up to `cycles` for the work posted to CPU `idx` to finish.
+pub fn wait_done(idx: usize, cycles: u64) -> bool {
+    WORK_DONE
+        .get(idx)
+        .is_some_and(|d| wait_until(cycles, || d.load(Ordering::SeqCst) != 0))
+}
+
 /// Rust entry of an application processor (from boot.rs, on its own stack).
 #[no_mangle]
 extern "C" fn ap_main() -> ! {
@@ -99,6 +127,14 @@ extern "C" fn ap_main() -> ! {
     APIC_IDS[idx].store(apic::id(), Ordering::SeqCst);
     ONLINE.fetch_add(1, Ordering::SeqCst);
     loop {
+        let f = WORK[idx].swap(0, Ordering::SeqCst);
+        if f != 0 {
+            // SAFETY: `run_on` stored the address of a `fn(u64)`, and nothing else is
+            // ever stored in WORK.
+            let f: fn(u64) = unsafe { core::mem::transmute::<usize, fn(u64)>(f as usize) };
+            f(WORK_ARG[idx].load(Ordering::SeqCst));
+            WORK_DONE[idx].store(1, Ordering::SeqCst);
+        }
         crate::cpu::sti_hlt();
     }
 }

@@ -157,6 +157,9 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("opt.soft_int", exc_int),
     // Waits for the host's injected faults (tests/inject.rs drives it).
     ("opt.watch", crate::iommu::watch),
+    // The hostile guest: seeded random actions against every device (probe.seed=).
+    ("hostile.chaos", crate::hostile::chaos),
+    ("hostile.growth", crate::hostile::growth),
     // Always fails: checks that a failure reaches the report and the exit status.
     ("opt.selftest_fail", selftest_fail),
     ("bench.mmio", bench_mmio),
@@ -216,7 +219,9 @@ pub fn run(opts: &Options, rsdp_hint: u64, t0: u64) -> ! {
         .iter()
         .filter(|(name, _)| {
             if opts.tests.is_empty() {
-                !name.starts_with("bench.") && !name.starts_with("opt.")
+                !name.starts_with("bench.")
+                    && !name.starts_with("opt.")
+                    && !name.starts_with("hostile.")
             } else {
                 opts.tests.iter().any(|pat| matches(pat, name))
             }

@@ -399,6 +399,9 @@ impl Vtd {
     /// context entry were invalid (reason 0x3), each recorded as a fault. At most
     /// [`MAX_CONTEXT_FAULTS`] are armed per requester.
     pub fn inject_context_invalid(&self, sid: u16, count: u32) -> Result<(), ArmedTooMany> {
+        if count == 0 {
+            return Ok(());
+        }
         let mut m = lock(&self.context_faults);
         let armed = m.get(&sid).copied().unwrap_or(0);
         let total = armed
@@ -423,9 +426,14 @@ impl Vtd {
         let Some(n) = m.get_mut(&sid) else {
             return false;
         };
-        *n -= 1;
-        if *n == 0 {
+        let left = n.saturating_sub(1);
+        let had = *n > 0;
+        *n = left;
+        if left == 0 {
             m.remove(&sid);
+        }
+        if !had {
+            return false;
         }
         if m.is_empty() {
             self.context_faults_armed.store(false, Ordering::Release);
@@ -1031,5 +1039,7 @@ impl DeviceMmio for VtdMmio {
     }
 }
 
+#[cfg(test)]
+mod isolation;
 #[cfg(test)]
 mod tests;

@@ -589,7 +589,11 @@ fn injected_context_faults_and_storms() {
     // Other devices are untouched.
     r.vtd.inject_context_invalid(0x28, 1).expect("armed");
     h.write(0x1000, &[1]).expect("not this device");
-    // Arming is capped per device, and counts that would overflow are refused.
+    // Arming nothing arms nothing; arming is capped per device, and counts that would
+    // overflow are refused.
+    r.vtd
+        .inject_context_invalid(0x38, 0)
+        .expect("nothing to arm");
     assert!(r.vtd.inject_context_invalid(0x30, u32::MAX).is_err());
     r.vtd
         .inject_context_invalid(0x30, super::MAX_CONTEXT_FAULTS)
