@@ -29,7 +29,8 @@ for t in "${targets[@]}"; do
     [ "${FUZZ_KEEP_CORPUS:-0}" = 1 ] && work="$seeds"
     limit=(-max_total_time="$secs")
     [ -n "${FUZZ_RUNS:-}" ] && limit=(-runs="$FUZZ_RUNS")
-    echo "== fuzz $t (${FUZZ_RUNS:+$FUZZ_RUNS runs}${FUZZ_RUNS:-$secs s})"
+    what="$secs s"; [ -n "${FUZZ_RUNS:-}" ] && what="$FUZZ_RUNS runs"
+    echo "== fuzz $t ($what)"
     log="target/fuzz-$t.log"
     if cargo +nightly fuzz run "$t" "$work" "$seeds" -- "${limit[@]}" -rss_limit_mb=2048 \
         -max_len=65536 -print_final_stats=1 >"$log" 2>&1; then

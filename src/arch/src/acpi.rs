@@ -67,7 +67,7 @@ pub enum AcpiError {
     #[error("cannot write ACPI tables: {0}")]
     Memory(String),
     /// More vCPUs than the MADT's 8-bit APIC IDs allow.
-    #[error("{0} vCPUs do not fit in xAPIC MADT entries (max 255)")]
+    #[error("{0} vCPUs are more than the tables describe (max 4096)")]
     TooManyCpus(u32),
 }
 
@@ -108,8 +108,30 @@ pub fn checksum_ok(table: &[u8]) -> bool {
     table.iter().fold(0u8, |a, b| a.wrapping_add(*b)) == 0
 }
 
+/// Processor Local x2APIC (MADT type 9), for APIC IDs of 255 and above.
+fn local_x2apic(apic_id: u32, uid: u32) -> Vec<u8> {
+    let mut v = vec![9u8, 16, 0, 0];
+    v.extend_from_slice(&apic_id.to_le_bytes());
+    v.extend_from_slice(&1u32.to_le_bytes()); // enabled
+    v.extend_from_slice(&uid.to_le_bytes());
+    v
+}
+
+/// Local x2APIC NMI (MADT type 0xA): processor UID (all ones = all), flags, LINT.
+fn local_x2apic_nmi(uid: u32, flags: u16, lint: u8) -> Vec<u8> {
+    let mut v = vec![0xa, 12];
+    v.extend_from_slice(&flags.to_le_bytes());
+    v.extend_from_slice(&uid.to_le_bytes());
+    v.extend_from_slice(&[lint, 0, 0, 0]);
+    v
+}
+
+/// The largest vCPU count the tables describe (x2APIC IDs are 32-bit; KVM's own limit
+/// is lower).
+pub const MAX_CPUS: u32 = 4096;
+
 fn madt(cfg: &AcpiConfig) -> Result<Vec<u8>, AcpiError> {
-    if cfg.nr_vcpus > 255 {
+    if cfg.nr_vcpus > MAX_CPUS {
         return Err(AcpiError::TooManyCpus(cfg.nr_vcpus));
     }
     let mut m = MADT::new(
@@ -118,7 +140,9 @@ fn madt(cfg: &AcpiConfig) -> Result<Vec<u8>, AcpiError> {
         OEM_REVISION,
         LocalInterruptController::Address(layout::LAPIC_START as u32),
     );
-    for i in 0..cfg.nr_vcpus {
+    // APIC IDs below 255 in Processor Local APIC entries, the rest in Processor Local
+    // x2APIC entries (ACPI 6.4 §5.2.12.12: IDs of 255 and above must use those).
+    for i in 0..cfg.nr_vcpus.min(255) {
         m.add_structure(ProcessorLocalApic::new(
             i as u8,
             i as u8,
@@ -127,6 +151,12 @@ fn madt(cfg: &AcpiConfig) -> Result<Vec<u8>, AcpiError> {
     }
     m.add_structure(IoApic::new(0, cfg.ioapic_address, 0));
     let mut bytes = to_bytes(&m);
+    for i in 255..cfg.nr_vcpus {
+        bytes.extend(local_x2apic(i, i));
+    }
+    if cfg.nr_vcpus > 255 {
+        bytes.extend(local_x2apic_nmi(u32::MAX, 0, 1));
+    }
     // Interrupt source override: ISA IRQ 0 → GSI 2 (conventional; there is no PIT), and
     // the LINT1 NMI of every processor. The MADT flags stay 0: no PC-AT 8259s.
     bytes.extend(iso(0, 0, 2, 0));
@@ -140,11 +170,13 @@ fn madt(cfg: &AcpiConfig) -> Result<Vec<u8>, AcpiError> {
 /// The DMAR table (VT-d §8): host address width `haw_bits`, one DRHD at `reg_base`
 /// with INCLUDE_PCI_ALL (every PCI device is behind it, whatever the topology), and a
 /// device scope for the IOAPIC with MADT ID `ioapic_id` on the pseudo bus 0xFF (source
-/// ID 0xFF00, as QEMU's Q35). No interrupt remapping flag, no RMRR, no ATSR.
-pub fn dmar(haw_bits: u8, reg_base: u64, ioapic_id: u8) -> Vec<u8> {
+/// ID 0xFF00, as QEMU's Q35), which interrupt remapping needs. `intr_remap` sets the
+/// INTR_REMAP flag (the x2APIC opt-out flag stays clear). No RMRR, no ATSR.
+pub fn dmar(haw_bits: u8, reg_base: u64, ioapic_id: u8, intr_remap: bool) -> Vec<u8> {
     let mut t = Sdt::new(*b"DMAR", 36, 1, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     t.append(haw_bits.saturating_sub(1)); // HAW is width - 1
-    t.append(0u8); // flags
+                                          // Flags: bit 0 INTR_REMAP; bit 1 (X2APIC_OPT_OUT) clear.
+    t.append(u8::from(intr_remap));
     t.append_slice(&[0u8; 10]);
     // DRHD: type 0, length 16 + one 8-byte scope, INCLUDE_PCI_ALL, size 0 (4 KiB),
     // segment 0, register base.
@@ -436,6 +468,37 @@ mod tests {
     }
 
     #[test]
+    fn madt_uses_x2apic_entries_from_apic_id_255() {
+        let m = mem();
+        let p = parse(&m, create_acpi_tables(&m, &cfg(300)).expect("tables"));
+        let t = get(&p, b"APIC");
+        let mut off = 44;
+        let (mut xapic, mut x2apic, mut x2nmi) = (Vec::new(), Vec::new(), 0);
+        while off < t.len() {
+            let (ty, len) = (t[off], usize::from(t[off + 1]));
+            match ty {
+                0 => xapic.push(u32::from(t[off + 3])),
+                9 => {
+                    assert_eq!(len, 16);
+                    x2apic.push(u32::from_le_bytes(
+                        t[off + 4..off + 8].try_into().expect("4"),
+                    ));
+                    assert_eq!(t[off + 8] & 1, 1, "enabled");
+                }
+                0xa => {
+                    assert_eq!(len, 12);
+                    x2nmi += 1;
+                }
+                _ => {}
+            }
+            off += len;
+        }
+        assert_eq!(xapic, (0..255).collect::<Vec<_>>());
+        assert_eq!(x2apic, (255..300).collect::<Vec<_>>());
+        assert_eq!(x2nmi, 1, "one x2APIC NMI structure for all");
+    }
+
+    #[test]
     fn mcfg_and_dsdt_contents() {
         let m = mem();
         let p = parse(&m, create_acpi_tables(&m, &cfg(1)).expect("tables"));
@@ -464,7 +527,8 @@ mod tests {
 
     #[test]
     fn dmar_layout() {
-        let d = dmar(48, 0xfed9_0000, 0);
+        assert_eq!(dmar(48, 0xfed9_0000, 0, false)[37], 0, "no INTR_REMAP");
+        let d = dmar(48, 0xfed9_0000, 0, true);
         assert_eq!(&d[0..4], b"DMAR");
         assert_eq!(d.len(), 48 + 16 + 8, "72 bytes: header, DRHD, IOAPIC scope");
         assert_eq!(
@@ -473,7 +537,7 @@ mod tests {
         );
         assert!(checksum_ok(&d));
         assert_eq!(d[36], 47, "HAW = width - 1");
-        assert_eq!(d[37], 0, "no INTR_REMAP");
+        assert_eq!(d[37], 1, "INTR_REMAP, no x2APIC opt-out");
         let drhd = &d[48..];
         assert_eq!(
             (drhd[0], drhd[2], drhd[4]),
@@ -491,8 +555,8 @@ mod tests {
     fn limits() {
         let m = mem();
         assert!(matches!(
-            create_acpi_tables(&m, &cfg(300)),
-            Err(AcpiError::TooManyCpus(300))
+            create_acpi_tables(&m, &cfg(5000)),
+            Err(AcpiError::TooManyCpus(5000))
         ));
         let mut c = cfg(1);
         c.extra_tables.push(vec![0u8; 200 * 1024]);

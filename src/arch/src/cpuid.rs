@@ -52,7 +52,8 @@ pub fn configure(cpuid: &mut CpuId, vcpu_id: u32, nr_vcpus: u32) {
     for e in cpuid.as_mut_slice().iter_mut() {
         match e.function {
             0x1 => {
-                e.ebx = (e.ebx & 0x0000_ffff) | (apic_id << 24) | (nr.min(255) << 16);
+                // Leaf 1 holds the low 8 bits of the APIC ID (leaf 0xB has all 32).
+                e.ebx = (e.ebx & 0x0000_ffff) | ((apic_id & 0xff) << 24) | (nr.min(255) << 16);
                 e.ecx |= LEAF1_ECX_HYPERVISOR;
                 if nr > 1 {
                     e.edx |= LEAF1_EDX_HTT;

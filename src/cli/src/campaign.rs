@@ -399,7 +399,7 @@ fn parse(
             }),
         ]);
         if let Some(i) = &e.iommu {
-            i.parse::<vmm::IommuMode>().map_err(|m| err("iommu", m))?;
+            i.parse::<vmm::IommuConfig>().map_err(|m| err("iommu", m))?;
             args.extend(["--iommu".into(), i.clone()]);
         }
         let repeat = e.repeat.unwrap_or(1).clamp(1, 1000);

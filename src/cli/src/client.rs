@@ -32,6 +32,9 @@ pub enum FaultKind {
     SpuriousIrq,
     /// --rate-hz interrupts per second on --vector at --cpu for --duration-ms.
     IrqStorm,
+    /// The next --count interrupts of --device, --pin or --index fail their interrupt
+    /// remapping lookup with --reason (recorded as a fault; nothing delivered).
+    IrteFault,
 }
 
 impl FaultKind {
@@ -46,6 +49,7 @@ impl FaultKind {
             Self::DuplicateIrq => "duplicate-irq",
             Self::SpuriousIrq => "spurious-irq",
             Self::IrqStorm => "irq-storm",
+            Self::IrteFault => "irte-fault",
         }
     }
 }
@@ -56,6 +60,7 @@ Examples (the VM runs with --api-socket /tmp/fv.sock):
   faultvisor inject --api-socket /tmp/fv.sock fault-storm --device 00:04.0 --count 40
   faultvisor inject --api-socket /tmp/fv.sock drop-irq --vector 0x41 --count 3
   faultvisor inject --api-socket /tmp/fv.sock irq-storm --vector 0x41 --cpu 0 --rate-hz 10000 --duration-ms 500
+  faultvisor inject --api-socket /tmp/fv.sock irte-fault --device 00:05.0 --reason not-present --count 1
 
 Exit status: 0 when the VMM accepted the fault (its answer is printed as JSON), 1 when it
 refused it (the message names the field), 2 when the VMM cannot be reached.";
@@ -108,6 +113,13 @@ pub struct InjectArgs {
     /// Storm length (irq-storm).
     #[arg(long, default_value_t = 100)]
     pub duration_ms: u64,
+    /// Interrupt remapping table index (irte-fault).
+    #[arg(long, value_name = "N")]
+    pub index: Option<String>,
+    /// IRTE fault reason (irte-fault): not-present, bad-sid, reserved, index, table,
+    /// compat, request, or a code 0x20..0x26.
+    #[arg(long, default_value = "not-present")]
+    pub reason: String,
 }
 
 /// Arguments of `faultvisor stats`.
@@ -173,6 +185,19 @@ pub fn inject_body(a: &InjectArgs) -> serde_json::Value {
             if a.fault == FaultKind::DuplicateIrq {
                 set(&mut b, "copies", json!(a.copies));
             }
+        }
+        FaultKind::IrteFault => {
+            if let Some(d) = &a.device {
+                set(&mut b, "device", json!(d));
+            }
+            if let Some(p) = a.pin {
+                set(&mut b, "pin", json!(p));
+            }
+            if let Some(i) = &a.index {
+                set(&mut b, "index", num(i));
+            }
+            set(&mut b, "count", json!(a.count));
+            set(&mut b, "reason", json!(a.reason));
         }
         FaultKind::SpuriousIrq | FaultKind::IrqStorm => {
             if let Some(v) = &a.vector {

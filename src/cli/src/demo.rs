@@ -165,7 +165,7 @@ pub fn run(args: &DemoArgs, start: Instant) -> Result<i32, CliError> {
                 bdf: None,
             },
         ],
-        iommu: vmm::IommuMode::Auto,
+        iommu: vmm::IommuConfig::default(),
         api_socket: args.api_socket.clone(),
         metrics_file: None,
         trace_file: None,

@@ -118,9 +118,11 @@ pub struct RunArgs {
     #[arg(long = "device", value_name = "KIND[,bdf=00:DD.0]", value_parser = parse_device)]
     pub devices: Vec<vmm::DeviceSpec>,
     /// IOMMU: intel (an emulated VT-d unit and its DMAR table), off, or auto (intel
-    /// when a device does DMA, such as edu).
-    #[arg(long, value_name = "MODE", default_value = "auto", value_parser = parse_iommu)]
-    pub iommu: vmm::IommuMode,
+    /// when a device does DMA, such as edu); options after commas:
+    /// intremap=on|off (interrupt remapping offered, default on), ioapic-sid=strict|any
+    /// (verify IOAPIC messages' source ID, default strict), caching=simple|exact.
+    #[arg(long, value_name = "MODE[,OPT=V]", default_value = "auto", value_parser = parse_iommu)]
+    pub iommu: vmm::IommuConfig,
     /// Serve the control API (HTTP/1.1 + JSON) on this Unix socket: `faultvisor inject`
     /// and `faultvisor stats` talk to it.
     #[arg(long, value_name = "PATH")]
@@ -143,7 +145,7 @@ pub(crate) fn parse_seccomp(s: &str) -> Result<vmm::seccomp::SeccompMode, String
     s.parse()
 }
 
-fn parse_iommu(s: &str) -> Result<vmm::IommuMode, String> {
+fn parse_iommu(s: &str) -> Result<vmm::IommuConfig, String> {
     s.parse()
 }
 

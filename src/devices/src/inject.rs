@@ -18,12 +18,14 @@ use crate::sync::lock;
 /// Which interrupts a rule matches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IrqTarget {
-    /// Every message with this vector.
+    /// Every message with this vector (of the message as the source sends it).
     Vector(u8),
     /// Every MSI/MSI-X message of this requester ID.
     Device(u16),
     /// Every message of this IOAPIC pin.
     Pin(u8),
+    /// Every remappable-format message that looks up this interrupt index.
+    Index(u16),
 }
 
 impl IrqTarget {
@@ -32,6 +34,7 @@ impl IrqTarget {
             (Self::Vector(v), _) => msg.vector() == v,
             (Self::Device(d), MsiSource::Pci { bdf, .. }) => bdf == d,
             (Self::Pin(p), MsiSource::Ioapic { pin }) => pin == p,
+            (Self::Index(i), _) => crate::iommu::ir::index_of(msg) == Some(u32::from(i)),
             _ => false,
         }
     }
@@ -46,6 +49,9 @@ pub enum IrqAction {
     Delay(Duration),
     /// It arrives, then this many copies more.
     Duplicate(u32),
+    /// Its interrupt-remapping lookup fails with this reason (recorded as a fault by
+    /// the VT-d unit, as if its IRTE said so); nothing is delivered.
+    IrteFault(crate::iommu::ir::IrFaultReason),
 }
 
 /// The verdict for one interrupt.
@@ -73,6 +79,8 @@ pub struct IrqFaultStats {
     pub delayed: u64,
     /// Interrupts duplicated (each counts once).
     pub duplicated: u64,
+    /// Interrupts blocked by an injected IRTE fault.
+    pub irte_faults: u64,
 }
 
 /// Rules armed at once, at most.
@@ -100,7 +108,7 @@ impl IrqAction {
     /// Interrupts one use of the rule schedules for later.
     fn scheduled(self) -> u64 {
         match self {
-            Self::Drop => 0,
+            Self::Drop | Self::IrteFault(_) => 0,
             Self::Delay(_) => 1,
             Self::Duplicate(n) => u64::from(n),
         }
@@ -118,7 +126,7 @@ pub struct IrqFaults {
     vectors: [AtomicU64; 4],
     /// Pins that a rule targets.
     pins: AtomicU64,
-    /// Rules that target a device.
+    /// Rules that target a device or an interrupt index.
     device_rules: AtomicU32,
     /// Interrupts reserved by armed rules or waiting in the scheduler.
     pending: AtomicU64,
@@ -169,7 +177,7 @@ impl IrqFaults {
             match rule.target {
                 IrqTarget::Vector(v) => vectors[usize::from(v / 64)] |= 1 << (v % 64),
                 IrqTarget::Pin(p) => pins |= 1u64.checked_shl(u32::from(p)).unwrap_or(0),
-                IrqTarget::Device(_) => devices += 1,
+                IrqTarget::Device(_) | IrqTarget::Index(_) => devices += 1,
             }
         }
         for (a, v) in self.vectors.iter().zip(vectors) {
@@ -189,6 +197,8 @@ impl IrqFaults {
             MsiSource::Ioapic { pin } => {
                 self.pins.load(Ordering::Acquire) & 1u64.checked_shl(u32::from(pin)).unwrap_or(0)
                     != 0
+                    // Index rules match IOAPIC messages too (remappable entries).
+                    || self.device_rules.load(Ordering::Acquire) > 0
             }
             MsiSource::Pci { .. } => self.device_rules.load(Ordering::Acquire) > 0,
             MsiSource::Platform => false,
@@ -249,6 +259,7 @@ impl IrqFaults {
             IrqAction::Drop => s.dropped += 1,
             IrqAction::Delay(_) => s.delayed += 1,
             IrqAction::Duplicate(_) => s.duplicated += 1,
+            IrqAction::IrteFault(_) => s.irte_faults += 1,
         }
         Some(action)
     }
@@ -312,7 +323,8 @@ mod tests {
             IrqFaultStats {
                 dropped: 2,
                 delayed: 1,
-                duplicated: 1
+                duplicated: 1,
+                irte_faults: 0
             }
         );
         assert_eq!(f.decide(MsiSource::Platform, &msg(0x41)), None);

@@ -88,6 +88,9 @@ pub trait InterruptController: Send + Sync {
     /// Sends one message that has no GSI (a device's DMA write to the interrupt range,
     /// the IOMMU's invalidation completion event, injected interrupts).
     fn signal_msi(&self, source: MsiSource, msg: MsiMessage) -> Result<(), InterruptError>;
+    /// The interrupt remapping unit changed what messages translate to (an interrupt
+    /// entry cache invalidation, IRE, CFI or a new table): routes are looked up again.
+    fn remap_changed(&self) {}
 }
 
 /// What [`RecordingController`] saw.

@@ -19,8 +19,14 @@
 //! | 14    | remote IRR                 | RO     |
 //! | 15    | trigger mode (1 = level)   | RW     |
 //! | 16    | mask                       | RW     |
-//! | 55:48 | extended destination ID    | RW     |
+//! | 48    | format (1 = remappable)    | RW     |
+//! | 55:49 | extended destination ID    | RW     |
 //! | 63:56 | destination                | RW     |
+//!
+//! In remappable format (bit 48, VT-d §5.1.5.1) bits 63:49 are the interrupt index
+//! bits 14:0 and bit 11 is index bit 15; the vector field holds what Linux puts there
+//! (the pin number), which the EOI register matches, and the trigger mode bit keeps its
+//! meaning for remote IRR.
 
 use std::sync::{Arc, Mutex};
 
@@ -63,7 +69,8 @@ const POLARITY_BIT: u64 = 1 << 13;
 const REMOTE_IRR_BIT: u64 = 1 << 14;
 const TRIGGER_LEVEL_BIT: u64 = 1 << 15;
 const MASK_BIT: u64 = 1 << 16;
-const EXT_DEST_SHIFT: u32 = 48;
+const EXT_DEST_SHIFT: u32 = 49;
+const REMAPPABLE_BIT: u64 = 1 << 48;
 const DEST_SHIFT: u32 = 56;
 /// Bits the guest may write (everything but delivery status and remote IRR).
 const RTE_WRITABLE: u64 = !(DELIVERY_STATUS_BIT | REMOTE_IRR_BIT) & 0xffff_0000_0001_ffff;
@@ -105,16 +112,35 @@ impl RedirectionEntry {
     pub fn masked(self) -> bool {
         self.0 & MASK_BIT != 0
     }
+    /// Whether the entry is in remappable format (bit 48).
+    pub fn remappable(self) -> bool {
+        self.0 & REMAPPABLE_BIT != 0
+    }
+
+    /// The interrupt index of a remappable-format entry.
+    pub fn index(self) -> u16 {
+        (((self.0 >> 49) & 0x7fff) as u16) | ((((self.0 >> 11) & 1) as u16) << 15)
+    }
+
     /// Destination APIC ID, with the extended destination ID bits Linux uses on KVM
-    /// (`KVM_FEATURE_MSI_EXT_DEST_ID`) as bits 14:8.
+    /// (`KVM_FEATURE_MSI_EXT_DEST_ID`, bits 55:49) as bits 14:8.
     pub fn destination(self) -> u32 {
         let low = ((self.0 >> DEST_SHIFT) & 0xff) as u32;
         let ext = ((self.0 >> EXT_DEST_SHIFT) & 0x7f) as u32;
         low | (ext << 8)
     }
 
-    /// The MSI message this entry sends (Intel SDM vol. 3 §11.11 format).
+    /// The MSI message this entry sends: compatibility format (Intel SDM vol. 3
+    /// §11.11), or in remappable format the request VT-d looks up (index in address
+    /// bits 19:5 and 2, format bit 4, no sub-handle), with the entry's low half as data.
     pub fn to_msi(self) -> MsiMessage {
+        if self.remappable() {
+            let i = u64::from(self.index());
+            return MsiMessage {
+                address: MSI_ADDRESS_BASE | ((i & 0x7fff) << 5) | (1 << 4) | ((i >> 15) << 2),
+                data: (self.0 & 0xffff & !(DELIVERY_STATUS_BIT | REMOTE_IRR_BIT)) as u32,
+            };
+        }
         let dest = self.destination();
         // Address bits 19:12 destination ID, bits 11:5 extended destination ID,
         // bit 2 destination mode. Data bits 7:0 vector, 10:8 delivery mode,

@@ -17,7 +17,7 @@ use crate::tests::{bsp_apic, Ctx, QUIET, SOON};
 use crate::{apic, check, fail};
 
 /// Registers (offsets in the 4 KiB page).
-mod reg {
+pub(crate) mod reg {
     pub const CAP: u64 = 0x08;
     pub const ECAP: u64 = 0x10;
     pub const GCMD: u64 = 0x18;
@@ -37,16 +37,17 @@ mod reg {
     pub const IEDATA: u64 = 0xa4;
     pub const IEADDR: u64 = 0xa8;
     pub const IEUADDR: u64 = 0xac;
+    pub const IRTA: u64 = 0xb8;
 }
 
-const TE: u32 = 1 << 31;
-const SRTP: u32 = 1 << 30;
-const QIE: u32 = 1 << 26;
+pub(crate) const TE: u32 = 1 << 31;
+pub(crate) const SRTP: u32 = 1 << 30;
+pub(crate) const QIE: u32 = 1 << 26;
 const PFO: u32 = 1 << 0;
-const PPF: u32 = 1 << 1;
-const IQE: u32 = 1 << 4;
+pub(crate) const PPF: u32 = 1 << 1;
+pub(crate) const IQE: u32 = 1 << 4;
 /// The fault-event vector.
-const FAULT_VECTOR: u8 = 0xa8;
+pub(crate) const FAULT_VECTOR: u8 = 0xa8;
 /// An address no RAM backs (beyond any probe VM's memory, below 2^48).
 const NOWHERE: u64 = 0x7f00_0000_0000;
 
@@ -56,14 +57,14 @@ static GCMD: AtomicU32 = AtomicU32::new(0);
 /// The remapping unit.
 #[derive(Clone, Copy, Debug)]
 pub struct Unit {
-    base: u64,
-    fro: u64,
-    nfr: u32,
+    pub(crate) base: u64,
+    pub(crate) fro: u64,
+    pub(crate) nfr: u32,
     iro: u64,
 }
 
 impl Unit {
-    fn new(d: &Dmar) -> Self {
+    pub(crate) fn new(d: &Dmar) -> Self {
         let mut u = Self {
             base: d.base,
             fro: 0,
@@ -77,27 +78,27 @@ impl Unit {
         u
     }
 
-    fn r32(&self, off: u64) -> u32 {
+    pub(crate) fn r32(&self, off: u64) -> u32 {
         mmio_read32(self.base + off)
     }
 
-    fn w32(&self, off: u64, v: u32) {
+    pub(crate) fn w32(&self, off: u64, v: u32) {
         mmio_write32(self.base + off, v)
     }
 
-    fn r64(&self, off: u64) -> u64 {
+    pub(crate) fn r64(&self, off: u64) -> u64 {
         // SAFETY: the register page is identity-mapped MMIO; VT-d takes 8-byte accesses.
         unsafe { core::ptr::read_volatile((self.base + off) as *const u64) }
     }
 
-    fn w64(&self, off: u64, v: u64) {
+    pub(crate) fn w64(&self, off: u64, v: u64) {
         // SAFETY: as for `r64`.
         unsafe { core::ptr::write_volatile((self.base + off) as *mut u64, v) }
     }
 
     /// Issues a GCMD with the persistent bits plus `one_shot`, then waits for `want`
     /// in GSTS; returns whether GSTS had it right after the write.
-    fn command(&self, one_shot: u32, want: u32, want_set: bool) -> bool {
+    pub(crate) fn command(&self, one_shot: u32, want: u32, want_set: bool) -> bool {
         self.w32(reg::GCMD, GCMD.load(Ordering::SeqCst) | one_shot);
         let ok = |g: u32| (g & want != 0) == want_set;
         let immediate = ok(self.r32(reg::GSTS));
@@ -105,7 +106,7 @@ impl Unit {
         immediate
     }
 
-    fn set_persistent(&self, bit: u32, on: bool) -> bool {
+    pub(crate) fn set_persistent(&self, bit: u32, on: bool) -> bool {
         if on {
             GCMD.fetch_or(bit, Ordering::SeqCst);
         } else {
@@ -114,13 +115,13 @@ impl Unit {
         self.command(0, bit, on)
     }
 
-    fn set_root(&self, root: u64) -> bool {
+    pub(crate) fn set_root(&self, root: u64) -> bool {
         self.w64(reg::RTADDR, root);
         self.command(SRTP, SRTP, true)
     }
 
     /// Global context-cache and IOTLB invalidation through the registers.
-    fn invalidate(&self) {
+    pub(crate) fn invalidate(&self) {
         self.w64(reg::CCMD, 1 << 63 | 1 << 61);
         wait_until(100_000_000, || self.r64(reg::CCMD) >> 63 == 0);
         let iotlb = self.iro + 8;
@@ -128,12 +129,12 @@ impl Unit {
         wait_until(100_000_000, || self.r64(iotlb) >> 63 == 0);
     }
 
-    fn fsts(&self) -> u32 {
+    pub(crate) fn fsts(&self) -> u32 {
         self.r32(reg::FSTS)
     }
 
     /// Fault record `i`: (page address, source ID, reason, read, F).
-    fn record(&self, i: u32) -> (u64, u16, u8, bool, bool) {
+    pub(crate) fn record(&self, i: u32) -> (u64, u16, u8, bool, bool) {
         let at = self.fro + 16 * u64::from(i);
         let lo = self.r64(at);
         let sid = (self.r32(at + 8) & 0xffff) as u16;
@@ -148,7 +149,7 @@ impl Unit {
     }
 
     /// Clears every F bit and the W1C status bits, as Linux's handler does.
-    fn clear_faults(&self) {
+    pub(crate) fn clear_faults(&self) {
         for i in 0..self.nfr {
             self.w32(self.fro + 16 * u64::from(i) + 12, 1 << 31);
         }
@@ -156,7 +157,7 @@ impl Unit {
     }
 
     /// Points the fault event at the BSP's `FAULT_VECTOR` and unmasks it.
-    fn fault_event_to_bsp(&self, masked: bool) {
+    pub(crate) fn fault_event_to_bsp(&self, masked: bool) {
         self.w32(reg::FEDATA, u32::from(FAULT_VECTOR));
         self.w32(reg::FEADDR, apic::msi_address(bsp_apic()) as u32);
         self.w32(reg::FEUADDR, 0);
@@ -172,12 +173,12 @@ const POOL_PAGES: usize = 96;
 static mut POOL: Pool = Pool([0; POOL_PAGES * 4096]);
 static NEXT_PAGE: AtomicUsize = AtomicUsize::new(0);
 
-fn pool_reset() {
+pub(crate) fn pool_reset() {
     NEXT_PAGE.store(0, Ordering::SeqCst);
 }
 
 /// A zeroed, identity-mapped 4 KiB page (guest-physical = virtual).
-fn page() -> u64 {
+pub(crate) fn page() -> u64 {
     let i = NEXT_PAGE.fetch_add(1, Ordering::SeqCst);
     if i >= POOL_PAGES {
         crate::println!("Bail out! probe table pool exhausted");
@@ -190,12 +191,12 @@ fn page() -> u64 {
     addr
 }
 
-fn w64(addr: u64, v: u64) {
+pub(crate) fn w64(addr: u64, v: u64) {
     // SAFETY: `addr` is inside a pool page (identity-mapped RAM the probe owns).
     unsafe { core::ptr::write_volatile(addr as *mut u64, v) }
 }
 
-fn r64(addr: u64) -> u64 {
+pub(crate) fn r64(addr: u64) -> u64 {
     // SAFETY: as for `w64`.
     unsafe { core::ptr::read_volatile(addr as *const u64) }
 }
@@ -272,15 +273,15 @@ impl Tables {
 
 // ---------------------------------------------------------------- edu
 
-const EDU_BUF: u64 = 0x40000;
+pub(crate) const EDU_BUF: u64 = 0x40000;
 /// Bytes per test transfer: QEMU's edu refuses (aborts the VM on) a transfer that ends
 /// exactly at the end of its 4 KiB buffer, so stay below it.
 const XFER: u64 = 2048;
 
 #[derive(Clone, Copy)]
-struct Edu {
-    sid: u16,
-    bar: u64,
+pub(crate) struct Edu {
+    pub(crate) sid: u16,
+    pub(crate) bar: u64,
 }
 
 impl Edu {
@@ -291,7 +292,7 @@ impl Edu {
 
     /// Runs one transfer: RAM → device buffer (`to_ram` false) or back. Returns the
     /// command register after it and faultvisor's error register (0xffffffff on QEMU).
-    fn dma(&self, src: u64, dst: u64, len: u64, to_ram: bool) -> (u32, u32) {
+    pub(crate) fn dma(&self, src: u64, dst: u64, len: u64, to_ram: bool) -> (u32, u32) {
         self.w64(0x80, src);
         self.w64(0x88, dst);
         self.w64(0x90, len);
@@ -311,7 +312,7 @@ impl Edu {
 }
 
 /// Everything a VT-d scenario needs, with translation off and faults cleared.
-fn setup(c: &Ctx) -> Result<(Unit, Edu), Outcome> {
+pub(crate) fn setup(c: &Ctx) -> Result<(Unit, Edu), Outcome> {
     let Some(d) = c.p.dmar else {
         return Err(Outcome::Skip(
             "no DMAR table (faultvisor run --device edu)".into(),
@@ -336,7 +337,7 @@ fn setup(c: &Ctx) -> Result<(Unit, Edu), Outcome> {
     Ok((u, Edu { sid: sid(bdf), bar }))
 }
 
-fn sid(b: Bdf) -> u16 {
+pub(crate) fn sid(b: Bdf) -> u16 {
     (u16::from(b.bus) << 8) | (u16::from(b.dev) << 3) | u16::from(b.func)
 }
 

@@ -31,6 +31,7 @@ mod hostile;
 mod idt;
 mod ioapic;
 mod iommu;
+mod ir;
 mod pci;
 mod serial;
 mod smp;

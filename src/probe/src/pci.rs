@@ -230,12 +230,19 @@ impl Msi {
     /// Programs address/data for `n` (power of two) vectors starting at `vector` and
     /// enables MSI.
     pub fn enable(&self, dest: u32, vector: u8, n: u32) {
-        let addr = crate::apic::msi_address(dest);
+        self.enable_raw(crate::apic::msi_address(dest), u16::from(vector), n);
+    }
+
+    /// Programs a raw message (e.g. remappable format) for `n` vectors and enables MSI.
+    pub fn enable_raw(&self, addr: u64, data: u16, n: u32) {
+        if self.has_mask() {
+            self.set_mask(0);
+        }
         self.bdf.write32(self.cap + 4, addr as u32);
         if self.is_64bit() {
             self.bdf.write32(self.cap + 8, (addr >> 32) as u32);
         }
-        self.bdf.write16(self.data_off(), u16::from(vector));
+        self.bdf.write16(self.data_off(), data);
         let mme = n.max(1).trailing_zeros() as u16;
         let ctl = (self.control() & !(0x7 << 4)) | (mme << 4) | 1;
         self.bdf.write16(self.cap + 2, ctl);
@@ -299,6 +306,15 @@ impl Msix {
         mmio_write32(e + 4, (a >> 32) as u32);
         mmio_write32(e + 8, u32::from(vector));
         mmio_write32(e + 12, u32::from(masked));
+    }
+
+    /// Programs entry `i` with a raw message, unmasked.
+    pub fn program_raw(&self, i: u16, addr: u64, data: u32) {
+        let e = self.table + 16 * u64::from(i);
+        mmio_write32(e, addr as u32);
+        mmio_write32(e + 4, (addr >> 32) as u32);
+        mmio_write32(e + 8, data);
+        mmio_write32(e + 12, 0);
     }
 
     /// Sets entry `i`'s mask bit.

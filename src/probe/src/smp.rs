@@ -5,8 +5,8 @@ use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use crate::cpu::{cpu_index_from_rsp, delay, wait_until};
 use crate::{apic, boot, idt};
 
-/// CPUs the probe drives.
-pub const MAX_CPUS: usize = 8;
+/// CPUs the probe drives (x2APIC IDs beyond 255 included).
+pub const MAX_CPUS: usize = 1024;
 /// Stack bytes per CPU.
 pub const STACK_SIZE: usize = 32 * 1024;
 

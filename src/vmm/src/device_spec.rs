@@ -158,3 +158,105 @@ impl IommuMode {
         }
     }
 }
+
+/// How the DMA side of the unit caches translations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Caching {
+    /// Every invalidation empties every cache (never stale, never a missed flush).
+    #[default]
+    Simple,
+    /// Cached context entries and IOTLB entries stay until exactly the invalidation the
+    /// spec requires, and every use of one whose table changed meanwhile is reported.
+    Exact,
+}
+
+/// `--iommu MODE[,OPTION=VALUE]...`: the unit and its options.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IommuConfig {
+    /// Whether there is a unit.
+    pub mode: IommuMode,
+    /// Offer interrupt remapping (ECAP.IR and EIM, the DMAR INTR_REMAP flag).
+    pub no_intremap: bool,
+    /// How IOAPIC messages' source IDs are verified under interrupt remapping.
+    pub ioapic_sid: devices::iommu::IoapicSidCheck,
+    /// DMA translation caching.
+    pub caching: Caching,
+}
+
+impl FromStr for IommuConfig {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut parts = s.split(',');
+        let mut c = IommuConfig {
+            mode: parts.next().unwrap_or("").parse()?,
+            ..Default::default()
+        };
+        for p in parts {
+            let (k, v) = p
+                .split_once('=')
+                .ok_or_else(|| format!("'{p}' is not an IOMMU option (KEY=VALUE)"))?;
+            match (k, v) {
+                ("intremap", "on") => c.no_intremap = false,
+                ("intremap", "off") => c.no_intremap = true,
+                ("ioapic-sid", "strict") => c.ioapic_sid = devices::iommu::IoapicSidCheck::Strict,
+                ("ioapic-sid", "any") => c.ioapic_sid = devices::iommu::IoapicSidCheck::Any,
+                ("caching", "simple") => c.caching = Caching::Simple,
+                ("caching", "exact") => c.caching = Caching::Exact,
+                ("intremap" | "ioapic-sid" | "caching", _) => {
+                    return Err(format!(
+                        "'{v}' is not a value of IOMMU option {k} ({})",
+                        match k {
+                            "intremap" => "on or off",
+                            "ioapic-sid" => "strict or any",
+                            _ => "simple or exact",
+                        }
+                    ))
+                }
+                _ => {
+                    return Err(format!(
+                        "'{k}' is not an IOMMU option (intremap, ioapic-sid, caching)"
+                    ))
+                }
+            }
+        }
+        if c.mode == IommuMode::Off && s.contains(',') {
+            return Err("IOMMU options need an IOMMU (intel or auto)".into());
+        }
+        Ok(c)
+    }
+}
+
+impl IommuConfig {
+    /// Whether a VM with `devices` gets the unit.
+    pub fn enabled(self, devices: &[DeviceSpec]) -> bool {
+        self.mode.enabled(devices)
+    }
+}
+
+#[cfg(test)]
+mod iommu_config_tests {
+    use super::*;
+
+    #[test]
+    fn options_parse_and_errors_name_them() {
+        let c: IommuConfig = "intel,ioapic-sid=any,caching=exact,intremap=off"
+            .parse()
+            .expect("valid");
+        assert_eq!(c.mode, IommuMode::Intel);
+        assert!(c.no_intremap);
+        assert_eq!(c.caching, Caching::Exact);
+        assert_eq!(c.ioapic_sid, devices::iommu::IoapicSidCheck::Any);
+        assert_eq!("auto".parse::<IommuConfig>(), Ok(IommuConfig::default()));
+        for (bad, want) in [
+            ("intel,colour=red", "'colour' is not an IOMMU option"),
+            ("intel,caching=lazy", "not a value of IOMMU option caching"),
+            ("intel,ioapic-sid", "not an IOMMU option (KEY=VALUE)"),
+            ("off,caching=exact", "need an IOMMU"),
+            ("amd", "not an IOMMU mode"),
+        ] {
+            let e = bad.parse::<IommuConfig>().expect_err(bad);
+            assert!(e.contains(want), "{bad}: {e}");
+        }
+    }
+}

@@ -4,7 +4,13 @@
 //! `KVM_EXIT_IOAPIC_EOI`); MSI and MSI-X vectors get GSIs from 24 up.
 //!
 //! Every MSI message enters KVM through [`KvmIrqController::program_msi`], the single
-//! place where interrupt remapping will translate or block it.
+//! place where interrupt remapping translates or blocks it: with the VT-d unit's IRE on,
+//! a route holds the message its IRTE translates to (looked up when the device
+//! programs it and again after every interrupt entry cache invalidation, so a KVM route
+//! is a cached IRTE, stale until the guest invalidates, as on hardware), and a message
+//! whose lookup fails gets no route: each time its source raises it, the fault is
+//! recorded in the unit's fault-recording registers and nothing is delivered. Messages
+//! without a GSI (DMA writes to the interrupt range) are looked up as they are sent.
 //!
 //! A route that KVM refuses (for instance address bits 39:32 set under the x2APIC API,
 //! which KVM reserves) never enters the table: the table stays as it was, the GSI's
@@ -19,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use devices::inject::{IrqAction, IrqFaults};
 use devices::interrupt::{InterruptController, InterruptError, MsiMessage, MsiSource};
+use devices::iommu::ir::{IrFault, IrFaultReason};
 use devices::limits::{self, Cap};
 use devices::sync::{lock, read, write};
 use kvm_bindings::{
@@ -49,8 +56,13 @@ pub struct KvmIrqController {
     max_gsi: u32,
     routes: Mutex<Routes>,
     irqfds: Arc<RwLock<HashMap<u32, EventFd>>>,
-    /// Per GSI: its last route was refused by KVM, so its messages are dropped.
-    refused: Vec<AtomicBool>,
+    /// Per GSI: 0 when it routes; else why its messages are dropped: [`REFUSED`], or
+    /// [`IR_FAULT`] with the lookup's fault encoded (see [`encode_fault`]).
+    blocked: Vec<AtomicU64>,
+    /// The interrupt remapping unit, when the VM has one.
+    remapper: std::sync::OnceLock<Arc<devices::iommu::Vtd>>,
+    /// Messages blocked by interrupt remapping.
+    ir_blocked: AtomicU64,
     /// Messages dropped because their route was refused.
     refused_drops: AtomicU64,
     later: Arc<Later>,
@@ -104,9 +116,11 @@ impl KvmIrqController {
                 next_gsi: IOAPIC_GSIS,
             }),
             irqfds: Arc::new(RwLock::new(HashMap::new())),
-            refused: (0..=max_routes.max(IOAPIC_GSIS))
-                .map(|_| AtomicBool::new(false))
+            blocked: (0..=max_routes.max(IOAPIC_GSIS))
+                .map(|_| AtomicU64::new(0))
                 .collect(),
+            remapper: std::sync::OnceLock::new(),
+            ir_blocked: AtomicU64::new(0),
             refused_drops: AtomicU64::new(0),
             later: Arc::new(Later::new()),
             sources: RwLock::new(HashMap::new()),
@@ -199,17 +213,57 @@ impl KvmIrqController {
         self.vm.set_gsi_routing(&table).map_err(hv)
     }
 
-    /// The one entry point of MSI messages into KVM. Interrupt remapping will sit here;
-    /// today the message passes unchanged. (Injected interrupt faults apply in
-    /// `trigger`, to raised messages, not to routes.)
-    pub fn program_msi(&self, _source: MsiSource, msg: MsiMessage) -> Option<MsiMessage> {
-        Some(msg)
+    /// Routes messages through `vtd`'s interrupt remapping from now on.
+    pub fn attach_remapper(&self, vtd: Arc<devices::iommu::Vtd>) {
+        let _ = self.remapper.set(vtd);
+    }
+
+    /// Messages blocked by interrupt remapping (each one a fault attempt).
+    pub fn ir_blocked(&self) -> u64 {
+        self.ir_blocked.load(Ordering::Relaxed)
+    }
+
+    /// The one entry point of MSI messages into KVM: the message to deliver for `msg`
+    /// from `source`, or the interrupt-remapping fault that blocks it. (Injected
+    /// interrupt faults apply in `trigger`, to raised messages, not to routes.)
+    pub fn program_msi(&self, source: MsiSource, msg: MsiMessage) -> Result<MsiMessage, IrFault> {
+        match self.remapper.get() {
+            Some(v) => v.remap(source, msg),
+            None => Ok(msg),
+        }
+    }
+
+    /// Records `f` in the remapping unit (a blocked message was raised).
+    fn record_ir(&self, f: IrFault) {
+        self.ir_blocked.fetch_add(1, Ordering::Relaxed);
+        if let Some(v) = self.remapper.get() {
+            v.record_ir_fault(f);
+        }
     }
 
     /// Sends a one-off MSI (no GSI), through the same remapping point.
     pub fn send_msi(&self, source: MsiSource, msg: MsiMessage) -> Result<(), InterruptError> {
-        let Some(m) = self.program_msi(source, msg) else {
-            return Ok(());
+        // Device messages without a GSI (DMA writes to the interrupt range) honour drop
+        // and IRTE-fault rules; delays and duplicates apply to routed interrupts only
+        // (a matching rule's use is spent, its budget given back).
+        if source != MsiSource::Platform {
+            match self.faults.decide(source, &msg) {
+                Some(IrqAction::IrteFault(reason)) => {
+                    self.record_ir(injected_fault(source, &msg, reason));
+                    return Ok(());
+                }
+                Some(IrqAction::Drop) => return Ok(()),
+                Some(IrqAction::Delay(_)) => self.faults.release(1),
+                Some(IrqAction::Duplicate(n)) => self.faults.release(u64::from(n)),
+                None => {}
+            }
+        }
+        let m = match self.program_msi(source, msg) {
+            Ok(m) => m,
+            Err(f) => {
+                self.record_ir(f);
+                return Ok(());
+            }
         };
         self.signalled.fetch_add(1, Ordering::Relaxed);
         self.trace(|| devices::timeline::EventKind::Interrupt {
@@ -276,6 +330,120 @@ impl KvmIrqController {
         lock(&l.queue).push(std::cmp::Reverse((when, seq, gsi)));
         l.wake.notify_one();
         Ok(())
+    }
+}
+
+/// `blocked` value: KVM refused the route.
+const REFUSED: u64 = 1 << 63;
+/// `blocked` flag: interrupt remapping blocks the message (fault in the low bits).
+const IR_FAULT: u64 = 1 << 62;
+
+/// Packs an interrupt-remapping fault into a `blocked` value.
+fn encode_fault(f: &IrFault) -> u64 {
+    IR_FAULT
+        | u64::from(f.index)
+        | (u64::from(f.sid) << 16)
+        | (u64::from(f.reason as u8) << 32)
+        | (u64::from(f.fpd) << 40)
+}
+
+/// The fault an injected IRTE fault records for `msg` from `src`.
+fn injected_fault(src: MsiSource, msg: &MsiMessage, reason: IrFaultReason) -> IrFault {
+    IrFault {
+        sid: match src {
+            MsiSource::Pci { bdf, .. } => bdf,
+            MsiSource::Ioapic { .. } => devices::iommu::IOAPIC_SID,
+            MsiSource::Platform => 0,
+        },
+        index: devices::iommu::ir::index_of(msg).unwrap_or(0) as u16,
+        reason,
+        fpd: false,
+    }
+}
+
+fn decode_fault(v: u64) -> Option<IrFault> {
+    if v & IR_FAULT == 0 {
+        return None;
+    }
+    Some(IrFault {
+        index: v as u16,
+        sid: (v >> 16) as u16,
+        reason: IrFaultReason::from_code((v >> 32) as u8)?,
+        fpd: v & (1 << 40) != 0,
+    })
+}
+
+fn msi_entry(gsi: u32, m: MsiMessage) -> kvm_irq_routing_entry {
+    kvm_irq_routing_entry {
+        gsi,
+        type_: KVM_IRQ_ROUTING_MSI,
+        u: kvm_irq_routing_entry__bindgen_ty_1 {
+            msi: kvm_irq_routing_msi {
+                address_lo: m.address as u32,
+                address_hi: (m.address >> 32) as u32,
+                data: m.data,
+                ..Default::default()
+            },
+        },
+        ..Default::default()
+    }
+}
+
+impl KvmIrqController {
+    /// Puts `gsi`'s translated route in the table (not committed); returns its
+    /// `blocked` state.
+    fn route_entry(
+        &self,
+        r: &mut Routes,
+        gsi: u32,
+        source: MsiSource,
+        msg: Option<MsiMessage>,
+    ) -> u64 {
+        match msg.map(|m| self.program_msi(source, m)) {
+            Some(Ok(m)) => {
+                r.table.insert(gsi, msi_entry(gsi, m));
+                0
+            }
+            Some(Err(f)) => {
+                r.table.remove(&gsi);
+                encode_fault(&f)
+            }
+            None => {
+                r.table.remove(&gsi);
+                0
+            }
+        }
+    }
+
+    /// Looks every route up again (after an interrupt entry cache invalidation, or IRE,
+    /// CFI or the table changed) and pushes the table once.
+    fn retranslate(&self) {
+        let mut r = self.lock_routes();
+        let sources: Vec<(u32, (MsiSource, MsiMessage))> =
+            read(&self.sources).iter().map(|(g, s)| (*g, *s)).collect();
+        let mut states = Vec::with_capacity(sources.len());
+        for (gsi, (source, msg)) in sources {
+            let st = self.route_entry(&mut r, gsi, source, Some(msg));
+            states.push((gsi, st));
+        }
+        if self.commit(&r).is_err() {
+            // Some untranslated message KVM refuses (compatibility format with reserved
+            // bits, let through by CFI): drop routes until the table is accepted.
+            for (gsi, st) in states.iter_mut() {
+                if *st == 0 && r.table.remove(gsi).is_some() {
+                    *st = REFUSED;
+                    if self.commit(&r).is_ok() {
+                        break;
+                    }
+                }
+            }
+            limits::hit(Cap::RefusedRoutes);
+        }
+        for (gsi, st) in states {
+            if let Some(b) = self.blocked.get(gsi as usize) {
+                b.store(st, Ordering::Release);
+            }
+        }
     }
 }
 
@@ -356,33 +524,13 @@ impl InterruptController for KvmIrqController {
             return Err(InterruptError::UnknownGsi(gsi));
         }
         let previous = r.table.get(&gsi).copied();
-        match msg.and_then(|m| self.program_msi(source, m)) {
-            Some(m) => {
-                let entry = kvm_irq_routing_entry {
-                    gsi,
-                    type_: KVM_IRQ_ROUTING_MSI,
-                    u: kvm_irq_routing_entry__bindgen_ty_1 {
-                        msi: kvm_irq_routing_msi {
-                            address_lo: m.address as u32,
-                            address_hi: (m.address >> 32) as u32,
-                            data: m.data,
-                            ..Default::default()
-                        },
-                    },
-                    ..Default::default()
-                };
-                r.table.insert(gsi, entry);
-            }
-            None => {
-                r.table.remove(&gsi);
-            }
-        }
         match msg {
             Some(m) => write(&self.sources).insert(gsi, (source, m)),
             None => write(&self.sources).remove(&gsi),
         };
-        let refused = match self.commit(&r) {
-            Ok(()) => false,
+        let state = self.route_entry(&mut r, gsi, source, msg);
+        let state = match self.commit(&r) {
+            Ok(()) => state,
             Err(e) => {
                 // KVM refused the whole table because of this entry. Take it out (the
                 // GSI then has no route and its messages are dropped, as hardware drops
@@ -401,11 +549,11 @@ impl InterruptController for KvmIrqController {
                     let _ = self.commit(&r);
                     return Err(e2);
                 }
-                true
+                REFUSED
             }
         };
-        if let Some(f) = self.refused.get(gsi as usize) {
-            f.store(refused, Ordering::Release);
+        if let Some(b) = self.blocked.get(gsi as usize) {
+            b.store(state, Ordering::Release);
         }
         Ok(())
     }
@@ -414,18 +562,28 @@ impl InterruptController for KvmIrqController {
         self.send_msi(source, msg)
     }
 
+    fn remap_changed(&self) {
+        self.retranslate();
+    }
+
     fn trigger(&self, gsi: u32) -> Result<(), InterruptError> {
         let g = read(&self.irqfds);
         let fd = g.get(&gsi).ok_or(InterruptError::UnknownGsi(gsi))?;
         if let Some(c) = self.raised.get(gsi as usize) {
             c.fetch_add(1, Ordering::Relaxed);
         }
-        if self
-            .refused
+        let blocked = self
+            .blocked
             .get(gsi as usize)
-            .is_some_and(|f| f.load(Ordering::Acquire))
-        {
-            self.refused_drops.fetch_add(1, Ordering::Relaxed);
+            .map_or(0, |b| b.load(Ordering::Acquire));
+        if blocked != 0 {
+            drop(g);
+            match decode_fault(blocked) {
+                Some(f) => self.record_ir(f),
+                None => {
+                    self.refused_drops.fetch_add(1, Ordering::Relaxed);
+                }
+            }
             return Ok(());
         }
         let count = |delivered: &Vec<AtomicU64>| {
@@ -450,6 +608,7 @@ impl InterruptController for KvmIrqController {
                         IrqAction::Drop => "dropped",
                         IrqAction::Delay(_) => "delayed",
                         IrqAction::Duplicate(_) => "duplicated",
+                        IrqAction::IrteFault(_) => "IRTE fault",
                     },
                 },
                 None => devices::timeline::EventKind::Interrupt {
@@ -467,6 +626,13 @@ impl InterruptController for KvmIrqController {
             }
             Some(IrqAction::Drop) => {
                 log::debug!("injected: interrupt on GSI {gsi} dropped");
+                Ok(())
+            }
+            Some(IrqAction::IrteFault(reason)) => {
+                drop(g);
+                if let Some((src, msg)) = source {
+                    self.record_ir(injected_fault(src, &msg, reason));
+                }
                 Ok(())
             }
             Some(IrqAction::Delay(d)) => {

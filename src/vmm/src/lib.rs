@@ -47,7 +47,7 @@ use vm_device::bus::{MmioAddress, MmioRange, PioAddress, PioRange};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-pub use device_spec::{DeviceKind, DeviceSpec, IommuMode};
+pub use device_spec::{Caching, DeviceKind, DeviceSpec, IommuConfig, IommuMode};
 pub use irq::KvmIrqController;
 pub use kvm_vm::KvmVm;
 
@@ -59,8 +59,10 @@ pub const EXIT_GUEST_CRASH: i32 = 4;
 pub const MIN_MEMORY: u64 = 64 << 20;
 /// Events the timeline keeps (the oldest are overwritten).
 pub const TIMELINE_EVENTS: usize = 65536;
-/// Largest vCPU count (APIC IDs must fit the MADT's 8-bit xAPIC entries).
-pub const MAX_VCPUS: u32 = 255;
+/// Largest vCPU count faultvisor describes (APIC IDs of 255 and above get MADT x2APIC
+/// entries; a guest addresses them through interrupt remapping with EIM). The host's
+/// KVM limit applies too.
+pub const MAX_VCPUS: u32 = 1024;
 
 /// Where the guest's serial console goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,7 +95,7 @@ pub struct VmConfig {
     /// PCI devices beyond the host bridge, in command-line order.
     pub devices: Vec<DeviceSpec>,
     /// Whether to emulate the VT-d unit.
-    pub iommu: IommuMode,
+    pub iommu: IommuConfig,
     /// Where to serve the control API (HTTP on a Unix socket), if anywhere.
     pub api_socket: Option<PathBuf>,
     /// Where to write every counter as JSON when the VM ends.
@@ -396,7 +398,12 @@ impl Vm {
 
         // The VT-d unit, before the devices whose DMA it translates.
         let vtd = if cfg.iommu.enabled(&cfg.devices) {
-            let v = Arc::new(Vtd::new(mem.clone(), irqc.clone()));
+            let v = Arc::new(
+                Vtd::new(mem.clone(), irqc.clone())
+                    .with_interrupt_remapping(!cfg.iommu.no_intremap)
+                    .with_ioapic_sid_check(cfg.iommu.ioapic_sid),
+            );
+            irqc.attach_remapper(v.clone());
             if cfg.trace_file.is_some() {
                 v.attach_timeline(timeline.clone());
             }
@@ -548,7 +555,12 @@ impl Vm {
             s5_slp_typ: acpi_pm::S5_SLP_TYP,
             com1: (serial::COM1_PORT, serial::COM1_PIN as u32),
             extra_tables: match vtd {
-                Some(_) => vec![arch::acpi::dmar(devices::iommu::HAW_BITS, VTD_BASE, 0)],
+                Some(_) => vec![arch::acpi::dmar(
+                    devices::iommu::HAW_BITS,
+                    VTD_BASE,
+                    0,
+                    !cfg.iommu.no_intremap,
+                )],
                 None => Vec::new(),
             },
         };

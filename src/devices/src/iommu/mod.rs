@@ -20,6 +20,7 @@
 
 mod dma;
 mod io_memory;
+pub mod ir;
 mod walk;
 
 pub use dma::{DmaError, DmaHandle};
@@ -96,6 +97,8 @@ pub mod reg {
     pub const IEUADDR: u64 = 0x0ac;
     /// Invalidation queue error record.
     pub const IQERCD: u64 = 0x0b0;
+    /// Interrupt remapping table address.
+    pub const IRTA: u64 = 0x0b8;
     /// Invalidate address (page-selective IOTLB invalidation).
     pub const IVA: u64 = super::IRO * 16;
     /// IOTLB invalidate.
@@ -114,6 +117,12 @@ pub mod gcmd {
     pub const WBF: u32 = 1 << 27;
     /// Queued invalidation enable.
     pub const QIE: u32 = 1 << 26;
+    /// Interrupt remapping enable.
+    pub const IRE: u32 = 1 << 25;
+    /// Set interrupt remapping table pointer.
+    pub const SIRTP: u32 = 1 << 24;
+    /// Compatibility format interrupts (let through when set).
+    pub const CFI: u32 = 1 << 23;
 }
 
 /// FSTS bits.
@@ -141,8 +150,46 @@ pub const CAP: u64 = 6
     | (1 << 39)
     | (((NUM_FAULT_RECORDS - 1) as u64) << 40)
     | (18 << 48);
-/// Extended capability register value: page-walk coherency, queued invalidation, IRO.
-pub const ECAP: u64 = 1 | (1 << 1) | (IRO << 8);
+/// Extended capability register value: page-walk coherency, queued invalidation,
+/// interrupt remapping with x2APIC destinations (IR, EIM), IRO, MHMV 15 (handle masks
+/// up to 2^15 for multi-message MSI). No posted interrupts.
+pub const ECAP: u64 = 1 | (1 << 1) | (1 << 3) | (1 << 4) | (IRO << 8) | (0xf << 20);
+/// ECAP without interrupt remapping (`--iommu intel,intremap=off`).
+pub const ECAP_NO_IR: u64 = 1 | (1 << 1) | (IRO << 8);
+
+/// The source ID of IOAPIC interrupt messages: the DMAR table's IOAPIC device scope
+/// (bus 0xFF, device 0, function 0).
+pub const IOAPIC_SID: u16 = 0xff00;
+
+/// How strictly the source ID of IOAPIC messages is verified against their IRTE.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IoapicSidCheck {
+    /// As hardware: the IOAPIC's messages carry [`IOAPIC_SID`] and an IRTE that asks for
+    /// verification must name it.
+    #[default]
+    Strict,
+    /// As QEMU: IRTEs reached from the IOAPIC are not verified (kvm-unit-tests' IOAPIC
+    /// IRTE names another device).
+    Any,
+}
+
+/// Interrupt remapping as the guest set it up, and the interrupt entry cache.
+#[derive(Default)]
+struct IrState {
+    /// IRTA as the guest last wrote it.
+    irta: u64,
+    /// The table latched by SIRTP.
+    table: ir::Table,
+    /// Cached entries by index (refreshed by IEC invalidation only).
+    cache: std::collections::HashMap<u32, ir::Irte>,
+}
+
+#[derive(Default)]
+struct IrCounters {
+    remapped: AtomicU64,
+    blocked: AtomicU64,
+    passed: AtomicU64,
+}
 
 /// Injected context faults armed per requester, at most.
 pub const MAX_CONTEXT_FAULTS: u32 = 1_000_000;
@@ -213,7 +260,7 @@ pub struct VtdState {
 }
 
 /// Counters of what the unit did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VtdStats {
     /// Faults recorded in an FRCD.
     pub faults_recorded: u64,
@@ -233,8 +280,35 @@ pub struct VtdStats {
     pub walks: u64,
     /// DMA requests by devices while translation was on.
     pub dma_requests: u64,
-    /// Faults recorded, by reason code (index = reason, 0x1..0xC used).
-    pub faults_by_reason: [u64; 16],
+    /// Faults recorded, by reason code (index = reason: 0x1..0xC DMA remapping,
+    /// 0x20..0x26 interrupt remapping).
+    pub faults_by_reason: [u64; 64],
+    /// Interrupt messages remapped through an IRTE.
+    pub ir_remapped: u64,
+    /// Interrupt messages blocked by a failed lookup (each an attempt to record a fault).
+    pub ir_blocked: u64,
+    /// Compatibility-format messages let through (IRE off, or CFI set).
+    pub ir_passed: u64,
+}
+
+impl Default for VtdStats {
+    fn default() -> Self {
+        Self {
+            faults_recorded: 0,
+            faults_overflowed: 0,
+            faults_suppressed: 0,
+            fault_events: 0,
+            completion_events: 0,
+            qi_descriptors: 0,
+            invalidations: 0,
+            walks: 0,
+            dma_requests: 0,
+            faults_by_reason: [0; 64],
+            ir_remapped: 0,
+            ir_blocked: 0,
+            ir_passed: 0,
+        }
+    }
 }
 
 impl std::fmt::Display for VtdStats {
@@ -306,6 +380,13 @@ pub struct Vtd {
     /// every handle of a requester shares it, so the map never outgrows the devices.
     pub(crate) request_counters: Mutex<std::collections::BTreeMap<u16, Arc<AtomicU64>>>,
     anomalies: GuestAnomalies,
+    /// Interrupt remapping: GSTS.IRES and CFIS readable without a lock.
+    ire: AtomicBool,
+    cfi: AtomicBool,
+    ir: Mutex<IrState>,
+    ir_counters: IrCounters,
+    ioapic_sid: IoapicSidCheck,
+    ecap: u64,
 }
 
 impl Vtd {
@@ -352,7 +433,133 @@ impl Vtd {
             context_faults_armed: AtomicBool::new(false),
             request_counters: Mutex::new(std::collections::BTreeMap::new()),
             anomalies: GuestAnomalies::new(),
+            ire: AtomicBool::new(false),
+            cfi: AtomicBool::new(false),
+            ir: Mutex::new(IrState::default()),
+            ir_counters: IrCounters::default(),
+            ioapic_sid: IoapicSidCheck::Strict,
+            ecap: ECAP,
         }
+    }
+
+    /// Offers interrupt remapping or not (before the guest runs).
+    pub fn with_interrupt_remapping(mut self, on: bool) -> Self {
+        self.ecap = if on { ECAP } else { ECAP_NO_IR };
+        self
+    }
+
+    /// Whether the unit offers interrupt remapping.
+    pub fn offers_interrupt_remapping(&self) -> bool {
+        self.ecap & (1 << 3) != 0
+    }
+
+    /// Sets how IOAPIC messages' source IDs are verified (before the guest runs).
+    pub fn with_ioapic_sid_check(mut self, c: IoapicSidCheck) -> Self {
+        self.ioapic_sid = c;
+        self
+    }
+
+    /// Whether interrupt remapping is on (GSTS.IRES).
+    pub fn remapping(&self) -> bool {
+        self.ire.load(Ordering::Acquire)
+    }
+
+    /// The interrupt remapping table latched by SIRTP.
+    pub fn ir_table(&self) -> ir::Table {
+        lock(&self.ir).table
+    }
+
+    /// Entry `index` of the table as guest memory holds it now, and as the interrupt
+    /// entry cache holds it (None when not cached).
+    pub fn irte(&self, index: u32) -> (Option<ir::Irte>, Option<ir::Irte>) {
+        let st = lock(&self.ir);
+        let mem = self.read_irte(&st.table, index);
+        (mem, st.cache.get(&index).copied())
+    }
+
+    fn read_irte(&self, t: &ir::Table, index: u32) -> Option<ir::Irte> {
+        let at = t.entry_address(index);
+        Some(ir::Irte {
+            lo: self.mem.read_obj::<u64>(GuestAddress(at)).ok()?,
+            hi: self.mem.read_obj::<u64>(GuestAddress(at + 8)).ok()?,
+        })
+    }
+
+    /// Looks up an interrupt message from `source` (no fault is recorded here; a
+    /// blocked message's fault is recorded when it is raised, by
+    /// [`Vtd::record_ir_fault`]). The unit's own messages (`Platform`) pass untouched.
+    pub fn remap(&self, source: MsiSource, msg: MsiMessage) -> Result<MsiMessage, ir::IrFault> {
+        let sid = match source {
+            MsiSource::Pci { bdf, .. } => bdf,
+            MsiSource::Ioapic { .. } => IOAPIC_SID,
+            MsiSource::Platform => return Ok(msg),
+        };
+        if !self.remapping() {
+            return Ok(msg);
+        }
+        let fault = |index: u32, reason| ir::IrFault {
+            sid,
+            index: index as u16,
+            reason,
+            fpd: false,
+        };
+        let index = match ir::decode(&msg) {
+            ir::Request::Compat => {
+                if self.cfi.load(Ordering::Acquire) {
+                    self.ir_counters.passed.fetch_add(1, Ordering::Relaxed);
+                    return Ok(msg);
+                }
+                return Err(fault(0, ir::IrFaultReason::CompatBlocked));
+            }
+            ir::Request::Reserved { index } => {
+                return Err(fault(index, ir::IrFaultReason::RequestReserved))
+            }
+            ir::Request::Remappable { index } => index,
+        };
+        let mut st = lock(&self.ir);
+        if index >= st.table.entries {
+            return Err(fault(index, ir::IrFaultReason::IndexTooLarge));
+        }
+        let e = match st.cache.get(&index) {
+            Some(e) => *e,
+            None => {
+                let Some(e) = self.read_irte(&st.table, index) else {
+                    return Err(fault(index, ir::IrFaultReason::TableAccess));
+                };
+                st.cache.insert(index, e);
+                e
+            }
+        };
+        let eime = st.table.eime;
+        drop(st);
+        let check_sid = match (source, self.ioapic_sid) {
+            (MsiSource::Ioapic { .. }, IoapicSidCheck::Any) => ir::Irte {
+                hi: e.hi & !(3 << 18),
+                ..e
+            },
+            _ => e,
+        };
+        let r = check_sid.check(sid, index as u16, eime);
+        if r.is_ok() {
+            self.ir_counters.remapped.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    /// Empties the interrupt entry cache (all of it, or `count` entries from `first`)
+    /// and has the interrupt controller look its routes up again.
+    fn invalidate_iec(&self, range: Option<(u32, u32)>) {
+        {
+            let mut st = lock(&self.ir);
+            match range {
+                None => st.cache.clear(),
+                Some((first, count)) => {
+                    let end = first.saturating_add(count);
+                    st.cache.retain(|i, _| !(first..end).contains(i));
+                }
+            }
+        }
+        self.irq.remap_changed();
     }
 
     /// A DMA handle for requester `sid` (bus << 8 | devfn).
@@ -369,6 +576,9 @@ impl Vtd {
     pub fn stats(&self) -> VtdStats {
         let mut s = lock(&self.regs).stats;
         s.walks = self.walks.load(Ordering::Relaxed);
+        s.ir_remapped = self.ir_counters.remapped.load(Ordering::Relaxed);
+        s.ir_blocked = self.ir_counters.blocked.load(Ordering::Relaxed);
+        s.ir_passed = self.ir_counters.passed.load(Ordering::Relaxed);
         s.dma_requests = lock(&self.request_counters)
             .values()
             .map(|c| c.load(Ordering::Relaxed))
@@ -555,7 +765,13 @@ impl Vtd {
         reason: FaultReason,
         fpd: bool,
     ) {
-        let recorded = self.record_fault_locked(sid, iova, read, reason, fpd);
+        let recorded = self.record_fault_locked(
+            sid,
+            iova & !0xfff,
+            read,
+            reason as u8,
+            fpd && reason.qualified(),
+        );
         self.trace(|| crate::timeline::EventKind::Fault {
             sid,
             iova,
@@ -564,17 +780,44 @@ impl Vtd {
         });
     }
 
-    /// Records the fault under the register lock; returns whether an FRCD took it.
+    /// Records an interrupt-remapping fault (the index in bits 63:48 of the fault
+    /// information, as Linux reads it) unless the entry's FPD suppresses it.
+    pub fn record_ir_fault(&self, f: ir::IrFault) {
+        self.ir_counters.blocked.fetch_add(1, Ordering::Relaxed);
+        let recorded = self.record_fault_locked(
+            f.sid,
+            u64::from(f.index) << 48,
+            false,
+            f.reason as u8,
+            f.fpd && f.reason.qualified(),
+        );
+        log::debug!(
+            "vtd: interrupt remapping fault {:#x} ({}) sid {:#06x} index {:#x}",
+            f.reason as u8,
+            f.reason.linux_text(),
+            f.sid,
+            f.index
+        );
+        self.trace(|| crate::timeline::EventKind::Fault {
+            sid: f.sid,
+            iova: u64::from(f.index) << 48,
+            reason: f.reason as u8,
+            recorded,
+        });
+    }
+
+    /// Records a fault (`page` is the fault information: page address or index << 48)
+    /// under the register lock; returns whether an FRCD took it.
     fn record_fault_locked(
         &self,
         sid: u16,
-        iova: u64,
+        page: u64,
         read: bool,
-        reason: FaultReason,
-        fpd: bool,
+        code: u8,
+        suppress: bool,
     ) -> bool {
         let mut r = lock(&self.regs);
-        if fpd && reason.qualified() {
+        if suppress {
             r.stats.faults_suppressed += 1;
             return false;
         }
@@ -592,15 +835,15 @@ impl Vtd {
             return false;
         }
         r.frcd[i] = FaultRecord {
-            page: iova & !0xfff,
+            page,
             sid,
-            reason: reason as u8,
+            reason: code,
             read,
             pending: true,
         };
         r.next_frcd = (i + 1) % NUM_FAULT_RECORDS;
         r.stats.faults_recorded += 1;
-        r.stats.faults_by_reason[(reason as usize) & 0xf] += 1;
+        r.stats.faults_by_reason[usize::from(code) & 0x3f] += 1;
         if r.history.len() == HISTORY {
             r.history.pop_front();
         }
@@ -611,9 +854,7 @@ impl Vtd {
             r.fsts = (r.fsts & !(0xff << 8)) | ((i as u32) << 8);
         }
         log::debug!(
-            "vtd: fault {:#x} ({}) {} sid {sid:#06x} iova {iova:#x} -> FRCD {i}",
-            reason as u8,
-            reason.linux_text(),
+            "vtd: fault {code:#x} {} sid {sid:#06x} at {page:#x} -> FRCD {i}",
             if read { "read" } else { "write" }
         );
         self.fault_event(&mut r, before);
@@ -764,9 +1005,26 @@ impl Vtd {
                 }
                 self.invalidate_all(r);
             }
-            // Device-TLB and interrupt-entry-cache invalidations: nothing cached here
-            // (no ATS, no interrupt remapping); accepted.
-            3 | 4 => {}
+            // Device-TLB invalidation: no device TLBs (ECAP.DT = 0); accepted.
+            3 => {}
+            // Interrupt entry cache: global (G = 0) or index-selective, 2^IM entries
+            // from IIDX. Reserved: bits 26:5, 63:48 and the whole upper half.
+            4 => {
+                if hi != 0 || lo & 0xffff_0000_07ff_ffe0 != 0 {
+                    return bad(self, r, 4);
+                }
+                if lo & (1 << 4) == 0 {
+                    self.invalidate_iec(None);
+                } else {
+                    let first = ((lo >> 32) & 0xffff) as u32;
+                    let mask = ((lo >> 27) & 0x1f) as u32;
+                    self.invalidate_iec(Some((
+                        first & !((1u32 << mask.min(16)) - 1),
+                        1 << mask.min(16),
+                    )));
+                }
+                r.stats.invalidations += 1;
+            }
             // Invalidation wait.
             5 => {
                 if lo & (1 << 5) != 0 {
@@ -853,8 +1111,46 @@ impl Vtd {
                 if on { "enabled" } else { "disabled" }
             );
         }
-        // WBF completes at once (WBFS never reads 1); SFL, EAFL, IRE, SIRTP and CFI
-        // belong to features the capabilities do not offer.
+        let mut remap_changed = false;
+        let v = if self.offers_interrupt_remapping() {
+            v
+        } else {
+            v & !(gcmd::SIRTP | gcmd::IRE | gcmd::CFI)
+        };
+        if v & gcmd::SIRTP != 0 {
+            // The table pointer (and EIME, size) is latched, and the entry cache with it.
+            let mut st = lock(&self.ir);
+            st.table = ir::Table::from_irta(st.irta);
+            st.cache.clear();
+            r.gsts |= gcmd::SIRTP;
+            remap_changed = true;
+        }
+        for (bit, flag) in [(gcmd::IRE, &self.ire), (gcmd::CFI, &self.cfi)] {
+            if (v ^ r.gsts) & bit != 0 {
+                let on = v & bit != 0;
+                if on {
+                    r.gsts |= bit;
+                } else {
+                    r.gsts &= !bit;
+                }
+                flag.store(on, Ordering::Release);
+                remap_changed = true;
+                log::debug!(
+                    "vtd: {} {}",
+                    if bit == gcmd::IRE {
+                        "interrupt remapping"
+                    } else {
+                        "compatibility-format interrupts"
+                    },
+                    if on { "enabled" } else { "disabled" }
+                );
+            }
+        }
+        if remap_changed {
+            self.irq.remap_changed();
+        }
+        // WBF completes at once (WBFS never reads 1); SFL and EAFL belong to features
+        // the capabilities do not offer.
     }
 
     fn read_reg(&self, r: &Regs, off: u64, len: usize) -> u64 {
@@ -868,7 +1164,7 @@ impl Vtd {
         let v = match off & !7 {
             reg::VER => 0x10,
             reg::CAP => CAP,
-            reg::ECAP => ECAP,
+            reg::ECAP => self.ecap,
             reg::RTADDR => r.rtaddr,
             reg::CCMD => r.ccmd,
             0x30 => u64::from(self.fsts_value(r)) << 32,
@@ -881,6 +1177,7 @@ impl Vtd {
             reg::IECTL => u64::from(r.iectl) | (u64::from(r.iedata) << 32),
             reg::IEADDR => u64::from(r.ieaddr) | (u64::from(r.ieuaddr) << 32),
             reg::IQERCD => r.iqercd,
+            reg::IRTA => lock(&self.ir).irta,
             reg::IVA => r.iva,
             reg::IOTLB => r.iotlb,
             _ => 0,
@@ -961,6 +1258,11 @@ impl Vtd {
                 self.process_queue(r);
             }
             o if o & !7 == reg::IQA => r.iqa = set64(r.iqa, o & 7) & !0x7f8,
+            o if o & !7 == reg::IRTA => {
+                let mut st = lock(&self.ir);
+                // Bits 10:4 are reserved (read as 0).
+                st.irta = set64(st.irta, o & 7) & !0x7f0;
+            }
             reg::ICS => {
                 // Clearing IWC also clears a completion event still pending.
                 if lo32 & 1 != 0 {

@@ -609,3 +609,179 @@ fn injected_context_faults_and_storms() {
     assert_eq!((rec, over), (14, 6));
     assert_eq!(rd32(&r.vtd, reg::FSTS) & fsts::PFO, fsts::PFO);
 }
+
+// ---------------------------------------------------------------- interrupt remapping
+
+const IRT: u64 = 0x18_0000;
+const IQ: u64 = 0x17_0000;
+
+/// A rig with an 256-entry x2APIC-mode table at IRT, queued invalidation and IRE on.
+fn ir_rig(cfi: bool) -> Rig {
+    let r = Rig::new();
+    assert_eq!(rd64(&r.vtd, reg::ECAP) & 0x18, 0x18, "IR and EIM offered");
+    assert_eq!((rd64(&r.vtd, reg::ECAP) >> 20) & 0xf, 0xf, "MHMV 15");
+    wr64(&r.vtd, reg::IRTA, IRT | (1 << 11) | 7);
+    assert_eq!(rd64(&r.vtd, reg::IRTA), IRT | (1 << 11) | 7);
+    wr32(&r.vtd, reg::GCMD, gcmd::SIRTP);
+    assert_ne!(rd32(&r.vtd, reg::GSTS) & gcmd::SIRTP, 0, "IRTPS");
+    wr64(&r.vtd, reg::IQA, IQ);
+    wr32(&r.vtd, reg::GCMD, gcmd::QIE);
+    let cmd = gcmd::QIE | gcmd::IRE | if cfi { gcmd::CFI } else { 0 };
+    wr32(&r.vtd, reg::GCMD, cmd);
+    let gsts = rd32(&r.vtd, reg::GSTS);
+    assert_ne!(gsts & gcmd::IRE, 0, "IRES");
+    assert_eq!(gsts & gcmd::CFI != 0, cfi, "CFIS");
+    r
+}
+
+fn irte(r: &Rig, index: u64, lo: u64, hi: u64) {
+    r.w64(IRT + index * 16 + 8, hi);
+    r.w64(IRT + index * 16, lo);
+}
+
+/// A remappable request for `index` (SHV clear).
+fn req(index: u32) -> MsiMessage {
+    MsiMessage {
+        address: 0xfee0_0000
+            | (u64::from(index & 0x7fff) << 5)
+            | (1 << 4)
+            | (u64::from(index >> 15) << 2),
+        data: 0,
+    }
+}
+
+const DEV: MsiSource = MsiSource::Pci {
+    bdf: 0x18,
+    vector: 0,
+};
+
+#[test]
+fn remapping_translates_and_every_reason_is_recorded() {
+    use ir::IrFaultReason as R;
+    let r = ir_rig(false);
+    // Index 3: vector 0x41 to x2APIC ID 300, source verified.
+    irte(&r, 3, 1 | (0x41 << 16) | (300 << 32), 0x18 | (1 << 18));
+    let m = r.vtd.remap(DEV, req(3)).expect("translated");
+    assert_eq!((m.vector(), m.destination()), (0x41, 300));
+    // The unit's own messages are never remapped.
+    let raw = MsiMessage {
+        address: 0xfee0_0000,
+        data: 0x33,
+    };
+    assert_eq!(r.vtd.remap(MsiSource::Platform, raw), Ok(raw));
+    let reason = |src, m| r.vtd.remap(src, m).map_err(|f| f.reason);
+    assert_eq!(reason(DEV, raw), Err(R::CompatBlocked));
+    assert_eq!(reason(DEV, req(256)), Err(R::IndexTooLarge));
+    assert_eq!(reason(DEV, req(4)), Err(R::NotPresent));
+    irte(&r, 5, 1 | (1 << 15), 0);
+    assert_eq!(reason(DEV, req(5)), Err(R::EntryReserved));
+    let other = MsiSource::Pci {
+        bdf: 0x20,
+        vector: 0,
+    };
+    assert_eq!(reason(other, req(3)), Err(R::SourceId));
+    let mut bad = req(3);
+    bad.address |= 1 << 32;
+    assert_eq!(reason(DEV, bad), Err(R::RequestReserved));
+    // Recording: index in bits 63:48 of the fault information, SID, reason; one record
+    // per blocked message, as Linux reads them.
+    let f = r.vtd.remap(other, req(3)).expect_err("blocked");
+    r.vtd.record_ir_fault(f);
+    let rec = r.records();
+    assert_eq!(rec.len(), 1);
+    assert_eq!(
+        (rec[0].page >> 48, rec[0].sid, rec[0].reason),
+        (3, 0x20, 0x26)
+    );
+    assert_eq!(r.vtd.stats().faults_by_reason[0x26], 1);
+    // FPD suppresses the qualified reasons.
+    irte(&r, 6, 2, 0);
+    let f = r.vtd.remap(DEV, req(6)).expect_err("not present");
+    assert!(f.fpd);
+    r.vtd.record_ir_fault(f);
+    assert_eq!(r.records().len(), 1, "suppressed by FPD");
+    // A table beyond guest memory.
+    wr64(&r.vtd, reg::IRTA, 0x7f_0000_0000 | 7);
+    wr32(&r.vtd, reg::GCMD, gcmd::QIE | gcmd::IRE | gcmd::SIRTP);
+    assert_eq!(reason(DEV, req(1)), Err(R::TableAccess));
+}
+
+#[test]
+fn cfi_lets_compatibility_format_through_and_ioapic_sid_is_checked() {
+    let r = ir_rig(true);
+    let raw = MsiMessage {
+        address: 0xfee0_1000,
+        data: 0x44,
+    };
+    assert_eq!(r.vtd.remap(DEV, raw), Ok(raw));
+    // An IOAPIC message carries the IOAPIC's source ID from the DMAR scope.
+    irte(&r, 9, 1 | (0x50 << 16), u64::from(IOAPIC_SID) | (1 << 18));
+    let pin = MsiSource::Ioapic { pin: 4 };
+    assert!(r.vtd.remap(pin, req(9)).is_ok());
+    irte(&r, 10, 1 | (0x50 << 16), 0x18 | (1 << 18));
+    assert!(
+        r.vtd.remap(pin, req(10)).is_err(),
+        "strict: another device's SID"
+    );
+    let lax = Vtd::new(r.mem.clone(), r.rec.clone()).with_ioapic_sid_check(IoapicSidCheck::Any);
+    wr64(&lax, reg::IRTA, IRT | (1 << 11) | 7);
+    wr32(&lax, reg::GCMD, gcmd::SIRTP);
+    wr32(&lax, reg::GCMD, gcmd::IRE);
+    assert!(
+        lax.remap(pin, req(10)).is_ok(),
+        "as QEMU: IOAPIC SIDs not verified"
+    );
+    assert!(lax
+        .remap(
+            MsiSource::Pci {
+                bdf: 0x30,
+                vector: 0
+            },
+            req(10)
+        )
+        .is_err());
+}
+
+#[test]
+fn entries_stay_cached_until_the_entry_cache_is_invalidated() {
+    let r = ir_rig(false);
+    irte(&r, 7, 1 | (0x41 << 16), 0);
+    irte(&r, 8, 1 | (0x42 << 16), 0);
+    assert_eq!(r.vtd.remap(DEV, req(7)).map(|m| m.vector()), Ok(0x41));
+    assert_eq!(r.vtd.remap(DEV, req(8)).map(|m| m.vector()), Ok(0x42));
+    // The guest rewrites both without invalidating: the unit keeps the old ones.
+    irte(&r, 7, 1 | (0x51 << 16), 0);
+    irte(&r, 8, 1 | (0x52 << 16), 0);
+    assert_eq!(
+        r.vtd.remap(DEV, req(7)).map(|m| m.vector()),
+        Ok(0x41),
+        "stale"
+    );
+    let (mem, cached) = r.vtd.irte(7);
+    assert_ne!(mem, cached, "introspection sees the stale entry");
+    // Index-selective IEC of entry 8 (IM = 0) refreshes 8 only.
+    let t = submit(&r, IQ, 0, &[(4 | (1 << 4) | (8 << 32), 0)]);
+    assert_eq!(r.vtd.remap(DEV, req(8)).map(|m| m.vector()), Ok(0x52));
+    assert_eq!(
+        r.vtd.remap(DEV, req(7)).map(|m| m.vector()),
+        Ok(0x41),
+        "still stale"
+    );
+    // A global IEC refreshes everything.
+    submit(&r, IQ, t, &[(4, 0)]);
+    assert_eq!(r.vtd.remap(DEV, req(7)).map(|m| m.vector()), Ok(0x51));
+    // A malformed IEC descriptor is an invalidation queue error.
+    submit(&r, IQ, t + 1, &[(4 | (1 << 10), 0)]);
+    assert_ne!(rd32(&r.vtd, reg::FSTS) & fsts::IQE, 0);
+}
+
+#[test]
+fn remapping_is_not_offered_when_turned_off() {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).expect("mem");
+    let v =
+        Vtd::new(mem, Arc::new(RecordingController::new(24, 30))).with_interrupt_remapping(false);
+    assert_eq!(rd64(&v, reg::ECAP) & 0x18, 0);
+    wr32(&v, reg::GCMD, gcmd::IRE | gcmd::SIRTP);
+    assert_eq!(rd32(&v, reg::GSTS) & (gcmd::IRE | gcmd::SIRTP), 0);
+    assert!(v.remap(DEV, req(1)).is_ok(), "messages pass untouched");
+}

@@ -21,6 +21,8 @@ pub enum Target {
     Vector(u8),
     /// An IOAPIC pin.
     Pin(u8),
+    /// An interrupt-remapping table index.
+    Index(u16),
 }
 
 /// A parsed injection request.
@@ -90,6 +92,16 @@ pub enum Inject {
         /// Destination (checked against the VM's vCPUs by the API).
         cpu: u64,
     },
+    /// The next `count` interrupts of `target` fail their interrupt-remapping lookup
+    /// with `reason` (0x22 not present, 0x26 bad source ID, 0x24 reserved bits...).
+    IrteFault {
+        /// A device, a pin or an index.
+        target: Target,
+        /// Interrupts.
+        count: u64,
+        /// The reason recorded.
+        reason: devices::iommu::ir::IrFaultReason,
+    },
     /// `rate_hz` interrupts per second on `vector` at `cpu` for `duration_ms`.
     IrqStorm {
         /// Vector.
@@ -104,7 +116,7 @@ pub enum Inject {
 }
 
 /// The fault kinds, as the body names them.
-pub const KINDS: [&str; 9] = [
+pub const KINDS: [&str; 10] = [
     "dma",
     "fault-storm",
     "context-invalid",
@@ -114,6 +126,7 @@ pub const KINDS: [&str; 9] = [
     "corrupt-descriptor",
     "spurious-irq",
     "irq-storm",
+    "irte-fault",
 ];
 
 /// Why a body was refused; [`BodyError::field`] names where.
@@ -178,6 +191,12 @@ pub enum BodyError {
     /// Not exactly one of device, vector, pin.
     #[error("name exactly one of device, vector or pin")]
     Target,
+    /// Not exactly one of device, pin, index (irte-fault).
+    #[error("name exactly one of device, pin or index")]
+    IrteTarget,
+    /// An unknown IRTE fault reason.
+    #[error("'{0}' is not an IRTE fault reason (not-present, bad-sid, reserved, index, table, compat, request, or a code 0x20..0x26)")]
+    Reason(String),
 }
 
 impl BodyError {
@@ -191,8 +210,9 @@ impl BodyError {
             | Self::NotString { field }
             | Self::Range { field, .. } => field,
             Self::UnknownField { field, .. } => field,
-            Self::Bdf(_) | Self::Target => "device",
+            Self::Bdf(_) | Self::Target | Self::IrteTarget => "device",
             Self::Direction(_) => "direction",
+            Self::Reason(_) => "reason",
         }
     }
 }
@@ -263,6 +283,46 @@ impl<'a> Fields<'a> {
             (None, None, Some(p)) => Ok(Target::Pin(range("pin", p, 0, 23)? as u8)),
             _ => Err(BodyError::Target),
         }
+    }
+
+    fn irte_target(&mut self) -> Result<Target, BodyError> {
+        let d = self.opt_str("device")?;
+        let p = self.opt_num("pin")?;
+        let i = self.opt_num("index")?;
+        match (d, p, i) {
+            (Some(d), None, None) => d.parse().map(Target::Device).map_err(BodyError::Bdf),
+            (None, Some(p), None) => Ok(Target::Pin(range("pin", p, 0, 23)? as u8)),
+            (None, None, Some(i)) => Ok(Target::Index(range("index", i, 0, 65535)? as u16)),
+            _ => Err(BodyError::IrteTarget),
+        }
+    }
+
+    fn reason(&mut self) -> Result<devices::iommu::ir::IrFaultReason, BodyError> {
+        use devices::iommu::ir::IrFaultReason as R;
+        let v = self
+            .get("reason")
+            .ok_or(BodyError::Missing { field: "reason" })?;
+        let text = match v {
+            Value::String(s) => s.clone(),
+            Value::Number(n) => n.to_string(),
+            _ => return Err(BodyError::NotString { field: "reason" }),
+        };
+        let code = text
+            .strip_prefix("0x")
+            .and_then(|h| u8::from_str_radix(h, 16).ok())
+            .or_else(|| text.parse::<u8>().ok());
+        Ok(match text.as_str() {
+            "not-present" => R::NotPresent,
+            "bad-sid" => R::SourceId,
+            "reserved" => R::EntryReserved,
+            "index" => R::IndexTooLarge,
+            "table" => R::TableAccess,
+            "compat" => R::CompatBlocked,
+            "request" => R::RequestReserved,
+            _ => code
+                .and_then(R::from_code)
+                .ok_or_else(|| BodyError::Reason(truncate(&text)))?,
+        })
     }
 
     fn finish(self) -> Result<(), BodyError> {
@@ -372,6 +432,11 @@ pub fn parse_value(v: &Value) -> Result<Inject, BodyError> {
             vector: f.num("vector", 16, 255)? as u8,
             cpu: f.num("cpu", 0, u64::from(u32::MAX))?,
         },
+        "irte-fault" => Inject::IrteFault {
+            target: f.irte_target()?,
+            count: count(&mut f)?,
+            reason: f.reason()?,
+        },
         _ => Inject::IrqStorm {
             vector: f.num("vector", 16, 255)? as u8,
             cpu: f.num("cpu", 0, u64::from(u32::MAX))?,
@@ -390,6 +455,7 @@ impl Inject {
             Target::Device(b) => format!("device {b}"),
             Target::Vector(v) => format!("vector {v:#x}"),
             Target::Pin(p) => format!("pin {p}"),
+            Target::Index(i) => format!("index {i:#x}"),
         };
         match self {
             Self::Dma {
@@ -420,6 +486,15 @@ impl Inject {
                 copies,
             } => format!("duplicate-irq {} x{count} +{copies}", t(target)),
             Self::SpuriousIrq { vector, cpu } => format!("spurious-irq {vector:#x} cpu {cpu}"),
+            Self::IrteFault {
+                target,
+                count,
+                reason,
+            } => format!(
+                "irte-fault {} x{count} reason {:#x}",
+                t(target),
+                *reason as u8
+            ),
             Self::IrqStorm {
                 vector,
                 cpu,
@@ -498,6 +573,23 @@ mod tests {
         for (body, want) in cases {
             assert_eq!(field(body).as_deref(), Some(want), "{body}");
         }
+        assert_eq!(
+            field(r#"{"fault":"irte-fault","device":"00:04.0","count":1,"reason":"late"}"#)
+                .as_deref(),
+            Some("reason")
+        );
+        assert_eq!(
+            field(r#"{"fault":"irte-fault","vector":64,"count":1,"reason":"bad-sid"}"#).as_deref(),
+            Some("device")
+        );
+        assert_eq!(
+            parse(br#"{"fault":"irte-fault","index":"0x12","count":2,"reason":"0x22"}"#),
+            Ok(Inject::IrteFault {
+                target: Target::Index(0x12),
+                count: 2,
+                reason: devices::iommu::ir::IrFaultReason::NotPresent
+            })
+        );
         let ok = parse(
             br#"{"fault":"dma","device":"00:04.0","iova":"0x1000","direction":"read","length":"64"}"#,
         );

@@ -172,6 +172,7 @@ impl ApiContext {
             Target::Device(b) => IrqTarget::Device(self.device(*b)?.0.requester_id()),
             Target::Vector(v) => IrqTarget::Vector(*v),
             Target::Pin(p) => IrqTarget::Pin(*p),
+            Target::Index(i) => IrqTarget::Index(*i),
         })
     }
 
@@ -295,6 +296,20 @@ impl ApiContext {
                 count,
                 copies,
             } => self.arm(&target, count, IrqAction::Duplicate(copies as u32)),
+            Inject::IrteFault {
+                target,
+                count,
+                reason,
+            } => {
+                let vtd = self.vtd()?;
+                if !vtd.offers_interrupt_remapping() {
+                    return Err(ApiError::status(
+                        409,
+                        "this VM's IOMMU does not offer interrupt remapping (--iommu intel,intremap=off)",
+                    ));
+                }
+                self.arm(&target, count, IrqAction::IrteFault(reason))
+            }
             Inject::SpuriousIrq { vector, cpu } => {
                 let msg = self.message(vector, cpu)?;
                 self.irq
