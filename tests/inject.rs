@@ -478,6 +478,8 @@ fn openapi_describes_every_fault_and_path() {
         "duplicate-irq",
         "spurious-irq",
         "irq-storm",
+        "irte-fault",
+        "stale_uses",
         "/v1/vm",
         "/v1/stats",
         "/v1/faults",
@@ -497,6 +499,7 @@ fn openapi_describes_every_fault_and_path() {
         "duplicate-irq",
         "spurious-irq",
         "irq-storm",
+        "irte-fault",
     ] {
         assert!(text.contains(name), "inject --help lacks {name}");
     }
@@ -824,4 +827,148 @@ fn demo_serves_the_api_too() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("msi_received=6 "), "{text}");
     assert!(text.contains("faultvisor demo: PASS"), "{text}");
+}
+
+#[test]
+fn irte_faults_and_remapped_routes() {
+    // fv-test's MSI goes through IRTE 5 to vector 0x71 on the BSP.
+    let Some(vm) = Vm::start(
+        "irte",
+        &["--device", "test", "--device", "edu"],
+        "opt.watch_ir",
+    ) else {
+        return;
+    };
+    vm.wait_for("# watch: ready");
+    let s = vm.socket.to_str().expect("utf-8").to_string();
+    // The route shows the IRTE it goes through, on the vector the IRTE names.
+    let out = common::run(&["idt", "--api-socket", &s, "--vcpu", "0"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let gate = text
+        .lines()
+        .find(|l| l.starts_with("71:"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        gate.contains("<- MSI 00:01.0 #0 via IRTE 5 -> APIC 0"),
+        "{gate}"
+    );
+    let st = http(&vm.socket, b"GET /v1/stats HTTP/1.1\r\n\r\n").1;
+    let msi = &st["msi"][0];
+    assert_eq!(
+        (msi["irte"].as_u64(), msi["vector"].as_u64()),
+        (Some(5), Some(0x71)),
+        "{st}"
+    );
+    // The decoded table: entry 5, present, used by fv-test.
+    let out = common::run(&["iommu", "--api-socket", &s]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("interrupt remapping on"), "{text}");
+    let row = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("5 "))
+        .unwrap_or_else(|| panic!("no IRTE 5 row: {text}"));
+    assert!(row.contains("0x71") && row.contains("00:01.0"), "{row}");
+    let (rc, out, err) = vm.inject(&[
+        "irte-fault",
+        "--device",
+        "00:01.0",
+        "--reason",
+        "not-present",
+        "--count",
+        "3",
+    ]);
+    assert_eq!(rc, 0, "{out} {err}");
+    let (rc, _, err) = vm.inject(&["irte-fault", "--device", "00:01.0", "--reason", "0x27"]);
+    assert_eq!(rc, 1, "{err}");
+    assert!(err.contains("not an IRTE fault reason"), "{err}");
+    let w = vm.finish();
+    // Three of ten are blocked and each is recorded: index 5, reason 0x22.
+    assert_eq!((w["msi_received"], w["records"]), (7, 3), "{w:?}");
+}
+
+#[test]
+fn stale_uses_in_the_iommu_view_metrics_and_timeline() {
+    // stale.iotlb leaves stale uses behind; opt.watch then keeps the VM up for queries.
+    let trace = std::env::temp_dir().join(format!("fv-stale-{}.json", std::process::id()));
+    let Some(vm) = Vm::start(
+        "stale",
+        &[
+            "--device",
+            "test",
+            "--device",
+            "edu",
+            "--iommu",
+            "intel,caching=exact",
+            "--trace-file",
+            trace.to_str().expect("utf-8"),
+        ],
+        "stale.iotlb,opt.watch",
+    ) else {
+        return;
+    };
+    vm.wait_for("# watch: ready");
+    let (st, v) = http(&vm.socket, b"GET /v1/iommu HTTP/1.1\r\n\r\n");
+    assert_eq!(st, 200);
+    assert_eq!(v["caching"], "exact", "{v}");
+    let su = &v["stale_uses"];
+    assert!(su["iotlb"].as_u64().unwrap_or(0) >= 3, "{su}");
+    let newest = &su["recent"][0];
+    assert_eq!(
+        (
+            newest["cache"].as_str(),
+            newest["device"].as_str(),
+            newest["iova"].as_str(),
+            newest["domain"].as_u64()
+        ),
+        (Some("iotlb"), Some("00:02.0"), Some("0x23000"), Some(1)),
+        "{su}"
+    );
+    assert!(newest["missing"]
+        .as_str()
+        .unwrap_or("")
+        .contains("an IOTLB invalidation of domain 1 covering IOVA 0x23000"));
+    let s = vm.socket.to_str().expect("utf-8").to_string();
+    let out = common::run(&["iommu", "--api-socket", &s]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("caching exact  stale uses: 0 context, "),
+        "{text}"
+    );
+    assert!(
+        text.contains("stale IOTLB entry of 00:02.0 (domain 1) used at IOVA 0x23000"),
+        "{text}"
+    );
+    let raw = {
+        let mut st = UnixStream::connect(&vm.socket).expect("connect");
+        st.write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+            .expect("write");
+        let mut r = String::new();
+        st.read_to_string(&mut r).expect("read");
+        r
+    };
+    let samples = check_prometheus(raw.split_once("\r\n\r\n").expect("http").1);
+    assert!(
+        samples
+            .get("faultvisor_iommu_stale_uses_total{cache=\"iotlb\"}")
+            .copied()
+            .unwrap_or(0.0)
+            >= 3.0,
+        "{samples:?}"
+    );
+    assert_eq!(
+        samples.get("faultvisor_iommu_stale_uses_total{cache=\"irte\"}"),
+        Some(&0.0)
+    );
+    vm.finish();
+    let t: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&trace).expect("trace")).expect("json");
+    let stale: Vec<&serde_json::Value> = t["traceEvents"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["cat"] == "stale")
+        .collect();
+    assert!(stale.len() >= 3, "{stale:?}");
+    assert_eq!(stale[0]["args"]["at"], "0x23000");
+    let _ = std::fs::remove_file(&trace);
 }

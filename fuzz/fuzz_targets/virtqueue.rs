@@ -88,7 +88,10 @@ fuzz_target!(|data: &[u8]| {
             _ => dev.bar_write(0, 0x2000, &0u16.to_le_bytes()),
         }
         if let Some(b) = before {
-            assert!(b == snapshot(&mem, MEM), "a device behind a blocking IOMMU wrote guest memory");
+            assert!(
+                b == snapshot(&mem, MEM),
+                "a device behind a blocking IOMMU wrote guest memory"
+            );
         }
     }
 });

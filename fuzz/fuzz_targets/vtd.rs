@@ -5,13 +5,17 @@
 //! - a DMA write that succeeds changes only bytes at the guest-physical addresses the
 //!   tables map (a reference walk, computed independently), or none at all for an
 //!   interrupt request to 0xFEEx_xxxx;
-//! - the unit's fault history stays within its cap.
+//! - the unit's fault history stays within its cap;
+//! - an interrupt message remapped through the table is delivered only as the entry
+//!   the unit holds for its index allows (present, that vector), never in remappable
+//!   format;
+//! - in exact caching mode (chosen by the input) the stale-use history stays bounded.
 #![no_main]
 
 use std::sync::Arc;
 
-use devices::interrupt::RecordingController;
-use devices::iommu::{DmaError, Vtd, VTD_SIZE};
+use devices::interrupt::{MsiMessage, MsiSource, RecordingController};
+use devices::iommu::{ir, CachingMode, DmaError, Vtd, VTD_SIZE};
 use faultvisor_fuzz::{fill, memory, reference_walk, snapshot, Input};
 use libfuzzer_sys::fuzz_target;
 
@@ -22,13 +26,18 @@ fuzz_target!(|data: &[u8]| {
     let mem = memory(MEM);
     fill(&mut inp, &mem, MEM, 32);
     let rec = Arc::new(RecordingController::new(24, 64));
-    let vtd = Arc::new(Vtd::new(mem.clone(), rec));
+    let caching = if inp.u8() & 1 == 0 {
+        CachingMode::Simple
+    } else {
+        CachingMode::Exact
+    };
+    let vtd = Arc::new(Vtd::new(mem.clone(), rec).with_caching(caching));
     let cached = vtd.handle(0x20);
     for _ in 0..64 {
         if inp.done() {
             break;
         }
-        match inp.u8() % 8 {
+        match inp.u8() % 9 {
             0 | 1 => {
                 let off = u64::from(inp.u16()) % (VTD_SIZE + 16);
                 let len = inp.size();
@@ -104,6 +113,45 @@ fuzz_target!(|data: &[u8]| {
                         assert_eq!(before, snapshot(&mem, MEM), "a faulting DMA ({e}) wrote");
                     }
                 }
+            }
+            7 => {
+                // An interrupt message through the remapping table.
+                let source = match inp.u8() % 3 {
+                    0 => MsiSource::Pci {
+                        bdf: inp.u16(),
+                        vector: inp.u16(),
+                    },
+                    1 => MsiSource::Ioapic { pin: inp.u8() % 24 },
+                    _ => MsiSource::Platform,
+                };
+                let address = match inp.u8() % 3 {
+                    0 => inp.u64(),
+                    _ => 0xfee0_0000 | u64::from(inp.u16() & 0xfffc) | (u64::from(inp.u8()) << 12),
+                };
+                let msg = MsiMessage {
+                    address,
+                    data: inp.u32(),
+                };
+                let r = vtd.remap(source, msg);
+                if let (Ok(m), ir::Request::Remappable { index }, true, false) = (
+                    r,
+                    ir::decode(&msg),
+                    vtd.remapping(),
+                    source == MsiSource::Platform,
+                ) {
+                    let (_, cached) = vtd.irte(index);
+                    let e = cached.expect("a remapped message's entry is cached");
+                    assert!(e.present(), "remapped through a non-present IRTE");
+                    assert_eq!(m.vector(), e.vector(), "vector not the IRTE's");
+                    assert!(
+                        !matches!(ir::decode(&m), ir::Request::Remappable { .. }),
+                        "delivered in remappable format"
+                    );
+                }
+                if let Some(i) = ir::index_of(&msg) {
+                    vtd.irte_use(inp.u16(), i);
+                }
+                assert!(vtd.stale_uses().1.len() <= devices::iommu::cache::STALE_HISTORY);
             }
             _ => {
                 let sid = inp.u16();

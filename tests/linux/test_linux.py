@@ -32,6 +32,15 @@ JOBS = [
                           "--memory", "512M", "--device", "edu,bdf=00:04.0",
                           "--device", "virtio-rng", "--cmdline",
                           f"{BASE} intel_iommu=on fv.checks=modules,hwrng,iommu,edu-dma"]),
+    # Interrupt remapping, with hardware-exact caching and its stale-use detector on.
+    lab.Job("ir", ["--kernel", "{kernel}", "--initrd", "{initrd}", "--vcpus", "2",
+                   "--memory", "512M", "--device", "virtio-rng",
+                   "--iommu", "intel,caching=exact", "--cmdline",
+                   f"{BASE} intel_iommu=on fv.checks=modules,ir,serial-irq,hwrng,ir"]),
+    lab.Job("no-intremap", ["--kernel", "{kernel}", "--initrd", "{initrd}", "--vcpus", "2",
+                            "--memory", "512M", "--device", "virtio-rng", "--cmdline",
+                            f"{BASE} intel_iommu=on intremap=off "
+                            "fv.checks=modules,ir,serial-irq,hwrng"]),
     lab.Job("linux-campaign", [], timeout=300, raw=(
         "mkdir -p /tmp/fvc/guest && ln -sf /lab/vmlinux /tmp/fvc/guest/vmlinux && "
         "ln -sf /lab/initramfs.cpio /tmp/fvc/guest/initramfs.cpio && "
@@ -192,6 +201,63 @@ class IntelIommu(unittest.TestCase):
         self.assertEqual(int(walks.group(3)), 2, "exactly the two edu faults")
 
 
+class InterruptRemapping(unittest.TestCase):
+    """Linux 6.1 turns interrupt remapping on in x2APIC mode (it is on by default when
+    the DMAR table offers it): the serial port's IOAPIC pin and virtio-rng's MSI-X
+    vectors go through IRTEs, and data still arrives. intremap=off still works."""
+
+    def test_remapping_is_enabled_in_x2apic_mode(self):
+        r = job("ir")
+        self.assertIn("DMAR-IR: Enabled IRQ remapping in x2apic mode", r.output, r.output)
+        self.assertIn("DMAR-IR: IOAPIC id 0 under DRHD base  0xfed90000", r.output, r.output)
+        self.assertEqual(r.rc, 0, r.output)
+
+    def test_serial_and_virtio_interrupts_are_remapped(self):
+        r = job("ir")
+        m = re.search(r"FV-CHECK serial-irq before=(\d+) after=(\d+) line=\[(.*)\]", r.output)
+        self.assertIsNotNone(m, r.output)
+        self.assertIn("IR-IO-APIC", m.group(3), r.output)
+        self.assertIn("ttyS0", m.group(3))
+        self.assertGreater(int(m.group(2)), int(m.group(1)), "ttyS0 counts up through IR")
+        # Linux 6.1 labels MSI-X vectors "IR-PCI-MSI" (later kernels "IR-PCI-MSIX");
+        # msi_irqs/ says which kind they are.
+        remapped = sorted({l.split()[1].rstrip(":") for l in r.lines
+                           if l.startswith("FV-IRQ") and re.search(r"IR-PCI-MSIX? ", l)
+                           and "virtio" in l})
+        self.assertEqual(len(remapped), 2, r.output)
+        kinds = dict(re.findall(r"FV-MSI-KIND \S+ irq=(\d+) (\w+)", r.output))
+        self.assertEqual([kinds.get(i) for i in remapped], ["msix", "msix"], r.output)
+        inputs = [l for l in r.lines if l.startswith("FV-IRQ") and "virtio0-input" in l]
+        self.assertTrue(inputs and sum(int(x) for x in inputs[0].split()[2:4]) > 0, r.output)
+        h = re.search(r"FV-CHECK hwrng current=(\S*) access-platform=(\S*) domain=(\S*) "
+                      r"bytes=([0-9a-f]*)", r.output)
+        self.assertIsNotNone(h, r.output)
+        self.assertEqual(len(h.group(4)), 64, "virtio-rng data arrives through IR")
+
+    def test_linux_invalidates_as_exact_caching_requires(self):
+        """Linux 6.1's intel-iommu driver (lazy DMA-FQ flushing, IR with IEC flushes)
+        never uses an entry it changed without the invalidation the spec requires."""
+        r = job("ir")
+        m = re.search(r"VT-d exact caching: (\d+) stale uses \(context (\d+), IOTLB (\d+), "
+                      r"IRTE (\d+)\)", r.output)
+        self.assertIsNotNone(m, r.output)
+        self.assertEqual(m.group(1), "0", r.output)
+        self.assertNotIn("stale", " ".join(l for l in r.lines if "WARN" in l), r.output)
+
+    def test_intremap_off_still_works(self):
+        r = job("no-intremap")
+        self.assertNotIn("Enabled IRQ remapping", r.output)
+        m = re.search(r"FV-CHECK serial-irq before=(\d+) after=(\d+) line=\[(.*)\]", r.output)
+        self.assertIsNotNone(m, r.output)
+        self.assertNotIn("IR-IO-APIC", m.group(3))
+        self.assertGreater(int(m.group(2)), int(m.group(1)))
+        h = re.search(r"FV-CHECK hwrng current=(\S*) access-platform=(\S*) domain=(\S*) "
+                      r"bytes=([0-9a-f]*)", r.output)
+        self.assertIsNotNone(h, r.output)
+        self.assertEqual(len(h.group(4)), 64, r.output)
+        self.assertEqual(r.rc, 0, r.output)
+
+
 def tap(r):
     out = []
     for line in r.lines:
@@ -207,7 +273,7 @@ class LinuxCampaign(unittest.TestCase):
 
     def test_every_expectation_holds(self):
         r = job("linux-campaign")
-        self.assertIn("5 experiments: **5 passed, 0 failed**", r.output, r.output)
+        self.assertIn("6 experiments: **6 passed, 0 failed**", r.output, r.output)
         self.assertEqual(r.rc, 0, r.output)
 
     def test_report_shows_the_guest_reactions(self):
@@ -215,10 +281,13 @@ class LinuxCampaign(unittest.TestCase):
         for line in ["| edu DMA from guest userspace |", "| injected DMA fault and fault storm |",
                      "| interrupt storm on an unused vector |",
                      "| a lost serial interrupt stalls the console |",
-                     "| corrupted virtio-rng descriptor |"]:
+                     "| corrupted virtio-rng descriptor |",
+                     "| an IRTE fault for virtio-rng |"]:
             self.assertIn(line, r.output, r.output)
         self.assertIn("No irq handler for vector", r.output)
         self.assertIn("fault addr 0x7000 [fault reason 0x05]", r.output)
+        self.assertIn("DMAR: [INTR-REMAP] Request device [00:01.0] fault index 0x", r.output)
+        self.assertIn("[fault reason 0x22] Present field in the IRTE entry is clear", r.output)
 
 
 class IdtOfLinux(unittest.TestCase):

@@ -465,9 +465,90 @@ pub fn iommu(a: &IommuArgs) -> Result<i32, CliError> {
             ""
         }
     );
+    let ir = &v["interrupt_remapping"];
+    println!(
+        "interrupt remapping {}  table {} ({} entries, {})  compatibility format {}",
+        if ir["enabled"] == true { "on" } else { "off" },
+        ir["table"].as_str().unwrap_or(""),
+        ir["entries"],
+        if ir["x2apic"] == true {
+            "x2APIC"
+        } else {
+            "xAPIC"
+        },
+        if ir["compat_allowed"] == true {
+            "allowed (CFI)"
+        } else {
+            "blocked"
+        }
+    );
+    let rows = ir["rows"].as_array().cloned().unwrap_or_default();
+    if !rows.is_empty() {
+        println!("  index  P  vector  destination        trigger  SID     SVT  cache    used by");
+    }
+    for r in &rows {
+        let cache = match (r["cached"] == true, r["stale"] == true) {
+            (true, true) => "STALE",
+            (true, false) => "cached",
+            _ => "-",
+        };
+        let users: Vec<String> = r["users"]
+            .as_array()
+            .map(|u| {
+                u.iter()
+                    .filter_map(|x| x.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!(
+            "  {:>5}  {}  {:>6}  {:>8} {:<9} {:<7}  {}  {:>3}  {:<7}  {}",
+            r["index"],
+            if r["present"] == true { "1" } else { "0" },
+            r["vector"].as_str().unwrap_or(""),
+            r["destination"],
+            r["mode"].as_str().unwrap_or(""),
+            r["trigger"].as_str().unwrap_or(""),
+            r["sid"].as_str().unwrap_or(""),
+            r["svt"],
+            cache,
+            users.join(", ")
+        );
+    }
+    let st = &v["stale_uses"];
+    println!(
+        "caching {}  stale uses: {} context, {} IOTLB, {} IRTE{}",
+        v["caching"].as_str().unwrap_or("?"),
+        st["context"],
+        st["iotlb"],
+        st["irte"],
+        if v["caching"] == "exact" {
+            ""
+        } else {
+            " (the detector runs with --iommu intel,caching=exact)"
+        }
+    );
+    for u in st["recent"].as_array().cloned().unwrap_or_default() {
+        println!(
+            "  {:>10} us  {} (x{})",
+            u["last_us"],
+            u["text"].as_str().unwrap_or(""),
+            u["uses"]
+        );
+    }
     let faults = v["faults"].as_array().cloned().unwrap_or_default();
     println!("last {} fault(s), newest first:", faults.len());
     for f in faults {
+        if f["kind"] == "interrupt" {
+            println!(
+                "  {:>10} us  [INTR-REMAP] Request device [{}] fault index {} [fault reason {}] {}",
+                f["at_us"],
+                f["device"].as_str().unwrap_or(""),
+                f["index"].as_str().unwrap_or(""),
+                f["reason"].as_str().unwrap_or(""),
+                f["text"].as_str().unwrap_or("")
+            );
+            continue;
+        }
         println!(
             "  {:>10} us  [DMA {} NO_PASID] Request device [{}] fault addr {} [fault reason {}] {}",
             f["at_us"],
@@ -504,16 +585,25 @@ pub struct IdtArgs {
 }
 
 /// What faultvisor routes to each vector: (vector, description).
+/// " via IRTE n" when the row's messages are translated by interrupt remapping.
+fn via_irte(row: &serde_json::Value) -> String {
+    match row["irte"].as_u64() {
+        Some(i) => format!(" via IRTE {i}"),
+        None => String::new(),
+    }
+}
+
 fn routes(socket: &Path) -> Result<Vec<(u64, String)>, CliError> {
     let mut out = Vec::new();
     if let (200, io) = request(socket, "GET", "/v1/ioapic", None)? {
         for p in io["pins"].as_array().cloned().unwrap_or_default() {
-            if p["masked"] == false {
+            if p["masked"] == false && p.get("blocked").is_none() {
                 out.push((
                     p["vector"].as_u64().unwrap_or(0),
                     format!(
-                        "IOAPIC pin {} -> APIC {} ({}, delivered {})",
+                        "IOAPIC pin {}{} -> APIC {} ({}, delivered {})",
                         p["pin"],
+                        via_irte(&p),
                         p["dest"],
                         p["trigger"].as_str().unwrap_or(""),
                         p["delivered"]
@@ -528,9 +618,17 @@ fn routes(socket: &Path) -> Result<Vec<(u64, String)>, CliError> {
                 Some(d) => format!("MSI {d} #{}", m["msi_index"]),
                 None => "platform MSI".to_string(),
             };
+            if m.get("blocked").is_some() {
+                continue;
+            }
             out.push((
                 m["vector"].as_u64().unwrap_or(0),
-                format!("{who} -> APIC {} (delivered {})", m["dest"], m["delivered"]),
+                format!(
+                    "{who}{} -> APIC {} (delivered {})",
+                    via_irte(&m),
+                    m["dest"],
+                    m["delivered"]
+                ),
             ));
         }
     }

@@ -45,6 +45,10 @@ pub enum Cap {
     CampaignOutput,
     /// Interrupt messages KVM refused to route (delivered as hardware would: dropped).
     RefusedRoutes,
+    /// Invalidations kept for caches that have not caught up.
+    InvalidationLog,
+    /// Distinct stale cache entries kept in the history (`caching=exact`).
+    StaleHistory,
 }
 
 /// What a cap is, for the README table and the metrics.
@@ -61,7 +65,7 @@ pub struct CapInfo {
 }
 
 /// Every cap, in [`Cap`] order.
-pub const ALL: [CapInfo; 16] = [
+pub const ALL: [CapInfo; 18] = [
     CapInfo {
         cap: Cap::LogLines,
         name: "log_lines",
@@ -157,6 +161,18 @@ pub const ALL: [CapInfo; 16] = [
         name: "refused_routes",
         limit: "routes KVM refuses (e.g. reserved address bits)",
         at_cap: "the route table stays as it was; the message is dropped, as hardware drops an MSI to no destination",
+    },
+    CapInfo {
+        cap: Cap::InvalidationLog,
+        name: "invalidation_log",
+        limit: "256 invalidations a cache may lag behind",
+        at_cap: "a cache further behind drops all its entries (over-invalidation, never a stale hit)",
+    },
+    CapInfo {
+        cap: Cap::StaleHistory,
+        name: "stale_history",
+        limit: "64 distinct stale entries in the history",
+        at_cap: "the oldest leaves the history; every use is still counted",
     },
 ];
 

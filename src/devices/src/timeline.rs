@@ -57,6 +57,18 @@ pub enum EventKind {
         /// Vector.
         vector: u8,
     },
+    /// A cached VT-d entry was used although its table changed without the required
+    /// invalidation (`caching=exact`).
+    StaleUse {
+        /// "context", "iotlb" or "irte".
+        cache: &'static str,
+        /// Requester ID.
+        sid: u16,
+        /// IOVA page or IRTE index.
+        at: u64,
+        /// The invalidation that was missing.
+        missing: String,
+    },
     /// A fault injected through the API.
     Injection {
         /// The request body.
@@ -195,6 +207,17 @@ impl Timeline {
                     "fault",
                     "fault event".to_string(),
                     json!({"vector": vector}),
+                ),
+                EventKind::StaleUse {
+                    cache,
+                    sid,
+                    at,
+                    missing,
+                } => (
+                    3,
+                    "stale",
+                    format!("stale {cache} entry"),
+                    json!({"sid": sid, "at": format!("{at:#x}"), "missing": missing}),
                 ),
                 EventKind::Injection { what } => (
                     4,

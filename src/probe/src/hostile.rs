@@ -3,14 +3,16 @@
 //! size at every offset of every BAR, configuration-space writes (BARs, command
 //! registers, MSI and MSI-X included), port I/O, IOAPIC redirection entries, VT-d
 //! registers with random root, context and page tables and invalidation queues,
-//! virtqueues with random descriptors and rings, DMA, and interrupt storms. Then it
+//! interrupt remapping (IRTA of every size, IRTEs rewritten while interrupts fly,
+//! SIRTP/IRE/CFI toggled, interrupt entry cache invalidations), virtqueues with random
+//! descriptors and rings, DMA, and interrupt storms. Then it
 //! puts the machine back in order and checks that the VMM still routes interrupts and
 //! answers, and reports its own verdict.
 //!
 //! The guest must survive its own attack, so what could destroy it is shaped, never
-//! what the VMM sees as well-formed: message data always asks for fixed or
+//! what the VMM sees as well-formed: message data and IRTEs always ask for fixed or
 //! lowest-priority delivery of a vector ≥ 0x30 (never INIT, NMI, SMI or an exception
-//! vector), every address the guest writes for a device to use points into its scratch
+//! vector), the remapping table stays inside its scratch area, every address the guest writes for a device to use points into its scratch
 //! area or far beyond RAM, the ports that end the VM are left alone, and the ECAM,
 //! IOAPIC select/window and CF8 pairs are taken under one lock so the two CPUs do not
 //! interleave their halves. Everything else — reserved bits, sizes, offsets, modes,
@@ -36,7 +38,10 @@ static mut AREA: Scratch = Scratch([0; SCRATCH]);
 const RINGS: u64 = 0;
 const RINGS_SIZE: u64 = 64 << 10;
 const QUEUE: u64 = RINGS + RINGS_SIZE;
-const TABLES: u64 = QUEUE + 0x1000;
+/// The interrupt remapping table area: 4096 entries at most.
+const IRT: u64 = QUEUE + 0x1000;
+const IRT_SIZE: u64 = 64 << 10;
+const TABLES: u64 = IRT + IRT_SIZE;
 const TABLES_SIZE: u64 = 256 << 10;
 const DATA: u64 = TABLES + TABLES_SIZE;
 const DATA_SIZE: u64 = SCRATCH as u64 - DATA;
@@ -124,7 +129,7 @@ static TARGETS: AtomicU64 = AtomicU64::new(0);
 static ACTIONS: AtomicU64 = AtomicU64::new(0);
 /// Per action kind, how often it ran (both CPUs).
 static KINDS: [AtomicU32; KIND_NAMES.len()] = [const { AtomicU32::new(0) }; KIND_NAMES.len()];
-const KIND_NAMES: [&str; 12] = [
+const KIND_NAMES: [&str; 13] = [
     "bar-write",
     "bar-read",
     "config-write",
@@ -137,6 +142,7 @@ const KIND_NAMES: [&str; 12] = [
     "dma",
     "storm",
     "notify",
+    "ir",
 ];
 
 fn targets() -> &'static Targets {
@@ -212,6 +218,7 @@ fn act(r: &mut Rng) {
         8 => virtqueue(r, t),
         9 => dma(r, t),
         10 => storm(r, t),
+        12 => ir(r, t),
         _ => {
             if let Some((_, b)) = t.virtio {
                 for _ in 0..1 + r.below(8) {
@@ -481,6 +488,43 @@ fn vtd_reg(r: &mut Rng, t: &Targets) {
     }
 }
 
+/// IRTA (the remapping table area, any size that fits it, either EIME), shaped IRTEs
+/// (fixed or lowest-priority delivery of a vector >= 0x30, every other bit random:
+/// present or not, FPD, destination and its mode, trigger, SVT/SQ/SID, reserved bits,
+/// the posted-format bit), and GCMD commands toggling IRE and CFI or latching the table.
+fn ir(r: &mut Rng, t: &Targets) {
+    const IRE: u32 = 1 << 25;
+    const SIRTP: u32 = 1 << 24;
+    const CFI: u32 = 1 << 23;
+    let Some(b) = t.vtd else {
+        return;
+    };
+    match r.below(4) {
+        0 => {
+            // 2^(S+1) entries, S <= 11: at most 4096, inside the area.
+            let v = (base() + IRT) | (r.below(2) << 11) | r.below(12);
+            mmio_write(b + 0xb8, 8, v);
+        }
+        1 | 2 => {
+            for _ in 0..1 + r.below(8) {
+                let at = IRT + r.below(IRT_SIZE / 16) * 16;
+                let vector = 0x30 + r.below(0xcf);
+                let lo = (r.next() & !(0x7 << 5) & !(0xff << 16)) | r.below(2) << 5 | vector << 16;
+                scratch_write(at + 8, r.next());
+                scratch_write(at, lo);
+            }
+        }
+        _ => {
+            // The persistent bits as they are, with IRE and CFI flipped at random and
+            // sometimes SIRTP.
+            let gsts = mmio_read32(b + 0x1c) & (0x8600_0000 | CFI);
+            let flip = [IRE, CFI, IRE | CFI, 0][r.below(4) as usize];
+            let one_shot = if r.chance(64) { SIRTP } else { 0 };
+            mmio_write32(b + 0x18, (gsts ^ flip) | one_shot);
+        }
+    }
+}
+
 /// Tables in the table area that identity-map the ring and data areas for every
 /// function on bus 0 (3 levels); returns the root table's address.
 fn seed_tables() -> u64 {
@@ -719,6 +763,8 @@ pub fn chaos(c: &Ctx) -> Outcome {
         mmio_write32(b + 0x18, 0);
         mmio_write(b + 0x90, 8, base() + QUEUE);
         mmio_write(b + 0x88, 8, 0);
+        // Any SIRTP latches a table in the scratch area.
+        mmio_write(b + 0xb8, 8, (base() + IRT) | 7);
     }
     if let Some((_, b)) = t.edu {
         mmio_write(b + 0x80, 8, base() + DATA);

@@ -129,6 +129,15 @@ impl Unit {
         wait_until(100_000_000, || self.r64(iotlb) >> 63 == 0);
     }
 
+    /// A register-based IOTLB invalidation: granularity `g` (1 global, 2 domain, 3
+    /// page-selective with `iva` = address | AM).
+    pub(crate) fn iotlb_invalidate(&self, g: u64, did: u16, iva: u64) {
+        self.w64(self.iro, iva);
+        let r = self.iro + 8;
+        self.w64(r, 1 << 63 | g << 60 | u64::from(did) << 32);
+        wait_until(100_000_000, || self.r64(r) >> 63 == 0);
+    }
+
     pub(crate) fn fsts(&self) -> u32 {
         self.r32(reg::FSTS)
     }
@@ -201,30 +210,30 @@ pub(crate) fn r64(addr: u64) -> u64 {
     unsafe { core::ptr::read_volatile(addr as *const u64) }
 }
 
-fn fill(addr: u64, byte: u8, len: usize) {
+pub(crate) fn fill(addr: u64, byte: u8, len: usize) {
     // SAFETY: as for `w64`; `len` stays within the page the caller owns.
     unsafe { core::ptr::write_bytes(addr as *mut u8, byte, len) }
 }
 
-fn bytes(addr: u64, len: usize) -> &'static [u8] {
+pub(crate) fn bytes(addr: u64, len: usize) -> &'static [u8] {
     // SAFETY: as for `w64`.
     unsafe { core::slice::from_raw_parts(addr as *const u8, len) }
 }
 
 /// Root, context and second-level tables for one device.
-struct Tables {
-    root: u64,
-    ctx: u64,
-    top: u64,
-    levels: u32,
-    devfn: u8,
+pub(crate) struct Tables {
+    pub(crate) root: u64,
+    pub(crate) ctx: u64,
+    pub(crate) top: u64,
+    pub(crate) levels: u32,
+    pub(crate) devfn: u8,
 }
 
-const R: u64 = 1;
-const W: u64 = 2;
+pub(crate) const R: u64 = 1;
+pub(crate) const W: u64 = 2;
 
 impl Tables {
-    fn new(sid: u16, levels: u32) -> Self {
+    pub(crate) fn new(sid: u16, levels: u32) -> Self {
         let (root, ctx, top) = (page(), page(), page());
         let t = Self {
             root,
@@ -242,14 +251,14 @@ impl Tables {
         self.ctx + u64::from(self.devfn) * 16
     }
 
-    fn set_context(&self, lo: u64, hi: u64) {
+    pub(crate) fn set_context(&self, lo: u64, hi: u64) {
         w64(self.context_slot() + 8, hi);
         w64(self.context_slot(), lo);
     }
 
     /// Maps `iova` to `gpa` with `perm` as a page at `leaf` level (1: 4K, 2: 2M, 3: 1G);
     /// returns the leaf PTE's address.
-    fn map(&self, iova: u64, gpa: u64, perm: u64, leaf: u32) -> u64 {
+    pub(crate) fn map(&self, iova: u64, gpa: u64, perm: u64, leaf: u32) -> u64 {
         let mut table = self.top;
         let mut level = self.levels;
         loop {
@@ -276,7 +285,7 @@ impl Tables {
 pub(crate) const EDU_BUF: u64 = 0x40000;
 /// Bytes per test transfer: QEMU's edu refuses (aborts the VM on) a transfer that ends
 /// exactly at the end of its 4 KiB buffer, so stay below it.
-const XFER: u64 = 2048;
+pub(crate) const XFER: u64 = 2048;
 
 #[derive(Clone, Copy)]
 pub(crate) struct Edu {
@@ -351,14 +360,14 @@ macro_rules! setup {
 }
 
 /// Turns translation on with `t`'s root table.
-fn translate_with(u: &Unit, t: &Tables) -> bool {
+pub(crate) fn translate_with(u: &Unit, t: &Tables) -> bool {
     let rtps = u.set_root(t.root);
     u.invalidate();
     let tes = u.set_persistent(TE, true);
     rtps && tes
 }
 
-fn off(u: &Unit) {
+pub(crate) fn off(u: &Unit) {
     u.set_persistent(TE, false);
     u.clear_faults();
 }
@@ -1043,18 +1052,26 @@ const GO_VECTOR: u8 = 0xee;
 /// Vector of a host interrupt storm.
 const STORM_VECTOR: u8 = 0xed;
 /// fv-test's MSI vector while watching.
-const WATCH_MSI: u8 = 0x71;
+pub const WATCH_MSI: u8 = 0x71;
 
 /// For fault-injection tests: arms the unit (translation on, nothing mapped, fault
 /// event to the BSP), prints `# watch: ready`, waits for the host's "go" interrupt on
 /// 0xee, raises 10 fv-test MSIs, collects for a while, and reports everything it saw in
 /// one `# watch:` line.
 pub fn watch(c: &Ctx) -> Outcome {
+    watch_with(c, None)
+}
+
+/// [`watch`], with fv-test's MSI sent in remappable format to `ir_address` when given
+/// (interrupt remapping already on, its table allocated from the page pool).
+pub fn watch_with(c: &Ctx, ir_address: Option<u64>) -> Outcome {
     let unit = c.p.dmar.map(|d| Unit::new(&d));
     if let Some(u) = &unit {
         u.set_persistent(TE, false);
         u.clear_faults();
-        pool_reset();
+        if ir_address.is_none() {
+            pool_reset();
+        }
         let root = page();
         u.set_root(root);
         u.invalidate();
@@ -1068,7 +1085,10 @@ pub fn watch(c: &Ctx) -> Outcome {
     if let Some((bdf, _)) = fvt {
         if let Some(m) = crate::pci::Msi::find(bdf) {
             bdf.enable(true);
-            m.enable(bsp_apic(), WATCH_MSI, 1);
+            match ir_address {
+                Some(a) => m.enable_raw(a, 0, 1),
+                None => m.enable(bsp_apic(), WATCH_MSI, 1),
+            }
         }
     }
     if let Some(u) = unit {

@@ -734,3 +734,18 @@ pub fn x2apic(c: &Ctx) -> Outcome {
         "IRTE to x2APIC ID {dest} reached CPU {idx} of {n}"
     )))
 }
+
+/// IRTE that carries fv-test's MSI while watching with remapping on.
+const WATCH_IRTE: u16 = 5;
+
+/// [`iommu::watch`] with interrupt remapping on: fv-test's MSI goes through IRTE 5 to
+/// vector 0x71 on the BSP (for host tests of IRTE fault injection and introspection).
+pub fn watch(c: &Ctx) -> Outcome {
+    let f = need_fvtest!(c);
+    let ir = ir_on!(c, false);
+    let hi = u64::from(sid_of(f.bdf)) | (1 << 18);
+    ir.set(WATCH_IRTE, iommu::WATCH_MSI, bsp_apic(), hi);
+    let o = iommu::watch_with(c, Some(remappable(WATCH_IRTE, false)));
+    ir.off();
+    o
+}

@@ -35,6 +35,7 @@ mod ir;
 mod pci;
 mod serial;
 mod smp;
+mod stale;
 mod tap;
 mod tests;
 

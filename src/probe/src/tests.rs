@@ -152,6 +152,8 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("iommu.completion_event", crate::iommu::completion_event),
     ("iommu.interrupt_range", crate::iommu::interrupt_range),
     ("iommu.root_mode", crate::iommu::root_mode),
+    ("stale.iotlb", crate::stale::iotlb),
+    ("stale.context", crate::stale::context),
     ("ir.msi", crate::ir::msi),
     ("ir.msix", crate::ir::msix),
     ("ir.ioapic", crate::ir::ioapic),
@@ -166,6 +168,7 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("opt.soft_int", exc_int),
     // Waits for the host's injected faults (tests/inject.rs drives it).
     ("opt.watch", crate::iommu::watch),
+    ("opt.watch_ir", crate::ir::watch),
     // The hostile guest: seeded random actions against every device (probe.seed=).
     ("hostile.chaos", crate::hostile::chaos),
     ("hostile.growth", crate::hostile::growth),

@@ -159,16 +159,8 @@ impl IommuMode {
     }
 }
 
-/// How the DMA side of the unit caches translations.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Caching {
-    /// Every invalidation empties every cache (never stale, never a missed flush).
-    #[default]
-    Simple,
-    /// Cached context entries and IOTLB entries stay until exactly the invalidation the
-    /// spec requires, and every use of one whose table changed meanwhile is reported.
-    Exact,
-}
+/// How the unit's caches follow invalidations (`caching=simple|exact`).
+pub type Caching = devices::iommu::CachingMode;
 
 /// `--iommu MODE[,OPTION=VALUE]...`: the unit and its options.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -179,7 +171,7 @@ pub struct IommuConfig {
     pub no_intremap: bool,
     /// How IOAPIC messages' source IDs are verified under interrupt remapping.
     pub ioapic_sid: devices::iommu::IoapicSidCheck,
-    /// DMA translation caching.
+    /// How the caches follow invalidations (exact mode also detects stale uses).
     pub caching: Caching,
 }
 

@@ -90,6 +90,26 @@ pub struct GsiCounters {
     pub raised: u64,
     /// Written to KVM (raised, minus dropped, plus duplicates).
     pub delivered: u64,
+    /// Where its messages go now.
+    pub route: RouteState,
+}
+
+/// What KVM's route of a GSI delivers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteState {
+    /// The message as programmed (no interrupt remapping).
+    Direct,
+    /// Translated through IRTE `index` (cached in the route) into `msg`.
+    Remapped {
+        /// The interrupt remapping table index.
+        index: u32,
+        /// The message KVM delivers.
+        msg: MsiMessage,
+    },
+    /// Blocked by interrupt remapping: each message raised records this fault.
+    Blocked(IrFault),
+    /// KVM refused the route; messages are dropped.
+    Refused,
 }
 
 impl std::fmt::Debug for KvmIrqController {
@@ -145,12 +165,14 @@ impl KvmIrqController {
 
     /// Counters of every GSI that has a route.
     pub fn gsi_counters(&self) -> Vec<GsiCounters> {
+        let routes = self.lock_routes();
         let mut v: Vec<GsiCounters> = read(&self.sources)
             .iter()
             .map(|(&gsi, &(source, msg))| GsiCounters {
                 gsi,
                 source,
                 msg,
+                route: self.route_state(&routes, gsi, &msg),
                 raised: self
                     .raised
                     .get(gsi as usize)
@@ -163,6 +185,38 @@ impl KvmIrqController {
             .collect();
         v.sort_by_key(|c| c.gsi);
         v
+    }
+
+    fn route_state(&self, r: &Routes, gsi: u32, msg: &MsiMessage) -> RouteState {
+        let b = self
+            .blocked
+            .get(gsi as usize)
+            .map_or(0, |b| b.load(Ordering::Acquire));
+        if b == REFUSED {
+            return RouteState::Refused;
+        }
+        if let Some(f) = decode_fault(b) {
+            return RouteState::Blocked(f);
+        }
+        let remapping = self.remapper.get().is_some_and(|v| v.remapping());
+        match (
+            remapping,
+            devices::iommu::ir::index_of(msg),
+            r.table.get(&gsi),
+        ) {
+            (true, Some(index), Some(e)) if e.type_ == KVM_IRQ_ROUTING_MSI => {
+                // SAFETY: the entry's type is MSI, so `msi` is the union's live field.
+                let m = unsafe { e.u.msi };
+                RouteState::Remapped {
+                    index,
+                    msg: MsiMessage {
+                        address: u64::from(m.address_lo) | (u64::from(m.address_hi) << 32),
+                        data: m.data,
+                    },
+                }
+            }
+            _ => RouteState::Direct,
+        }
     }
 
     /// Traces every interrupt into `t` from now on.
@@ -233,6 +287,14 @@ impl KvmIrqController {
         }
     }
 
+    /// The remapping unit when it remaps in exact caching mode (uses of cached IRTEs are
+    /// checked then).
+    fn exact_remapper(&self) -> Option<&Arc<devices::iommu::Vtd>> {
+        self.remapper
+            .get()
+            .filter(|v| v.caching() == devices::iommu::CachingMode::Exact && v.remapping())
+    }
+
     /// Records `f` in the remapping unit (a blocked message was raised).
     fn record_ir(&self, f: IrFault) {
         self.ir_blocked.fetch_add(1, Ordering::Relaxed);
@@ -265,6 +327,11 @@ impl KvmIrqController {
                 return Ok(());
             }
         };
+        if let (Some(v), Some(i)) = (self.exact_remapper(), devices::iommu::ir::index_of(&msg)) {
+            if source != MsiSource::Platform {
+                v.irte_use(source_sid(source), i);
+            }
+        }
         self.signalled.fetch_add(1, Ordering::Relaxed);
         self.trace(|| devices::timeline::EventKind::Interrupt {
             gsi: u32::MAX,
@@ -347,14 +414,19 @@ fn encode_fault(f: &IrFault) -> u64 {
         | (u64::from(f.fpd) << 40)
 }
 
+/// The source ID messages from `src` carry.
+fn source_sid(src: MsiSource) -> u16 {
+    match src {
+        MsiSource::Pci { bdf, .. } => bdf,
+        MsiSource::Ioapic { .. } => devices::iommu::IOAPIC_SID,
+        MsiSource::Platform => 0,
+    }
+}
+
 /// The fault an injected IRTE fault records for `msg` from `src`.
 fn injected_fault(src: MsiSource, msg: &MsiMessage, reason: IrFaultReason) -> IrFault {
     IrFault {
-        sid: match src {
-            MsiSource::Pci { bdf, .. } => bdf,
-            MsiSource::Ioapic { .. } => devices::iommu::IOAPIC_SID,
-            MsiSource::Platform => 0,
-        },
+        sid: source_sid(src),
         index: devices::iommu::ir::index_of(msg).unwrap_or(0) as u16,
         reason,
         fpd: false,
@@ -594,11 +666,18 @@ impl InterruptController for KvmIrqController {
         // Who raised it matters only to armed fault rules and to the timeline; the
         // common path skips the lookup.
         let tracing = self.timeline.get().is_some_and(|t| t.enabled());
-        let source = if self.faults.armed() || tracing {
+        let exact = self.exact_remapper();
+        let source = if self.faults.armed() || tracing || exact.is_some() {
             read(&self.sources).get(&gsi).copied()
         } else {
             None
         };
+        if let (Some(v), Some((src, msg))) = (exact, source) {
+            // The route is the cached IRTE: this interrupt uses it.
+            if let Some(i) = devices::iommu::ir::index_of(&msg) {
+                v.irte_use(source_sid(src), i);
+            }
+        }
         let decision = source.and_then(|(src, msg)| self.faults.decide(src, &msg));
         if let Some((src, msg)) = source {
             self.trace(|| match decision {

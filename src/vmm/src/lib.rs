@@ -401,7 +401,8 @@ impl Vm {
             let v = Arc::new(
                 Vtd::new(mem.clone(), irqc.clone())
                     .with_interrupt_remapping(!cfg.iommu.no_intremap)
-                    .with_ioapic_sid_check(cfg.iommu.ioapic_sid),
+                    .with_ioapic_sid_check(cfg.iommu.ioapic_sid)
+                    .with_caching(cfg.iommu.caching),
             );
             irqc.attach_remapper(v.clone());
             if cfg.trace_file.is_some() {
@@ -761,6 +762,14 @@ impl Vm {
         self.stop_vcpus(threads);
         if let Some(v) = &self.vtd {
             log::info!("VT-d: {}", v.stats());
+            if v.caching() == devices::iommu::CachingMode::Exact {
+                let ([c, t, i], hist) = v.stale_uses();
+                log::info!(
+                    "VT-d exact caching: {} stale uses (context {c}, IOTLB {t}, IRTE {i}) of {} distinct entries",
+                    c + t + i,
+                    hist.len()
+                );
+            }
         }
         if let Some(p) = &self.api_path {
             let _ = std::fs::remove_file(p);

@@ -48,8 +48,17 @@ pub fn json(ctx: &ApiContext) -> Value {
             "faults_overflowed": s.faults_overflowed,
             "faults_suppressed": s.faults_suppressed,
             "fault_events": s.fault_events,
+            "completion_events": s.completion_events,
+            "interrupt_remapping": {
+                "enabled": v.remapping(),
+                "remapped": s.ir_remapped,
+                "blocked": s.ir_blocked,
+                "passed_compat": s.ir_passed,
+            },
             "invalidations": s.invalidations,
             "qi_descriptors": s.qi_descriptors,
+            "caching": caching_name(v),
+            "stale_uses": stale_counts(v),
         })
     });
     let f = ctx.irq.faults().stats();
@@ -71,6 +80,7 @@ pub fn json(ctx: &ApiContext) -> Value {
         .map(|c| {
             let mut v = json!({"gsi": c.gsi, "vector": c.msg.vector(), "dest": c.msg.destination(),
                                "raised": c.raised, "delivered": c.delivered});
+            route_fields(&mut v, &c.route);
             if let MsiSource::Pci { bdf, vector } = c.source {
                 v["device"] = json!(Bdf {
                     bus: (bdf >> 8) as u8,
@@ -100,6 +110,7 @@ pub fn json(ctx: &ApiContext) -> Value {
         "uptime_ms": ctx.start.elapsed().as_millis() as u64,
         "vtd": vtd,
         "irq_injection": {"dropped": f.dropped, "delayed": f.delayed, "duplicated": f.duplicated,
+                           "irte_faults": f.irte_faults,
                            "rules_armed": ctx.irq.faults().rules().len(),
                            "pending": ctx.irq.faults().pending(),
                            "scheduled": ctx.irq.scheduled(),
@@ -275,17 +286,42 @@ pub fn prometheus(ctx: &ApiContext) -> String {
                 "Cache invalidations.",
                 s.invalidations,
             ),
+            (
+                "iommu_ir_remapped_total",
+                "Interrupt messages translated through an IRTE.",
+                s.ir_remapped,
+            ),
+            (
+                "iommu_ir_blocked_total",
+                "Interrupt messages blocked by a failed IRTE lookup.",
+                s.ir_blocked,
+            ),
         ] {
             p.family(name, help, "counter");
             p.sample(name, "", val);
+        }
+        p.family(
+            "iommu_stale_uses_total",
+            "Uses of cached VT-d entries whose tables changed without the required invalidation (caching=exact).",
+            "counter",
+        );
+        let (stale, _) = v.stale_uses();
+        for (k, n) in devices::iommu::StaleKind::ALL.iter().zip(stale) {
+            p.sample(
+                "iommu_stale_uses_total",
+                &format!("cache=\"{}\"", k.name()),
+                n,
+            );
         }
         p.family(
             "iommu_faults_total",
             "Faults recorded, by reason.",
             "counter",
         );
-        for (r, n) in s.faults_by_reason.iter().enumerate().skip(1).take(12) {
-            p.sample("iommu_faults_total", &format!("reason=\"{r:#04x}\""), n);
+        for (r, n) in s.faults_by_reason.iter().enumerate() {
+            if (0x1..=0xc).contains(&r) || (0x20..=0x26).contains(&r) {
+                p.sample("iommu_faults_total", &format!("reason=\"{r:#04x}\""), n);
+            }
         }
     }
     p.family(
@@ -307,6 +343,15 @@ pub fn prometheus(ctx: &ApiContext) -> String {
 
 /// The IOAPIC's redirection table, decoded.
 pub fn ioapic(ctx: &ApiContext) -> Value {
+    let routes: Vec<(u8, crate::irq::RouteState)> = ctx
+        .irq
+        .gsi_counters()
+        .into_iter()
+        .filter_map(|c| match c.source {
+            MsiSource::Ioapic { pin } => Some((pin, c.route)),
+            _ => None,
+        })
+        .collect();
     let io = lock(&ctx.ioapic);
     let pins: Vec<Value> = (0..devices::ioapic::NUM_PINS)
         .filter_map(|pin| io.entry(pin).map(|e| (pin, e, io.stats(pin))))
@@ -327,6 +372,13 @@ pub fn ioapic(ctx: &ApiContext) -> Value {
                 "delivered": s.map_or(0, |s| s.delivered),
             })
         })
+        .map(|mut v| {
+            let pin = v["pin"].as_u64().unwrap_or(u64::MAX);
+            if let Some((_, r)) = routes.iter().find(|(p, _)| u64::from(*p) == pin) {
+                route_fields(&mut v, r);
+            }
+            v
+        })
         .collect();
     json!({ "pins": pins })
 }
@@ -346,14 +398,26 @@ pub fn iommu(ctx: &ApiContext, n: usize) -> Option<Value> {
                 device: ((f.sid >> 3) & 0x1f) as u8,
                 function: (f.sid & 7) as u8,
             };
-            json!({
-                "at_us": us,
-                "device": b.to_string(),
-                "direction": if f.read { "read" } else { "write" },
-                "address": format!("{:#x}", f.page),
-                "reason": format!("{:#04x}", f.reason),
-                "text": reason_text(f.reason),
-            })
+            if f.reason >= 0x20 {
+                json!({
+                    "at_us": us,
+                    "device": b.to_string(),
+                    "kind": "interrupt",
+                    "index": format!("{:#x}", f.page >> 48),
+                    "reason": format!("{:#04x}", f.reason),
+                    "text": reason_text(f.reason),
+                })
+            } else {
+                json!({
+                    "at_us": us,
+                    "device": b.to_string(),
+                    "kind": "dma",
+                    "direction": if f.read { "read" } else { "write" },
+                    "address": format!("{:#x}", f.page),
+                    "reason": format!("{:#04x}", f.reason),
+                    "text": reason_text(f.reason),
+                })
+            }
         })
         .collect();
     Some(json!({
@@ -369,11 +433,164 @@ pub fn iommu(ctx: &ApiContext, n: usize) -> Option<Value> {
             "dest": st.fe_msi.destination(),
         },
         "invalidation_queue": {"iqa": format!("{:#x}", st.iqa), "head": st.iqh >> 4, "tail": st.iqt >> 4},
+        "interrupt_remapping": ir_table(ctx, v),
+        "caching": caching_name(v),
+        "stale_uses": stale_uses(v),
         "faults": faults,
     }))
 }
 
+fn caching_name(v: &devices::iommu::Vtd) -> &'static str {
+    match v.caching() {
+        devices::iommu::CachingMode::Simple => "simple",
+        devices::iommu::CachingMode::Exact => "exact",
+    }
+}
+
+/// Stale uses per cache (exact caching mode counts them).
+fn stale_counts(v: &devices::iommu::Vtd) -> Value {
+    let (n, _) = v.stale_uses();
+    json!({"context": n[0], "iotlb": n[1], "irte": n[2],
+           "invalidation_log_overruns": v.invalidation_overruns()})
+}
+
+/// The stale-use detector's counters and its history, newest first: each distinct stale
+/// entry with the device, domain, address or index, uses and the missing invalidation.
+fn stale_uses(v: &devices::iommu::Vtd) -> Value {
+    let (_, hist) = v.stale_uses();
+    let recent: Vec<Value> = hist
+        .iter()
+        .rev()
+        .map(|r| {
+            let sid = r.what.sid;
+            let b = Bdf {
+                bus: (sid >> 8) as u8,
+                device: ((sid >> 3) & 0x1f) as u8,
+                function: (sid & 7) as u8,
+            };
+            let mut e = json!({
+                "cache": r.what.kind.name(),
+                "device": b.to_string(),
+                "uses": r.uses,
+                "last_us": r.last_us,
+                "missing": r.what.missing(),
+                "text": r.what.describe(),
+            });
+            if r.what.kind == devices::iommu::StaleKind::Irte {
+                e["index"] = json!(r.what.at);
+            } else {
+                e["domain"] = json!(r.what.did);
+                e["iova"] = json!(format!("{:#x}", r.what.at));
+            }
+            e
+        })
+        .collect();
+    let mut c = stale_counts(v);
+    c["recent"] = json!(recent);
+    c
+}
+
+/// Rows of the interrupt remapping table shown at most.
+const IR_ROWS: u32 = 256;
+
+/// The interrupt remapping table decoded: each present or cached entry with what it
+/// routes (source, vector, destination, mode) and whether the cached copy is stale.
+fn ir_table(ctx: &ApiContext, v: &devices::iommu::Vtd) -> Value {
+    let t = v.ir_table();
+    let st = v.state();
+    // Who uses each index now (the raw messages of the routed GSIs).
+    let users: Vec<(u32, String)> = ctx
+        .irq
+        .gsi_counters()
+        .into_iter()
+        .filter_map(|c| {
+            let i = devices::iommu::ir::index_of(&c.msg)?;
+            Some((i, source_text(c.source)))
+        })
+        .collect();
+    let mut rows = Vec::new();
+    for index in 0..t.entries.min(65536) {
+        if rows.len() as u32 >= IR_ROWS {
+            break;
+        }
+        let (mem, cached) = v.irte(index);
+        let shown = cached.or(mem);
+        let Some(e) = shown.filter(|e| e.present() || cached.is_some()) else {
+            continue;
+        };
+        let used: Vec<&str> = users
+            .iter()
+            .filter(|(i, _)| *i == index)
+            .map(|(_, s)| s.as_str())
+            .collect();
+        rows.push(json!({
+            "index": index,
+            "present": e.present(),
+            "vector": format!("{:#04x}", e.vector()),
+            "destination": e.destination(t.eime),
+            "mode": if e.dest_logical() { "logical" } else { "physical" },
+            "trigger": if e.level() { "level" } else { "edge" },
+            "delivery": e.delivery_mode(),
+            "sid": format!("{:#06x}", e.sid()),
+            "svt": e.svt(),
+            "cached": cached.is_some(),
+            "stale": cached.is_some() && mem != cached,
+            "users": used,
+        }));
+    }
+    json!({
+        "enabled": v.remapping(),
+        "compat_allowed": st.gsts & devices::iommu::gcmd::CFI != 0,
+        "table": format!("{:#x}", t.base),
+        "entries": t.entries,
+        "x2apic": t.eime,
+        "rows": rows,
+    })
+}
+
+/// Adds where a GSI's messages go under interrupt remapping to its JSON row: the IRTE
+/// index and the vector and destination it translates to (`vector`/`dest` then name
+/// what the guest receives; `raw_vector` keeps the programmed field), or why it is
+/// blocked.
+fn route_fields(v: &mut Value, r: &crate::irq::RouteState) {
+    use crate::irq::RouteState;
+    match r {
+        RouteState::Direct => {}
+        RouteState::Remapped { index, msg } => {
+            v["raw_vector"] = v["vector"].clone();
+            v["irte"] = json!(index);
+            v["vector"] = json!(msg.vector());
+            v["dest"] = json!(msg.destination());
+        }
+        RouteState::Blocked(f) => {
+            v["irte"] = json!(f.index);
+            v["blocked"] = json!(format!(
+                "IR fault {:#x} ({})",
+                f.reason as u8,
+                f.reason.linux_text()
+            ));
+        }
+        RouteState::Refused => v["blocked"] = json!("route refused by KVM"),
+    }
+}
+
+fn source_text(s: MsiSource) -> String {
+    match s {
+        MsiSource::Ioapic { pin } => format!("IOAPIC pin {pin}"),
+        MsiSource::Pci { bdf, vector } => format!(
+            "MSI {:02x}:{:02x}.{} #{vector}",
+            bdf >> 8,
+            (bdf >> 3) & 0x1f,
+            bdf & 7
+        ),
+        MsiSource::Platform => "platform".into(),
+    }
+}
+
 fn reason_text(r: u8) -> &'static str {
+    if let Some(ir) = devices::iommu::ir::IrFaultReason::from_code(r) {
+        return ir.linux_text();
+    }
     use devices::iommu::FaultReason::*;
     [
         RootNotPresent,

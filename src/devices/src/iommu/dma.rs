@@ -17,6 +17,7 @@ use crate::interrupt::{InterruptController, MsiMessage, MsiSource};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use super::cache::{Invalidation, StaleKind, StaleUse};
 use super::walk::{self, Context, FaultReason, Mapping};
 use super::Vtd;
 use crate::sync::lock;
@@ -57,18 +58,27 @@ const TLB_SLOTS: usize = 64;
 /// Page sizes cached: 4 KiB, 2 MiB, 1 GiB.
 const SHIFTS: [u32; 3] = [12, 21, 30];
 
-/// Cached translations of one requester, valid for one invalidation generation: the
-/// context entry and a direct-mapped IOTLB per page size (tag = IOVA >> page shift).
+/// One IOTLB entry: the page (tag = IOVA >> page shift) of a domain.
+#[derive(Clone, Copy)]
+struct Entry {
+    tag: u64,
+    did: u16,
+    m: Mapping,
+}
+
+/// Cached translations of one requester, current as of invalidation `seen`: the
+/// context entry and a direct-mapped IOTLB per page size, tagged by domain as
+/// hardware's is (so a context that moves the device to another domain misses).
 struct Cache {
-    generation: u64,
+    seen: u64,
     context: Option<Context>,
-    tlb: [[Option<(u64, Mapping)>; TLB_SLOTS]; 3],
+    tlb: [[Option<Entry>; TLB_SLOTS]; 3],
 }
 
 impl Default for Cache {
     fn default() -> Self {
         Self {
-            generation: 0,
+            seen: 0,
             context: None,
             tlb: [[None; TLB_SLOTS]; 3],
         }
@@ -76,28 +86,45 @@ impl Default for Cache {
 }
 
 impl Cache {
-    fn lookup(&self, iova: u64, write: bool) -> Option<u64> {
+    fn lookup(&self, did: u16, iova: u64, write: bool) -> Option<Mapping> {
         for (i, shift) in SHIFTS.iter().enumerate() {
             let tag = iova >> shift;
-            if let Some((t, m)) = &self.tlb[i][tag as usize % TLB_SLOTS] {
-                if *t == tag && ((write && m.write) || (!write && m.read)) {
-                    return Some(m.gpa(iova));
+            if let Some(e) = &self.tlb[i][tag as usize % TLB_SLOTS] {
+                if e.tag == tag && e.did == did && ((write && e.m.write) || (!write && e.m.read)) {
+                    return Some(e.m);
                 }
             }
         }
         None
     }
 
-    fn insert(&mut self, iova: u64, m: Mapping) {
+    fn insert(&mut self, did: u16, iova: u64, m: Mapping) {
         let i = SHIFTS.iter().position(|s| *s == m.page_shift).unwrap_or(0);
         let tag = iova >> m.page_shift;
-        self.tlb[i][tag as usize % TLB_SLOTS] = Some((tag, m));
+        self.tlb[i][tag as usize % TLB_SLOTS] = Some(Entry { tag, did, m });
     }
 
-    fn clear(&mut self, generation: u64) {
-        self.generation = generation;
-        self.context = None;
-        self.tlb = [[None; TLB_SLOTS]; 3];
+    /// Drops what `inv` covers for requester `sid`.
+    fn apply(&mut self, inv: &Invalidation, sid: u16) {
+        if *inv == Invalidation::Everything {
+            self.context = None;
+            self.tlb = [[None; TLB_SLOTS]; 3];
+            return;
+        }
+        if let Some(c) = self.context {
+            if inv.drops_context(sid, c.did) {
+                self.context = None;
+            }
+        }
+        for (i, shift) in SHIFTS.iter().enumerate() {
+            for slot in self.tlb[i].iter_mut() {
+                if let Some(e) = slot {
+                    if inv.drops_iotlb(e.did, e.tag << shift, *shift) {
+                        *slot = None;
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -292,22 +319,17 @@ impl DmaHandle {
                 write,
             });
         }
-        let generation = vtd.generation();
         let mut c = lock(cache);
-        if c.generation != generation {
-            c.clear(generation);
-        }
-        if let Some(gpa) = c.lookup(iova, write) {
-            return Ok(gpa);
-        }
+        let seen = c.seen;
+        let now = vtd.replay(seen, |inv| c.apply(inv, self.sid));
+        c.seen = now;
         let mem = vtd.memory();
-        vtd.count_walk();
-        let ctx = match c.context {
-            Some(ctx) => ctx,
+        let (ctx, ctx_cached) = match c.context {
+            Some(ctx) => (ctx, true),
             None => match walk::context_entry(mem, vtd.root(), self.sid) {
                 Ok(ctx) => {
                     c.context = Some(ctx);
-                    ctx
+                    (ctx, false)
                 }
                 Err(reason) => {
                     drop(c);
@@ -320,9 +342,20 @@ impl DmaHandle {
                 }
             },
         };
+        if let Some(m) = c.lookup(ctx.did, iova, write) {
+            drop(c);
+            if vtd.exact() {
+                self.check_stale(vtd, ctx_cached.then_some(ctx), Some(m), iova, write);
+            }
+            return Ok(m.gpa(iova));
+        }
+        if vtd.exact() && ctx_cached {
+            self.check_stale(vtd, Some(ctx), None, iova, write);
+        }
+        vtd.count_walk();
         match walk::walk(mem, &ctx, iova, write) {
             Ok(m) => {
-                c.insert(iova, m);
+                c.insert(ctx.did, iova, m);
                 Ok(m.gpa(iova))
             }
             Err(reason) => {
@@ -333,6 +366,44 @@ impl DmaHandle {
                     reason,
                     write,
                 })
+            }
+        }
+    }
+
+    /// Exact caching: compares what a cached entry gave with the tables in guest memory
+    /// now. `cached_ctx` is the context entry taken from the cache (None when it was
+    /// just read), `used` the IOTLB entry that served the access (None on a miss).
+    fn check_stale(
+        &self,
+        vtd: &Vtd,
+        cached_ctx: Option<Context>,
+        used: Option<Mapping>,
+        iova: u64,
+        write: bool,
+    ) {
+        let mem = vtd.memory();
+        let fresh_ctx = walk::context_entry(mem, vtd.root(), self.sid).ok();
+        if let Some(cc) = cached_ctx {
+            if fresh_ctx != Some(cc) {
+                vtd.report_stale(StaleUse {
+                    kind: StaleKind::Context,
+                    sid: self.sid,
+                    did: cc.did,
+                    at: iova & !0xfff,
+                });
+                return;
+            }
+        }
+        if let Some(m) = used {
+            let fresh = fresh_ctx.and_then(|c| walk::walk(mem, &c, iova, write).ok());
+            if fresh.map(|f| f.gpa(iova)) != Some(m.gpa(iova)) {
+                let did = cached_ctx.or(fresh_ctx).map_or(0, |c| c.did);
+                vtd.report_stale(StaleUse {
+                    kind: StaleKind::Iotlb,
+                    sid: self.sid,
+                    did,
+                    at: iova & !((1u64 << m.page_shift) - 1),
+                });
             }
         }
     }

@@ -4,24 +4,42 @@
 //! other DMA.
 //!
 //! [`DeviceIommu`] is one requester's view: a vm-memory [`Iotlb`] filled from the page
-//! tables on misses and emptied whenever the unit's invalidation generation moves (any
-//! context/IOTLB invalidation, SRTP, a TE change). With translation off it maps IOVA =
-//! guest-physical address. vm-memory's `Iotlb` never evicts, so this view counts the
-//! mappings it adds and empties the IOTLB at [`MAX_MAPPINGS`] (a guest offering
-//! millions of one-byte buffers on distinct pages cannot grow it). The interrupt
-//! address range is never translated: a ring or buffer there is refused.
+//! tables on misses. When the unit's invalidation generation moves it replays the
+//! invalidations it missed: in simple caching mode each one empties the IOTLB; in
+//! exact mode it drops the mappings each IOTLB invalidation covers (it keeps a shadow
+//! of every mapping's domain and page for that), and every hit is checked against the
+//! page tables by the stale-use detector (the first [`STALE_CHECK_PAGES`] pages of an
+//! access). It caches no context entry, so context-cache invalidations do not concern
+//! it. With translation off it maps IOVA = guest-physical address; those identity
+//! mappings are dropped whenever TE changes. vm-memory's `Iotlb` never evicts, so this
+//! view counts the mappings it adds and empties the IOTLB at [`MAX_MAPPINGS`] (a guest
+//! offering millions of one-byte buffers on distinct pages cannot grow it). The
+//! interrupt address range is never translated: a ring or buffer there is refused.
 
+use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use vm_memory::iommu::{Error, Iommu, IommuMemory, Iotlb, IotlbIterator, IovaRange};
 use vm_memory::{GuestAddress, GuestMemoryMmap, Permissions};
 
+use super::cache::{Invalidation, StaleKind, StaleUse};
 use super::Vtd;
+use crate::sync::lock;
 
 /// Mappings one device's IOTLB holds before it is emptied.
 pub const MAX_MAPPINGS: usize = 4096;
+/// Pages of one access the stale-use detector checks (exact caching).
+pub const STALE_CHECK_PAGES: u64 = 64;
+
+/// Where one IOTLB mapping came from (exact caching).
+#[derive(Clone, Copy, Debug)]
+struct Shadow {
+    did: u16,
+    shift: u32,
+    gpa_base: u64,
+}
 
 /// Guest memory as one device sees it (IOVAs when the unit translates).
 pub type DeviceMemory = IommuMemory<GuestMemoryMmap, DeviceIommu>;
@@ -33,8 +51,12 @@ pub struct DeviceIommu {
     sid: u16,
     iotlb: RwLock<Iotlb>,
     generation: AtomicU64,
+    /// Whether the IOTLB was filled with translation on (else it holds identity maps).
+    translating: AtomicBool,
     /// Mappings added since the IOTLB was last emptied.
     mappings: std::sync::atomic::AtomicUsize,
+    /// Exact caching: page IOVA → the mapping's domain, size and target.
+    shadow: Mutex<BTreeMap<u64, Shadow>>,
 }
 
 impl fmt::Debug for DeviceIommu {
@@ -52,7 +74,9 @@ impl DeviceIommu {
             vtd,
             sid,
             iotlb: RwLock::new(Iotlb::new()),
+            translating: AtomicBool::new(false),
             mappings: std::sync::atomic::AtomicUsize::new(0),
+            shadow: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -78,15 +102,100 @@ impl DeviceIommu {
         self.iotlb.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Adds one mapping, emptying the IOTLB first when it is full.
-    fn add_mapping(&self, iova: u64, gpa: u64, len: usize, perm: Permissions) -> Result<(), Error> {
+    /// Adds one mapping (of domain `did` when translated), emptying the IOTLB first
+    /// when it is full.
+    fn add_mapping(
+        &self,
+        iova: u64,
+        gpa: u64,
+        len: usize,
+        perm: Permissions,
+        did: Option<u16>,
+    ) -> Result<(), Error> {
         let mut tlb = self.write_tlb();
+        let exact = self.vtd.as_ref().is_some_and(|v| v.exact());
         if self.mappings.fetch_add(1, Ordering::AcqRel) >= MAX_MAPPINGS {
             tlb.invalidate_all();
+            lock(&self.shadow).clear();
             self.mappings.store(1, Ordering::Release);
             crate::limits::hit(crate::limits::Cap::VirtioIotlb);
         }
+        if let (true, Some(did)) = (exact, did) {
+            lock(&self.shadow).insert(
+                iova,
+                Shadow {
+                    did,
+                    shift: len.trailing_zeros(),
+                    gpa_base: gpa,
+                },
+            );
+        }
         tlb.set_mapping(GuestAddress(iova), GuestAddress(gpa), len, perm)
+    }
+
+    /// Brings the IOTLB up to the unit's invalidations and translation state.
+    fn sync(&self, v: &Vtd) {
+        let te = v.translating();
+        let te_moved = self.translating.load(Ordering::Acquire) != te;
+        if !te_moved && self.generation.load(Ordering::Acquire) == v.generation() {
+            return;
+        }
+        let mut tlb = self.write_tlb();
+        let mut shadow = lock(&self.shadow);
+        if self.translating.swap(te, Ordering::AcqRel) != te {
+            tlb.invalidate_all();
+            shadow.clear();
+            self.mappings.store(0, Ordering::Release);
+        }
+        let seen = self.generation.load(Ordering::Acquire);
+        let now = v.replay(seen, |inv| {
+            if matches!(inv, Invalidation::Everything | Invalidation::IotlbGlobal) || !v.exact() {
+                tlb.invalidate_all();
+                shadow.clear();
+                self.mappings.store(0, Ordering::Release);
+                return;
+            }
+            shadow.retain(|&page, e| {
+                let keep = !inv.drops_iotlb(e.did, page, e.shift);
+                if !keep {
+                    tlb.invalidate_mapping(GuestAddress(page), 1usize << e.shift);
+                    self.mappings.fetch_sub(1, Ordering::AcqRel);
+                }
+                keep
+            });
+        });
+        self.generation.store(now, Ordering::Release);
+    }
+
+    /// Exact caching: checks the pages of an access the IOTLB served against the page
+    /// tables in guest memory.
+    fn check_stale(&self, v: &Vtd, iova: u64, length: usize, write: bool) {
+        let shadow = lock(&self.shadow);
+        let end = iova.saturating_add(length.max(1) as u64);
+        let mut at = iova;
+        for _ in 0..STALE_CHECK_PAGES {
+            if at >= end {
+                break;
+            }
+            let Some((&page, e)) = shadow.range(..=at).next_back() else {
+                break;
+            };
+            let size = 1u64 << e.shift;
+            if at - page >= size {
+                break;
+            }
+            let cached = e.gpa_base | (at - page);
+            let fresh = v.peek(self.sid, at, write).map(|(_, m)| m.gpa(at));
+            if fresh != Some(cached) {
+                v.report_stale(StaleUse {
+                    kind: StaleKind::Iotlb,
+                    sid: self.sid,
+                    did: e.did,
+                    at: page,
+                });
+            }
+            at = page.saturating_add(size);
+        }
     }
 
     /// Mappings held now (at most [`MAX_MAPPINGS`]).
@@ -114,11 +223,17 @@ impl DeviceIommu {
                 // Identity: one page at a time, so that the mapping count stays a
                 // measure of the IOTLB's size.
                 let page_end = (at | 0xfff).saturating_add(1).min(end);
-                self.add_mapping(at, at, (page_end - at) as usize, Permissions::ReadWrite)?;
+                self.add_mapping(
+                    at,
+                    at,
+                    (page_end - at) as usize,
+                    Permissions::ReadWrite,
+                    None,
+                )?;
                 at = page_end;
                 continue;
             };
-            let m =
+            let (m, did) =
                 vtd.resolve(self.sid, at, read, write)
                     .map_err(|reason| Error::CannotResolve {
                         iova_range: IovaRange {
@@ -139,7 +254,7 @@ impl DeviceIommu {
                 (false, true) => Permissions::Write,
                 (false, false) => Permissions::No,
             };
-            self.add_mapping(page, m.gpa_base, size as usize, perm)?;
+            self.add_mapping(page, m.gpa_base, size as usize, perm, Some(did))?;
             at = page.saturating_add(size);
         }
         Ok(())
@@ -180,12 +295,14 @@ impl Iommu for DeviceIommu {
                 reason: "the interrupt address range is not translated".into(),
             });
         }
-        let gen = self.vtd.as_ref().map_or(0, |v| v.generation());
-        if self.generation.swap(gen, Ordering::AcqRel) != gen {
-            self.write_tlb().invalidate_all();
-            self.mappings.store(0, Ordering::Release);
+        if let Some(v) = &self.vtd {
+            self.sync(v);
         }
         if let Ok(it) = Iotlb::lookup(self.read_tlb(), iova, length, access) {
+            if let Some(v) = self.vtd.as_ref().filter(|v| v.exact() && v.translating()) {
+                let write = matches!(access, Permissions::Write | Permissions::ReadWrite);
+                self.check_stale(v, iova.0, length, write);
+            }
             return Ok(it);
         }
         self.fill(iova.0, length as u64, access)?;

@@ -12,17 +12,22 @@
 //! Concurrency: the register file sits behind a mutex that only MMIO, invalidations and
 //! fault recording take. Translation uses per-handle caches (context + IOTLB) validated
 //! against one atomic invalidation generation, so an IOTLB hit takes no shared lock.
-//! Any invalidation (CCMD, IOTLB register, a queued context/IOTLB/IEC descriptor, SRTP,
-//! a TE change) bumps the generation and so empties every cache; not-present results are
-//! never cached (caching mode is off).
+//! Every invalidation (CCMD, IOTLB register, a queued context/IOTLB descriptor) bumps
+//! the generation; a cache that sees it move replays the invalidations it missed (see
+//! [`cache`]): in the default [`CachingMode::Simple`] each one, and SRTP and a TE
+//! change, empties every cache; in [`CachingMode::Exact`] each drops exactly what it
+//! covers and stale uses are detected. Not-present results are never cached (CAP.CM =
+//! 0). The interrupt entry cache is always exact (IEC global or index-selective).
 //!
 //! Reference: ../shared/docs/vtd-reference.md (register layout §2, walk §4, faults §5).
 
+pub mod cache;
 mod dma;
 mod io_memory;
 pub mod ir;
 mod walk;
 
+pub use cache::{CachingMode, Invalidation, StaleKind, StaleRecord, StaleUse};
 pub use dma::{DmaError, DmaHandle};
 pub use io_memory::{DeviceIommu, DeviceMemory, MAX_MAPPINGS};
 pub use walk::{Context, FaultReason, Mapping};
@@ -52,6 +57,15 @@ const HISTORY: usize = 64;
 const IRO: u64 = 0x10;
 /// Fault-recording registers at `FRO * 16`.
 const FRO: u64 = 0x20;
+
+/// A context-cache invalidation of granularity `g` (1 global, 2 domain, 3 device).
+fn context_invalidation(g: u64, did: u16, sid: u16, fm: u8) -> Invalidation {
+    match g {
+        2 => Invalidation::ContextDomain(did),
+        3 => Invalidation::ContextDevice { sid, fm },
+        _ => Invalidation::ContextGlobal,
+    }
+}
 
 /// Register offsets.
 pub mod reg {
@@ -274,7 +288,7 @@ pub struct VtdStats {
     pub completion_events: u64,
     /// Queued-invalidation descriptors processed.
     pub qi_descriptors: u64,
-    /// Invalidations (register or queued) that emptied the caches.
+    /// Invalidations (register or queued) the guest issued.
     pub invalidations: u64,
     /// Translations that walked the page tables (IOTLB misses).
     pub walks: u64,
@@ -366,8 +380,13 @@ pub struct Vtd {
     te: AtomicBool,
     /// The root table latched by SRTP.
     root: AtomicU64,
-    /// Bumped by every invalidation; caches tagged with an older value are stale.
+    /// The newest invalidation's number in `inval`; caches at an older one replay.
     generation: AtomicU64,
+    /// Recent invalidations, for caches to replay.
+    inval: Mutex<cache::InvalLog>,
+    caching: CachingMode,
+    /// Uses of stale cached entries (exact mode).
+    stale: cache::StaleLog,
     /// Page walks done (IOTLB misses), for the statistics.
     walks: AtomicU64,
     /// Where DMA requests and faults are traced (`--trace-file`), if anywhere.
@@ -426,6 +445,9 @@ impl Vtd {
             te: AtomicBool::new(false),
             root: AtomicU64::new(0),
             generation: AtomicU64::new(0),
+            inval: Mutex::new(cache::InvalLog::default()),
+            caching: CachingMode::Simple,
+            stale: cache::StaleLog::default(),
             walks: AtomicU64::new(0),
             timeline: std::sync::OnceLock::new(),
             created: std::time::Instant::now(),
@@ -451,6 +473,78 @@ impl Vtd {
     /// Whether the unit offers interrupt remapping.
     pub fn offers_interrupt_remapping(&self) -> bool {
         self.ecap & (1 << 3) != 0
+    }
+
+    /// Sets how the caches follow invalidations (before the guest runs).
+    pub fn with_caching(mut self, c: CachingMode) -> Self {
+        self.caching = c;
+        self
+    }
+
+    /// How the caches follow invalidations.
+    pub fn caching(&self) -> CachingMode {
+        self.caching
+    }
+
+    pub(crate) fn exact(&self) -> bool {
+        self.caching == CachingMode::Exact
+    }
+
+    /// Replays the invalidations after `seen` into a cache; returns the generation the
+    /// cache is at now.
+    pub(crate) fn replay(&self, seen: u64, apply: impl FnMut(&Invalidation)) -> u64 {
+        if seen == self.generation() {
+            return seen;
+        }
+        lock(&self.inval).replay(seen, apply)
+    }
+
+    /// Caches that fell too far behind the invalidation log and dropped everything.
+    pub fn invalidation_overruns(&self) -> u64 {
+        lock(&self.inval).overruns
+    }
+
+    /// Counts and reports a use of a stale cached entry (log line on its first use,
+    /// timeline event on each).
+    pub(crate) fn report_stale(&self, u: StaleUse) {
+        let now = self.created.elapsed().as_micros() as u64;
+        if self.stale.record(u, now) {
+            log::warn!("vtd: {}", u.describe());
+        }
+        self.trace(|| crate::timeline::EventKind::StaleUse {
+            cache: u.kind.name(),
+            sid: u.sid,
+            at: u.at,
+            missing: u.missing(),
+        });
+    }
+
+    /// Stale uses counted per cache (context, IOTLB, IRTE) and the distinct stale
+    /// entries used lately, oldest first.
+    pub fn stale_uses(&self) -> ([u64; 3], Vec<StaleRecord>) {
+        (self.stale.counts(), self.stale.history())
+    }
+
+    /// Exact mode: checks a use of IRTE `index` by an interrupt from `sid` against the
+    /// table in guest memory (the interrupt went out with the cached entry).
+    pub fn irte_use(&self, sid: u16, index: u32) {
+        if !self.exact() || !self.remapping() {
+            return;
+        }
+        let st = lock(&self.ir);
+        let Some(cached) = st.cache.get(&index).copied() else {
+            return;
+        };
+        let mem = self.read_irte(&st.table, index);
+        drop(st);
+        if mem != Some(cached) {
+            self.report_stale(StaleUse {
+                kind: StaleKind::Irte,
+                sid,
+                did: 0,
+                at: u64::from(index),
+            });
+        }
     }
 
     /// Sets how IOAPIC messages' source IDs are verified (before the guest runs).
@@ -724,15 +818,24 @@ impl Vtd {
         &self.irq
     }
 
+    /// What the tables in guest memory say now for `sid` at `iova` (no cache, no fault
+    /// recorded): the stale-use detector's reference.
+    pub(crate) fn peek(&self, sid: u16, iova: u64, write: bool) -> Option<(Context, Mapping)> {
+        let ctx = walk::context_entry(&self.mem, self.root(), sid).ok()?;
+        let m = walk::walk(&self.mem, &ctx, iova, write).ok()?;
+        Some((ctx, m))
+    }
+
     /// Walks the tables for `sid` at `iova` without any cache; records the fault (once)
     /// when the access is refused. `write` asks for W, `read` for R (both for RW).
+    /// Returns the mapping and the domain it belongs to.
     pub(crate) fn resolve(
         &self,
         sid: u16,
         iova: u64,
         read: bool,
         write: bool,
-    ) -> Result<Mapping, FaultReason> {
+    ) -> Result<(Mapping, u16), FaultReason> {
         if self.take_context_fault(sid, iova, write) {
             return Err(FaultReason::ContextInvalid);
         }
@@ -747,12 +850,32 @@ impl Vtd {
             self.record_fault(sid, iova, true, FaultReason::ReadDenied, ctx.fpd);
             return Err(FaultReason::ReadDenied);
         }
-        Ok(m)
+        Ok((m, ctx.did))
     }
 
-    fn invalidate_all(&self, r: &mut Regs) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
+    /// A guest invalidation: logged as it is in exact mode, as "everything" in simple
+    /// mode.
+    fn invalidate(&self, r: &mut Regs, inv: Invalidation) {
         r.stats.invalidations += 1;
+        self.drop_cached(if self.exact() {
+            inv
+        } else {
+            Invalidation::Everything
+        });
+    }
+
+    fn drop_cached(&self, inv: Invalidation) {
+        let mut log = lock(&self.inval);
+        let g = log.push(inv);
+        self.generation.store(g, Ordering::Release);
+    }
+
+    /// SRTP or a TE change: simple mode empties the caches; exact mode keeps them (the
+    /// specification has software invalidate afterwards).
+    fn table_switch(&self) {
+        if !self.exact() {
+            self.drop_cached(Invalidation::Everything);
+        }
     }
 
     /// Records a fault for `sid` at `iova` (unless FPD suppresses it) and raises the
@@ -991,19 +1114,26 @@ impl Vtd {
             false
         };
         match lo & 0xf {
-            // Context-cache invalidate.
+            // Context-cache invalidate: G 5:4, DID 31:16, SID 47:32, FM 49:48.
             1 => {
                 if hi != 0 || lo & 0xfffc_0000_0000_ffc0 != 0 || (lo >> 4) & 3 == 0 {
                     return bad(self, r, 4);
                 }
-                self.invalidate_all(r);
+                let inv = context_invalidation(
+                    (lo >> 4) & 3,
+                    (lo >> 16) as u16,
+                    (lo >> 32) as u16,
+                    ((lo >> 48) & 3) as u8,
+                );
+                self.invalidate(r, inv);
             }
-            // IOTLB invalidate.
+            // IOTLB invalidate: G 5:4, DID 31:16; ADDR 63:12, IH 6, AM 5:0.
             2 => {
                 if lo & 0xffff_ffff_0000_ff00 != 0 || (lo >> 4) & 3 == 0 || hi & 0xf80 != 0 {
                     return bad(self, r, 4);
                 }
-                self.invalidate_all(r);
+                let inv = self.iotlb_invalidation((lo >> 4) & 3, (lo >> 16) as u16, hi);
+                self.invalidate(r, inv);
             }
             // Device-TLB invalidation: no device TLBs (ECAP.DT = 0); accepted.
             3 => {}
@@ -1062,8 +1192,44 @@ impl Vtd {
             return None;
         }
         let granularity = ((v >> req_shift) & 3).max(1);
-        self.invalidate_all(r);
+        let inv = if req_shift == 61 {
+            // CCMD: FM 33:32, SID 31:16, DID 15:0.
+            context_invalidation(
+                granularity,
+                v as u16,
+                (v >> 16) as u16,
+                ((v >> 32) & 3) as u8,
+            )
+        } else {
+            // IOTLB: DID 47:32; the address and mask are in IVA.
+            self.iotlb_invalidation(granularity, (v >> 32) as u16, r.iva)
+        };
+        self.invalidate(r, inv);
         Some((v & !(1 << 63) & !(3 << actual_shift)) | (granularity << actual_shift))
+    }
+
+    /// An IOTLB invalidation of granularity `g` (1 global, 2 domain, 3 page-selective
+    /// with `addr` = ADDR 63:12 | IH 6 | AM 5:0). A mask beyond CAP.MAMV is undefined
+    /// by the specification: it is recorded as a guest anomaly and widened to the
+    /// domain.
+    fn iotlb_invalidation(&self, g: u64, did: u16, addr: u64) -> Invalidation {
+        match g {
+            2 => Invalidation::IotlbDomain(did),
+            3 => {
+                let am = (addr & 0x3f) as u8;
+                if u64::from(am) > (CAP >> 48) & 0x3f {
+                    self.anomalies.record(
+                        "vtd",
+                        format_args!(
+                            "page-selective invalidation with AM {am} beyond MAMV 18; domain {did} invalidated"
+                        ),
+                    );
+                    return Invalidation::IotlbDomain(did);
+                }
+                Invalidation::pages(did, addr & !0xfff, am)
+            }
+            _ => Invalidation::IotlbGlobal,
+        }
     }
 
     fn write_gcmd(&self, r: &mut Regs, v: u32) {
@@ -1086,7 +1252,7 @@ impl Vtd {
                 Ordering::Release,
             );
             r.gsts |= gcmd::SRTP;
-            self.invalidate_all(r);
+            self.table_switch();
         }
         if (v ^ r.gsts) & gcmd::QIE != 0 {
             if v & gcmd::QIE != 0 {
@@ -1105,7 +1271,7 @@ impl Vtd {
                 r.next_frcd = 0;
             }
             self.te.store(on, Ordering::Release);
-            self.invalidate_all(r);
+            self.table_switch();
             log::debug!(
                 "vtd: translation {}",
                 if on { "enabled" } else { "disabled" }

@@ -43,9 +43,13 @@ fn wr64(v: &Vtd, off: u64, x: u64) {
 
 impl Rig {
     fn new() -> Self {
+        Self::with_caching(CachingMode::Simple)
+    }
+
+    fn with_caching(c: CachingMode) -> Self {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).expect("mem");
         let rec = Arc::new(RecordingController::new(24, 100));
-        let vtd = Arc::new(Vtd::new(mem.clone(), rec.clone()));
+        let vtd = Arc::new(Vtd::new(mem.clone(), rec.clone()).with_caching(c));
         Self {
             mem,
             rec,
@@ -784,4 +788,160 @@ fn remapping_is_not_offered_when_turned_off() {
     wr32(&v, reg::GCMD, gcmd::IRE | gcmd::SIRTP);
     assert_eq!(rd32(&v, reg::GSTS) & (gcmd::IRE | gcmd::SIRTP), 0);
     assert!(v.remap(DEV, req(1)).is_ok(), "messages pass untouched");
+}
+
+/// A byte DMA-read by `h` at `iova` (the page's first byte tells pages apart).
+fn byte_at(h: &DmaHandle, iova: u64) -> Option<u8> {
+    let mut b = [0u8];
+    h.read(iova, &mut b).ok().map(|_| b[0])
+}
+
+fn psi(v: &Vtd, did: u16, addr: u64, am: u64) {
+    wr64(v, reg::IVA, addr | am);
+    wr64(v, reg::IOTLB, 1 << 63 | 3 << 60 | u64::from(did) << 32);
+}
+
+fn stale(v: &Vtd) -> [u64; 3] {
+    v.stale_uses().0
+}
+
+#[test]
+fn exact_caching_keeps_entries_until_their_invalidation() {
+    let mut r = Rig::with_caching(CachingMode::Exact);
+    let top = r.attach(0x20, 3);
+    for (gpa, tag) in [(0x50_0000u64, 0xa1u8), (0x60_0000, 0xb2), (0x70_0000, 0xc3)] {
+        r.mem.write_obj(tag, GuestAddress(gpa)).expect("w");
+    }
+    let h = r.vtd.handle(0x20);
+    r.map(top, 3, 0x7000, 0x50_0000, 3, 1);
+    r.map(top, 3, 0x8000, 0x70_0000, 3, 1);
+    assert_eq!(byte_at(&h, 0x7000), Some(0xa1));
+    assert_eq!(byte_at(&h, 0x8000), Some(0xc3));
+    assert_eq!(stale(&r.vtd), [0, 0, 0]);
+    // The guest remaps 0x7000 without invalidating: the stale entry is used, and seen.
+    r.map(top, 3, 0x7000, 0x60_0000, 3, 1);
+    assert_eq!(byte_at(&h, 0x7000), Some(0xa1), "stale until invalidated");
+    assert_eq!(stale(&r.vtd), [0, 1, 0]);
+    let (_, hist) = r.vtd.stale_uses();
+    assert_eq!(
+        hist[0].what,
+        StaleUse {
+            kind: StaleKind::Iotlb,
+            sid: 0x20,
+            did: 7,
+            at: 0x7000
+        }
+    );
+    // Invalidations that do not cover it: another page, another domain, the context.
+    psi(&r.vtd, 7, 0x9000, 0);
+    psi(&r.vtd, 8, 0x7000, 0);
+    wr64(&r.vtd, reg::CCMD, 1 << 63 | 1 << 61);
+    assert_eq!(byte_at(&h, 0x7000), Some(0xa1), "still stale");
+    assert_eq!(r.vtd.stale_uses().1.len(), 1, "one distinct stale entry");
+    assert_eq!(r.vtd.stale_uses().1[0].uses, 2);
+    // A two-page PSI (AM 1) from 0x6000 covers 0x7000 but not 0x8000.
+    r.map(top, 3, 0x8000, 0x50_0000, 3, 1);
+    psi(&r.vtd, 7, 0x6000, 1);
+    assert_eq!(byte_at(&h, 0x7000), Some(0xb2), "refreshed");
+    assert_eq!(
+        byte_at(&h, 0x8000),
+        Some(0xc3),
+        "outside the mask: still stale"
+    );
+    // Domain-selective covers everything of domain 7.
+    wr64(&r.vtd, reg::IOTLB, 1 << 63 | 2 << 60 | 7 << 32);
+    assert_eq!(byte_at(&h, 0x8000), Some(0xa1));
+    assert_eq!(stale(&r.vtd), [0, 3, 0]);
+}
+
+#[test]
+fn exact_caching_context_entries_and_srtp() {
+    let mut r = Rig::with_caching(CachingMode::Exact);
+    let top = r.attach(0x20, 3);
+    r.mem.write_obj(0x11u8, GuestAddress(0x50_0000)).expect("w");
+    r.mem.write_obj(0x22u8, GuestAddress(0x60_0000)).expect("w");
+    r.map(top, 3, 0x7000, 0x50_0000, 3, 1);
+    let h = r.vtd.handle(0x20);
+    assert_eq!(byte_at(&h, 0x7000), Some(0x11));
+    // A new page-table root for the device, same domain, no invalidation at all.
+    let top2 = r.page();
+    r.map(top2, 3, 0x7000, 0x60_0000, 3, 1);
+    r.w64(CTX + 0x20 * 16, top2 | 1);
+    assert_eq!(byte_at(&h, 0x7000), Some(0x11));
+    assert_eq!(stale(&r.vtd)[0], 1, "stale context entry");
+    // Device-selective of another function (00:04.1; FM 0) does not cover 00:04.0.
+    wr64(&r.vtd, reg::CCMD, 1 << 63 | 3 << 61 | 0x21 << 16);
+    assert_eq!(byte_at(&h, 0x7000), Some(0x11));
+    assert_eq!(stale(&r.vtd)[0], 2);
+    // FM 1 (function bit 2 masked) with 00:04.4 covers 00:04.0: the context is read
+    // again, but the IOTLB entry of domain 7 survives until an IOTLB invalidation.
+    wr64(&r.vtd, reg::CCMD, 1 << 63 | 3 << 61 | 1 << 32 | 0x24 << 16);
+    assert_eq!(byte_at(&h, 0x7000), Some(0x11));
+    assert_eq!(stale(&r.vtd), [2, 1, 0]);
+    wr64(&r.vtd, reg::IOTLB, 1 << 63 | 1 << 60);
+    assert_eq!(byte_at(&h, 0x7000), Some(0x22));
+    // SRTP without invalidation keeps the cached context in exact mode.
+    let root2 = r.page();
+    let ctx2 = r.page();
+    r.w64(root2, ctx2 | 1);
+    wr64(&r.vtd, reg::RTADDR, root2);
+    wr32(&r.vtd, reg::GCMD, gcmd::TE | gcmd::SRTP);
+    assert_eq!(byte_at(&h, 0x7000), Some(0x22), "the old context is used");
+    assert_eq!(stale(&r.vtd)[0], 3);
+    // Queued invalidation: a global context descriptor, then a global IOTLB one.
+    let q = r.page();
+    r.w64(q, 1 | 1 << 4);
+    r.w64(q + 16, 2 | 1 << 4);
+    wr64(&r.vtd, reg::IQA, q);
+    wr32(&r.vtd, reg::GCMD, gcmd::TE | gcmd::QIE);
+    wr64(&r.vtd, reg::IQT, 2 << 4);
+    assert_eq!(rd32(&r.vtd, reg::FSTS) & fsts::IQE, 0);
+    assert!(
+        byte_at(&h, 0x7000).is_none(),
+        "no context entry under the new root"
+    );
+}
+
+#[test]
+fn simple_caching_refreshes_on_any_invalidation() {
+    let mut r = Rig::new();
+    let top = r.attach(0x20, 3);
+    r.mem.write_obj(0x11u8, GuestAddress(0x50_0000)).expect("w");
+    r.mem.write_obj(0x22u8, GuestAddress(0x60_0000)).expect("w");
+    r.map(top, 3, 0x7000, 0x50_0000, 3, 1);
+    let h = r.vtd.handle(0x20);
+    assert_eq!(byte_at(&h, 0x7000), Some(0x11));
+    r.map(top, 3, 0x7000, 0x60_0000, 3, 1);
+    assert_eq!(byte_at(&h, 0x7000), Some(0x11), "cached");
+    psi(&r.vtd, 9, 0x123000, 0);
+    assert_eq!(
+        byte_at(&h, 0x7000),
+        Some(0x22),
+        "any invalidation empties the caches"
+    );
+    assert_eq!(stale(&r.vtd), [0, 0, 0], "no detector in simple mode");
+}
+
+#[test]
+fn exact_caching_in_the_virtio_view() {
+    use vm_memory::GuestMemory;
+    let mut r = Rig::with_caching(CachingMode::Exact);
+    let top = r.attach(0x20, 3);
+    r.mem.write_obj(0x11u8, GuestAddress(0x50_0000)).expect("w");
+    r.mem.write_obj(0x22u8, GuestAddress(0x60_0000)).expect("w");
+    r.mem.write_obj(0x33u8, GuestAddress(0x70_0000)).expect("w");
+    r.map(top, 3, 0x7000, 0x50_0000, 3, 1);
+    r.map(top, 3, 0x9000, 0x70_0000, 3, 1);
+    let dm = DeviceIommu::memory(&r.mem, Some(&r.vtd), 0x20, true);
+    let rd = |a: u64| dm.read_obj::<u8>(GuestAddress(a)).ok();
+    assert_eq!((rd(0x7000), rd(0x9000)), (Some(0x11), Some(0x33)));
+    r.map(top, 3, 0x7000, 0x60_0000, 3, 1);
+    r.map(top, 3, 0x9000, 0x60_0000, 3, 1);
+    assert_eq!(rd(0x7000), Some(0x11));
+    assert_eq!(stale(&r.vtd)[1], 1);
+    psi(&r.vtd, 7, 0x7000, 0);
+    assert_eq!(rd(0x7000), Some(0x22), "the covered page is refreshed");
+    assert_eq!(rd(0x9000), Some(0x33), "the other stays stale");
+    assert_eq!(stale(&r.vtd)[1], 2);
+    assert!(dm.check_range(GuestAddress(0x7000), 16, vm_memory::Permissions::Read));
 }
