@@ -120,7 +120,9 @@ pub struct RunArgs {
     /// IOMMU: intel (an emulated VT-d unit and its DMAR table), off, or auto (intel
     /// when a device does DMA, such as edu); options after commas:
     /// intremap=on|off (interrupt remapping offered, default on), ioapic-sid=strict|any
-    /// (verify IOAPIC messages' source ID, default strict), caching=simple|exact.
+    /// (verify IOAPIC messages' source ID, default strict), caching=simple|exact (exact:
+    /// caches keep entries until exactly the invalidation the spec requires, and every
+    /// use of a stale entry is reported; default simple).
     #[arg(long, value_name = "MODE[,OPT=V]", default_value = "auto", value_parser = parse_iommu)]
     pub iommu: vmm::IommuConfig,
     /// Serve the control API (HTTP/1.1 + JSON) on this Unix socket: `faultvisor inject`

@@ -8,7 +8,12 @@
 //!   lock: the time per hit should stay that of one thread);
 //! - `fault/record_and_clear`: a faulting translation recorded in an FRCD, then cleared
 //!   the way a guest's handler does;
-//! - `dma_write_4k/{direct,translated}`: a 4 KiB device write to guest memory.
+//! - `dma_write_4k/{direct,translated}`: a 4 KiB device write to guest memory;
+//! - `translate/hit_exact`: an IOTLB hit under `caching=exact`, whose stale-use
+//!   detector walks the tables in guest memory to compare;
+//! - `ir/remap_cached`: an interrupt message looked up through a cached IRTE (what
+//!   every remapped MSI route and DMA interrupt request costs);
+//! - `ir/irte_use_exact`: the exact-mode detector's check of one interrupt's IRTE.
 
 #![allow(missing_docs)]
 
@@ -18,7 +23,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use devices::interrupt::RecordingController;
-use devices::iommu::{reg, DmaHandle, Vtd};
+use devices::interrupt::{MsiMessage, MsiSource};
+use devices::iommu::{reg, CachingMode, DmaHandle, Vtd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const ROOT: u64 = 0x10_0000;
@@ -30,6 +36,10 @@ const L1: u64 = 0x10_4000;
 /// Guest memory with devfn 0x20 and 0x28 mapped: IOVA 0x1000 + n*0x1000 → 0x50_0000 +
 /// n*0x1000 for 64 pages, read/write, 3 levels; translation on.
 fn rig() -> (GuestMemoryMmap, Arc<Vtd>) {
+    rig_with(CachingMode::Simple)
+}
+
+fn rig_with(caching: CachingMode) -> (GuestMemoryMmap, Arc<Vtd>) {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).expect("mem");
     let w = |a: u64, v: u64| mem.write_obj(v, GuestAddress(a)).expect("w");
     w(ROOT, CTX | 1);
@@ -42,10 +52,9 @@ fn rig() -> (GuestMemoryMmap, Arc<Vtd>) {
     for n in 0..64u64 {
         w(L1 + 8 * (n + 1), (0x50_0000 + n * 0x1000) | 3);
     }
-    let vtd = Arc::new(Vtd::new(
-        mem.clone(),
-        Arc::new(RecordingController::new(24, 1000)),
-    ));
+    let vtd = Arc::new(
+        Vtd::new(mem.clone(), Arc::new(RecordingController::new(24, 1000))).with_caching(caching),
+    );
     vtd.write(reg::RTADDR, &ROOT.to_le_bytes());
     vtd.write(reg::GCMD, &(1u32 << 30).to_le_bytes());
     vtd.write(reg::GCMD, &(1u32 << 31).to_le_bytes());
@@ -63,6 +72,12 @@ fn translate(c: &mut Criterion) {
             let fresh = vtd.handle(0x20);
             fresh.translate(black_box(0x1234), true)
         })
+    });
+    let (_mem2, exact) = rig_with(CachingMode::Exact);
+    let he = exact.handle(0x20);
+    he.translate(0x1000, true).expect("warm");
+    g.bench_function("hit_exact", |b| {
+        b.iter(|| he.translate(black_box(0x1234), true))
     });
     g.bench_function("hit_2_threads", |b| {
         b.iter_custom(|iters| {
@@ -120,9 +135,51 @@ fn dma(c: &mut Criterion) {
     g.finish();
 }
 
+/// Interrupt remapping on (256-entry x2APIC table at 0x20_0000) with IRTE 5 sending
+/// vector 0x41 to APIC 3 for requester 0x20 (source-ID verified).
+fn ir_rig(caching: CachingMode) -> (Arc<Vtd>, MsiSource, MsiMessage) {
+    let (mem, vtd) = rig_with(caching);
+    let table = 0x20_0000u64;
+    mem.write_obj(
+        1u64 | (0x41 << 16) | (3u64 << 32),
+        GuestAddress(table + 5 * 16),
+    )
+    .expect("irte");
+    mem.write_obj(0x20u64 | (1 << 18), GuestAddress(table + 5 * 16 + 8))
+        .expect("irte");
+    vtd.write(reg::IRTA, &(table | (1 << 11) | 7).to_le_bytes());
+    vtd.write(reg::GCMD, &((1u32 << 31) | (1 << 24)).to_le_bytes());
+    vtd.write(reg::GCMD, &((1u32 << 31) | (1 << 25)).to_le_bytes());
+    assert!(vtd.remapping());
+    let src = MsiSource::Pci {
+        bdf: 0x20,
+        vector: 0,
+    };
+    let msg = MsiMessage {
+        address: 0xfee0_0000 | (5 << 5) | (1 << 4),
+        data: 0,
+    };
+    let m = vtd.remap(src, msg).expect("remapped");
+    assert_eq!((m.vector(), m.destination()), (0x41, 3));
+    (vtd, src, msg)
+}
+
+fn ir(c: &mut Criterion) {
+    let mut g = c.benchmark_group("ir");
+    let (vtd, src, msg) = ir_rig(CachingMode::Simple);
+    g.bench_function("remap_cached", |b| {
+        b.iter(|| vtd.remap(black_box(src), black_box(msg)))
+    });
+    let (exact, _, _) = ir_rig(CachingMode::Exact);
+    g.bench_function("irte_use_exact", |b| {
+        b.iter(|| exact.irte_use(black_box(0x20), black_box(5)))
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(500));
-    targets = translate, fault, dma
+    targets = translate, fault, dma, ir
 }
 criterion_main!(benches);

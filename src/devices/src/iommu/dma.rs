@@ -321,8 +321,10 @@ impl DmaHandle {
         }
         let mut c = lock(cache);
         let seen = c.seen;
-        let now = vtd.replay(seen, |inv| c.apply(inv, self.sid));
-        c.seen = now;
+        if seen != vtd.generation() {
+            let now = vtd.replay(seen, |inv| c.apply(inv, self.sid));
+            c.seen = now;
+        }
         let mem = vtd.memory();
         let (ctx, ctx_cached) = match c.context {
             Some(ctx) => (ctx, true),
