@@ -1213,7 +1213,12 @@ fn bench_pio(c: &Ctx) -> Outcome {
 }
 
 fn bench_msi_latency(c: &Ctx) -> Outcome {
-    msi_bench(c, "msi_latency", &|m| m.enable(bsp(), BENCH_VECTOR, 1), false)
+    msi_bench(
+        c,
+        "msi_latency",
+        &|m| m.enable(bsp(), BENCH_VECTOR, 1),
+        false,
+    )
 }
 
 fn bench_irq_rate(c: &Ctx) -> Outcome {
