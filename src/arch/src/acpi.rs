@@ -172,11 +172,17 @@ fn madt(cfg: &AcpiConfig) -> Result<Vec<u8>, AcpiError> {
 /// device scope for the IOAPIC with MADT ID `ioapic_id` on the pseudo bus 0xFF (source
 /// ID 0xFF00, as QEMU's Q35), which interrupt remapping needs. `intr_remap` sets the
 /// INTR_REMAP flag (the x2APIC opt-out flag stays clear). No RMRR, no ATSR.
-pub fn dmar(haw_bits: u8, reg_base: u64, ioapic_id: u8, intr_remap: bool) -> Vec<u8> {
+pub fn dmar(
+    haw_bits: u8,
+    reg_base: u64,
+    ioapic_id: u8,
+    intr_remap: bool,
+    x2apic_opt_out: bool,
+) -> Vec<u8> {
     let mut t = Sdt::new(*b"DMAR", 36, 1, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     t.append(haw_bits.saturating_sub(1)); // HAW is width - 1
-                                          // Flags: bit 0 INTR_REMAP; bit 1 (X2APIC_OPT_OUT) clear.
-    t.append(u8::from(intr_remap));
+                                          // Flags: bit 0 INTR_REMAP; bit 1 X2APIC_OPT_OUT (set when EIM is not offered).
+    t.append(u8::from(intr_remap) | (u8::from(intr_remap && x2apic_opt_out) << 1));
     t.append_slice(&[0u8; 10]);
     // DRHD: type 0, length 16 + one 8-byte scope, INCLUDE_PCI_ALL, size 0 (4 KiB),
     // segment 0, register base.
@@ -527,8 +533,17 @@ mod tests {
 
     #[test]
     fn dmar_layout() {
-        assert_eq!(dmar(48, 0xfed9_0000, 0, false)[37], 0, "no INTR_REMAP");
-        let d = dmar(48, 0xfed9_0000, 0, true);
+        assert_eq!(
+            dmar(48, 0xfed9_0000, 0, false, false)[37],
+            0,
+            "no INTR_REMAP"
+        );
+        assert_eq!(
+            dmar(48, 0xfed9_0000, 0, true, true)[37],
+            3,
+            "INTR_REMAP, x2APIC opt-out"
+        );
+        let d = dmar(48, 0xfed9_0000, 0, true, false);
         assert_eq!(&d[0..4], b"DMAR");
         assert_eq!(d.len(), 48 + 16 + 8, "72 bytes: header, DRHD, IOAPIC scope");
         assert_eq!(

@@ -63,6 +63,9 @@ pub enum BootError {
     /// Guest memory write failed.
     #[error("cannot write boot data to guest memory: {0}")]
     Memory(String),
+    /// A Multiboot kernel could not be loaded.
+    #[error("cannot load the Multiboot kernel: {0}")]
+    Multiboot(String),
 }
 
 /// The kernel format detected.
@@ -72,6 +75,8 @@ pub enum KernelFormat {
     Elf,
     /// A bzImage (the decompressor runs in the guest).
     BzImage,
+    /// A Multiboot v1 kernel (kvm-unit-tests' `.flat` files): see [`crate::multiboot`].
+    Multiboot,
 }
 
 /// What loading the kernel produced.
@@ -94,6 +99,17 @@ pub fn detect_format(file: &mut File) -> Result<KernelFormat, BootError> {
         what: "the kernel image",
         source,
     };
+    // A Multiboot header in the first 8 KiB decides first (such kernels are ELF files
+    // too, often 32-bit ones linux-loader does not take).
+    let mut head = Vec::with_capacity(8192);
+    file.seek(SeekFrom::Start(0)).map_err(io)?;
+    file.by_ref()
+        .take(8192)
+        .read_to_end(&mut head)
+        .map_err(io)?;
+    if crate::multiboot::find_header(&head).is_some() {
+        return Ok(KernelFormat::Multiboot);
+    }
     file.seek(SeekFrom::Start(0)).map_err(io)?;
     file.read_exact(&mut magic)
         .map_err(|_| BootError::NotAKernel("file is shorter than 4 bytes".into()))?;
@@ -135,7 +151,68 @@ pub fn load_kernel(mem: &GuestMemoryMmap, file: &mut File) -> Result<LoadedKerne
                 header: r.setup_header,
             })
         }
+        KernelFormat::Multiboot => Err(BootError::NotAKernel(
+            "a Multiboot kernel is loaded with load_multiboot".into(),
+        )),
     }
+}
+
+/// Largest Multiboot kernel or module file read.
+pub const MULTIBOOT_FILE_MAX: u64 = 1 << 30;
+
+/// Loads a Multiboot kernel with `initrd` as its one module. The guest's command line
+/// is `kernel_name`, a space and `cmdline` (as QEMU passes it: argv[0] is the
+/// program's name); the module's is the initrd's name.
+pub fn load_multiboot(
+    mem: &GuestMemoryMmap,
+    layout: &MemoryLayout,
+    kernel: &mut File,
+    kernel_name: &str,
+    cmdline: &str,
+    initrd: Option<(&str, &mut File)>,
+) -> Result<crate::regs::BootEntry, BootError> {
+    let read = |f: &mut File, what: &'static str| -> Result<Vec<u8>, BootError> {
+        let io = |source| BootError::Io { what, source };
+        f.seek(SeekFrom::Start(0)).map_err(io)?;
+        let mut v = Vec::new();
+        f.take(MULTIBOOT_FILE_MAX + 1)
+            .read_to_end(&mut v)
+            .map_err(io)?;
+        if v.len() as u64 > MULTIBOOT_FILE_MAX {
+            return Err(BootError::Multiboot(format!(
+                "{what} is larger than {} MiB",
+                MULTIBOOT_FILE_MAX >> 20
+            )));
+        }
+        Ok(v)
+    };
+    let image = read(kernel, "the kernel image")?;
+    let header = crate::multiboot::find_header(&image)
+        .ok_or_else(|| BootError::NotAKernel("no Multiboot header".into()))?;
+    let module = match initrd {
+        Some((name, f)) => Some((name, read(f, "the initrd")?)),
+        None => None,
+    };
+    let line = if cmdline.is_empty() {
+        kernel_name.to_string()
+    } else {
+        format!("{kernel_name} {cmdline}")
+    };
+    let l = crate::multiboot::load(
+        mem,
+        layout,
+        &header,
+        &crate::multiboot::Boot {
+            image: &image,
+            cmdline: &line,
+            module: module.as_ref().map(|(n, b)| (*n, b.as_slice())),
+        },
+    )
+    .map_err(|e| BootError::Multiboot(e.to_string()))?;
+    Ok(crate::regs::BootEntry::Multiboot {
+        entry: l.entry,
+        info: l.info,
+    })
 }
 
 /// Where the initrd was placed.

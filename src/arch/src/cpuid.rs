@@ -83,6 +83,110 @@ pub fn configure(cpuid: &mut CpuId, vcpu_id: u32, nr_vcpus: u32) {
     }
 }
 
+/// A CPUID feature `--cpu` can add or remove: (name, leaf, subleaf, register, bit).
+/// Registers: 0 EAX, 1 EBX, 2 ECX, 3 EDX.
+pub const FEATURES: &[(&str, u32, u32, u8, u8)] = &[
+    ("vmx", 1, 0, 2, 5),
+    ("pcid", 1, 0, 2, 17),
+    ("x2apic", 1, 0, 2, 21),
+    ("tsc-deadline", 1, 0, 2, 24),
+    ("xsave", 1, 0, 2, 26),
+    ("invpcid", 7, 0, 1, 10),
+    ("umip", 7, 0, 2, 2),
+    ("pku", 7, 0, 2, 3),
+    ("la57", 7, 0, 2, 16),
+    ("svm", 0x8000_0001, 0, 2, 2),
+    ("rdtscp", 0x8000_0001, 0, 3, 27),
+];
+
+/// Features to add to and remove from KVM's supported CPUID (`--cpu host,+f,-f`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CpuFeatures {
+    /// Features to set.
+    pub add: Vec<&'static str>,
+    /// Features to clear.
+    pub remove: Vec<&'static str>,
+}
+
+impl std::str::FromStr for CpuFeatures {
+    type Err = String;
+
+    /// `host[,+name|-name]...` (a bare `name` means `+name`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut parts = s.split(',');
+        match parts.next() {
+            Some("host") => {}
+            Some(m) => {
+                return Err(format!(
+                    "'{m}' is not a CPU model faultvisor offers: it passes the host's CPUID through (use host[,+FEATURE][,-FEATURE])"
+                ))
+            }
+            None => return Err("empty CPU description".into()),
+        }
+        let mut f = Self::default();
+        for p in parts {
+            let (add, name) = match p.strip_prefix('-') {
+                Some(n) => (false, n),
+                None => (true, p.strip_prefix('+').unwrap_or(p)),
+            };
+            let Some(&(known, ..)) = FEATURES.iter().find(|x| x.0 == name) else {
+                let names: Vec<&str> = FEATURES.iter().map(|x| x.0).collect();
+                return Err(format!(
+                    "unknown CPU feature '{name}' (known: {})",
+                    names.join(", ")
+                ));
+            };
+            if add {
+                f.add.push(known);
+            } else {
+                f.remove.push(known);
+            }
+        }
+        Ok(f)
+    }
+}
+
+fn feature_bit<'a>(cpuid: &'a mut CpuId, name: &str) -> Option<(&'a mut u32, u32)> {
+    let &(_, leaf, sub, reg, bit) = FEATURES.iter().find(|x| x.0 == name)?;
+    let e = cpuid
+        .as_mut_slice()
+        .iter_mut()
+        .find(|e| e.function == leaf && e.index == sub)?;
+    let r = match reg {
+        0 => &mut e.eax,
+        1 => &mut e.ebx,
+        2 => &mut e.ecx,
+        _ => &mut e.edx,
+    };
+    Some((r, 1 << bit))
+}
+
+/// Whether `cpuid` has feature `name`.
+pub fn has_feature(cpuid: &CpuId, name: &str) -> bool {
+    let mut c = cpuid.clone();
+    feature_bit(&mut c, name).is_some_and(|(r, m)| *r & m != 0)
+}
+
+impl CpuFeatures {
+    /// Applies the additions and removals to `cpuid`; returns the additions whose leaf
+    /// the CPUID lacks (nothing to set them in).
+    pub fn apply(&self, cpuid: &mut CpuId) -> Vec<&'static str> {
+        let mut missing = Vec::new();
+        for name in &self.add {
+            match feature_bit(cpuid, name) {
+                Some((r, m)) => *r |= m,
+                None => missing.push(*name),
+            }
+        }
+        for name in &self.remove {
+            if let Some((r, m)) = feature_bit(cpuid, name) {
+                *r &= !m;
+            }
+        }
+        missing
+    }
+}
+
 /// The APIC ID a vCPU's CPUID reports (leaf 1 EBX 31:24), for checks.
 pub fn apic_id_of(cpuid: &CpuId) -> Option<u32> {
     cpuid
@@ -143,6 +247,25 @@ mod tests {
             assert_eq!(b2.ebx, 0);
             let amd = s.iter().find(|e| e.function == 0x8000_0008).expect("amd");
             assert_eq!(amd.ecx & 0xff, n - 1);
+        }
+    }
+
+    #[test]
+    fn features_parse_and_apply() {
+        let f: CpuFeatures = "host,+tsc-deadline,-x2apic,pcid".parse().expect("parse");
+        assert_eq!(f.add, vec!["tsc-deadline", "pcid"]);
+        assert_eq!(f.remove, vec!["x2apic"]);
+        let mut c = sample();
+        assert_eq!(f.apply(&mut c), Vec::<&str>::new());
+        assert!(has_feature(&c, "tsc-deadline") && !has_feature(&c, "x2apic"));
+        let g: CpuFeatures = "host,+invpcid".parse().expect("parse");
+        assert_eq!(g.apply(&mut c), vec!["invpcid"], "no leaf 7 in the sample");
+        for (bad, msg) in [
+            ("qemu64", "not a CPU model"),
+            ("host,+avx9", "unknown CPU feature 'avx9'"),
+        ] {
+            let e = bad.parse::<CpuFeatures>().expect_err(bad);
+            assert!(e.contains(msg), "{e}");
         }
     }
 

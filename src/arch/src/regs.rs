@@ -1,7 +1,9 @@
-//! Long-mode state of the boot vCPU for the Linux 64-bit entry point: a flat GDT,
-//! an identity map of the first 4 GiB with 2 MiB pages, CR0/CR4/EFER, and the general
-//! registers (entry in `%rip`, zero page in `%rsi`). Intel SDM vol. 3 §3.4.5 (segment
-//! descriptors), §4.5 (4-level paging), §9.8.5 (entering IA-32e mode).
+//! Boot vCPU state. For the Linux 64-bit entry point: a flat GDT, an identity map of
+//! the first 4 GiB with 2 MiB pages, CR0/CR4/EFER, and the general registers (entry in
+//! `%rip`, zero page in `%rsi`). For a Multiboot kernel: 32-bit protected mode with
+//! paging off, flat 4 GiB code and data segments, `%eax` = `0x2BADB002` and `%ebx` the
+//! Multiboot information. Intel SDM vol. 3 §3.4.5 (segment descriptors), §4.5 (4-level
+//! paging), §9.8.5 (entering IA-32e mode); Multiboot Specification §3.2.
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -15,6 +17,28 @@ const GDT: [u64; 4] = [
     gdt_entry(0xc093, 0, 0xfffff),
     gdt_entry(0x808b, 0, 0xfffff),
 ];
+/// GDT of a Multiboot entry: null, 32-bit code, 32-bit data, TSS.
+const GDT32: [u64; 4] = [
+    0,
+    gdt_entry(0xc09b, 0, 0xfffff),
+    gdt_entry(0xc093, 0, 0xfffff),
+    gdt_entry(0x808b, 0, 0xfffff),
+];
+
+/// Where and how the boot vCPU starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BootEntry {
+    /// The Linux 64-bit entry point (zero page in `%rsi`).
+    Linux64(u64),
+    /// A Multiboot kernel's 32-bit entry, with the information's address.
+    Multiboot {
+        /// Entry point (physical).
+        entry: u32,
+        /// Multiboot information (`%ebx`).
+        info: u32,
+    },
+}
+
 /// Code segment selector.
 pub const CODE_SELECTOR: u16 = 0x08;
 /// Data segment selector.
@@ -123,6 +147,47 @@ pub fn setup_long_mode(mem: &GuestMemoryMmap, mut base: kvm_sregs) -> Result<kvm
     Ok(base)
 }
 
+/// Writes the 32-bit GDT and returns the special registers of a Multiboot entry:
+/// protected mode, paging off, flat segments (`base` from `KVM_GET_SREGS`).
+pub fn setup_protected_mode(
+    mem: &GuestMemoryMmap,
+    mut base: kvm_sregs,
+) -> Result<kvm_sregs, RegsError> {
+    for (i, e) in GDT32.iter().enumerate() {
+        mem.write_obj(*e, GuestAddress(layout::BOOT_GDT_START + 8 * i as u64))
+            .map_err(|e| RegsError(e.to_string()))?;
+    }
+    base.gdt.base = layout::BOOT_GDT_START;
+    base.gdt.limit = (std::mem::size_of_val(&GDT32) - 1) as u16;
+    base.idt.base = 0;
+    base.idt.limit = 0x3ff;
+    let code = segment_from_gdt(GDT32[1], 1);
+    let data = segment_from_gdt(GDT32[2], 2);
+    base.cs = code;
+    base.ds = data;
+    base.es = data;
+    base.fs = data;
+    base.gs = data;
+    base.ss = data;
+    base.tr = segment_from_gdt(GDT32[3], 3);
+    base.cr0 = (base.cr0 | X86_CR0_PE | X86_CR0_ET) & !(X86_CR0_PG | 1 << 30 | 1 << 29);
+    base.cr3 = 0;
+    base.cr4 = 0;
+    base.efer = 0;
+    Ok(base)
+}
+
+/// General registers at a Multiboot kernel's entry.
+pub fn multiboot_regs(entry: u32, info: u32) -> kvm_regs {
+    kvm_regs {
+        rflags: 0x2,
+        rip: u64::from(entry),
+        rax: u64::from(crate::multiboot::BOOTLOADER_MAGIC),
+        rbx: u64::from(info),
+        ..Default::default()
+    }
+}
+
 /// General registers at the kernel's 64-bit entry.
 pub fn boot_regs(entry: u64) -> kvm_regs {
     kvm_regs {
@@ -156,6 +221,20 @@ mod tests {
         let d = segment_from_gdt(GDT[2], 2);
         assert_eq!((d.l, d.db, d.type_), (0, 1, 0x3));
         assert_eq!(gdt_entry(0xa09b, 0, 0xfffff), 0x00af_9b00_0000_ffff);
+    }
+
+    #[test]
+    fn protected_mode_entry() {
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).expect("mem");
+        let s = setup_protected_mode(&m, kvm_sregs::default()).expect("setup");
+        assert_eq!((s.cr0 & (X86_CR0_PE | X86_CR0_PG), s.efer), (X86_CR0_PE, 0));
+        assert_eq!(
+            (s.cs.db, s.cs.l, s.cs.limit, s.cs.type_),
+            (1, 0, 0xffff_ffff, 0xb)
+        );
+        assert_eq!((s.ss.db, s.ss.type_), (1, 3));
+        let r = multiboot_regs(0x40_0000, 0x50_0000);
+        assert_eq!((r.rax, r.rbx, r.rip), (0x2bad_b002, 0x50_0000, 0x40_0000));
     }
 
     #[test]

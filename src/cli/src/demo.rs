@@ -171,6 +171,7 @@ pub fn run(args: &DemoArgs, start: Instant) -> Result<i32, CliError> {
         trace_file: None,
         start,
         seccomp: args.seccomp,
+        cpu: Default::default(),
     };
     println!(
         "faultvisor demo: booting the embedded probe guest ({} KiB) with {} vCPU(s), the fv-test device and edu behind an Intel VT-d unit; the guest reports:",

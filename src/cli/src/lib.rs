@@ -9,6 +9,7 @@ pub mod campaign;
 pub mod client;
 pub mod demo;
 mod logger;
+pub mod qemu;
 pub mod size;
 pub mod symbols;
 mod terminal;
@@ -141,9 +142,18 @@ pub struct RunArgs {
     /// through) or off.
     #[arg(long, value_name = "MODE", default_value = "on", value_parser = parse_seccomp)]
     pub seccomp: vmm::seccomp::SeccompMode,
+    /// The vCPUs' CPUID: host (what the host's KVM offers), with features added (+NAME)
+    /// or removed (-NAME): x2apic, tsc-deadline, pcid, invpcid, umip, pku, la57, xsave,
+    /// vmx, svm, rdtscp. A feature the host does not offer is an error.
+    #[arg(long, value_name = "host[,+F][,-F]", default_value = "host", value_parser = parse_cpu)]
+    pub cpu: arch::cpuid::CpuFeatures,
 }
 
-pub(crate) fn parse_seccomp(s: &str) -> Result<vmm::seccomp::SeccompMode, String> {
+pub(crate) fn parse_cpu(s: &str) -> Result<arch::cpuid::CpuFeatures, String> {
+    s.parse()
+}
+
+fn parse_seccomp(s: &str) -> Result<vmm::seccomp::SeccompMode, String> {
     s.parse()
 }
 
@@ -273,11 +283,17 @@ pub fn build_config(args: &RunArgs, start: Instant) -> Result<VmConfig, CliError
         }
     };
     let mut kf = check_file("kernel", &kernel)?;
-    arch::boot::detect_format(&mut kf).map_err(|e| CliError::File {
+    let format = arch::boot::detect_format(&mut kf).map_err(|e| CliError::File {
         what: "kernel",
         path: kernel.clone(),
         reason: e.to_string(),
     })?;
+    // A Multiboot kernel's command line is its arguments (its name comes first anyway);
+    // Linux gets the default console settings.
+    let default_cmdline = match format {
+        arch::boot::KernelFormat::Multiboot => "",
+        _ => DEFAULT_CMDLINE,
+    };
     if let Some(i) = &initrd {
         check_file("initrd", i)?;
     }
@@ -287,7 +303,7 @@ pub fn build_config(args: &RunArgs, start: Instant) -> Result<VmConfig, CliError
         cmdline: args
             .cmdline
             .clone()
-            .unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
+            .unwrap_or_else(|| default_cmdline.to_string()),
         mem_size,
         vcpus: args.vcpus,
         serial,
@@ -298,6 +314,7 @@ pub fn build_config(args: &RunArgs, start: Instant) -> Result<VmConfig, CliError
         trace_file: args.trace_file.clone(),
         start,
         seccomp: args.seccomp,
+        cpu: args.cpu.clone(),
     })
 }
 
@@ -322,6 +339,39 @@ fn run(args: &RunArgs, start: Instant) -> Result<i32, CliError> {
     Ok(req.code)
 }
 
+/// `faultvisor qemu ...`: the QEMU command line translated into `faultvisor run`
+/// arguments, or the exit status when there is nothing to run (a probe answered, an
+/// option refused, the kernel missing).
+fn qemu_launch(args: &[String]) -> Result<Vec<std::ffi::OsString>, i32> {
+    match qemu::translate(args) {
+        qemu::Translation::Print(s) => {
+            print!("{s}");
+            Err(0)
+        }
+        qemu::Translation::Unsupported(why) => {
+            eprintln!("{why}");
+            Err(1)
+        }
+        qemu::Translation::Run { args, kernel, cpu } => {
+            if let Err(f) = vmm::host_offers(&cpu) {
+                eprintln!("faultvisor cannot honour -cpu +{f}: this host's KVM does not offer it");
+                return Err(1);
+            }
+            if let Err(e) = std::fs::File::open(&kernel) {
+                // The runner's premature-failure probe looks for this wording.
+                eprintln!("qemu-system-x86_64: could not load kernel '{kernel}': {e}");
+                return Err(1);
+            }
+            // QEMU prints nothing of its own on stderr: errors only.
+            let mut v: Vec<std::ffi::OsString> = ["faultvisor", "--log-level", "error", "run"]
+                .map(Into::into)
+                .to_vec();
+            v.extend(args.into_iter().map(Into::into));
+            Ok(v)
+        }
+    }
+}
+
 /// Entry point; returns the process exit code.
 pub fn main() -> i32 {
     let start = Instant::now();
@@ -342,7 +392,26 @@ pub fn main() -> i32 {
         eprintln!("faultvisor: internal error: {what}{at} (please report this)");
         std::process::exit(EXIT_INTERNAL_ERROR);
     }));
-    let cli = match Cli::try_parse() {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let invoked_as_qemu = argv
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .is_some_and(|n| n.to_string_lossy().contains("qemu"));
+    let argv = if invoked_as_qemu || argv.get(1).is_some_and(|a| a == "qemu") {
+        let skip = if invoked_as_qemu { 1 } else { 2 };
+        let rest: Vec<String> = argv
+            .iter()
+            .skip(skip)
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        match qemu_launch(&rest) {
+            Ok(run_argv) => run_argv,
+            Err(code) => return code,
+        }
+    } else {
+        argv
+    };
+    let cli = match Cli::try_parse_from(argv) {
         Ok(c) => c,
         Err(e) => {
             use clap::error::ErrorKind;

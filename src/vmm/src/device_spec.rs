@@ -1,4 +1,4 @@
-//! `--device KIND[,key=value...]`: which PCI devices a VM gets.
+//! `--device KIND[,key=value...]`: which PCI devices (and ISA test devices) a VM gets.
 
 use std::str::FromStr;
 
@@ -15,11 +15,13 @@ pub enum DeviceKind {
     Edu,
     /// virtio-rng over modern virtio-pci, offering VIRTIO_F_ACCESS_PLATFORM.
     VirtioRng,
+    /// QEMU's pc-testdev (ISA ports 0xe0-0xeb and 0x2000-0x2017), for kvm-unit-tests.
+    PcTestdev,
 }
 
 impl DeviceKind {
     /// Names accepted on the command line.
-    pub const NAMES: &'static [&'static str] = &["edu", "test", "virtio-rng"];
+    pub const NAMES: &'static [&'static str] = &["edu", "pc-testdev", "test", "virtio-rng"];
 
     /// The name used on the command line.
     pub fn name(self) -> &'static str {
@@ -27,7 +29,13 @@ impl DeviceKind {
             Self::Test => "test",
             Self::Edu => "edu",
             Self::VirtioRng => "virtio-rng",
+            Self::PcTestdev => "pc-testdev",
         }
+    }
+
+    /// Whether the device sits on PCI (else it is an ISA device at fixed ports).
+    pub fn is_pci(self) -> bool {
+        !matches!(self, Self::PcTestdev)
     }
 
     /// Whether the device does DMA (and so wants an IOMMU by default).
@@ -55,6 +63,7 @@ impl FromStr for DeviceSpec {
             "test" => DeviceKind::Test,
             "edu" => DeviceKind::Edu,
             "virtio-rng" => DeviceKind::VirtioRng,
+            "pc-testdev" => DeviceKind::PcTestdev,
             "" => {
                 return Err(format!(
                     "empty device name (known: {})",
@@ -74,6 +83,9 @@ impl FromStr for DeviceSpec {
                 .split_once('=')
                 .ok_or_else(|| format!("device {name}: '{opt}' is not key=value"))?;
             match k {
+                "bdf" if !kind.is_pci() => {
+                    return Err(format!("device {name}: an ISA device has no PCI address"))
+                }
                 "bdf" => {
                     let bdf: Bdf = v.parse().map_err(|e| format!("device {name}: bdf: {e}"))?;
                     if bdf.bus != 0 || bdf.function != 0 || bdf.device == 0 {
@@ -109,13 +121,14 @@ mod tests {
             ("", "empty device name"),
             (
                 "nope",
-                "unknown device 'nope' (known: edu, test, virtio-rng)",
+                "unknown device 'nope' (known: edu, pc-testdev, test, virtio-rng)",
             ),
             ("test,bdf", "'bdf' is not key=value"),
             ("test,bdf=zz", "bdf: 'zz' is not a PCI address"),
             ("test,bdf=00:00.0", "00:00.0 is the host bridge"),
             ("test,bdf=01:02.0", "use 00:DD.0"),
             ("test,speed=3", "unknown option 'speed'"),
+            ("pc-testdev,bdf=00:03.0", "an ISA device has no PCI address"),
         ] {
             let e = bad.parse::<DeviceSpec>().expect_err(bad);
             assert!(e.contains(msg), "{bad}: {e}");
@@ -173,6 +186,9 @@ pub struct IommuConfig {
     pub ioapic_sid: devices::iommu::IoapicSidCheck,
     /// How the caches follow invalidations (exact mode also detects stale uses).
     pub caching: Caching,
+    /// Leave out extended interrupt mode (ECAP.EIM; the DMAR table then opts out of
+    /// x2APIC), as QEMU's `eim=off`: remapped interrupts reach 8-bit APIC IDs only.
+    pub no_eim: bool,
 }
 
 impl FromStr for IommuConfig {
@@ -195,11 +211,13 @@ impl FromStr for IommuConfig {
                 ("ioapic-sid", "any") => c.ioapic_sid = devices::iommu::IoapicSidCheck::Any,
                 ("caching", "simple") => c.caching = Caching::Simple,
                 ("caching", "exact") => c.caching = Caching::Exact,
-                ("intremap" | "ioapic-sid" | "caching", _) => {
+                ("eim", "on") => c.no_eim = false,
+                ("eim", "off") => c.no_eim = true,
+                ("intremap" | "ioapic-sid" | "caching" | "eim", _) => {
                     return Err(format!(
                         "'{v}' is not a value of IOMMU option {k} ({})",
                         match k {
-                            "intremap" => "on or off",
+                            "intremap" | "eim" => "on or off",
                             "ioapic-sid" => "strict or any",
                             _ => "simple or exact",
                         }
@@ -207,7 +225,7 @@ impl FromStr for IommuConfig {
                 }
                 _ => {
                     return Err(format!(
-                        "'{k}' is not an IOMMU option (intremap, ioapic-sid, caching)"
+                        "'{k}' is not an IOMMU option (intremap, ioapic-sid, caching, eim)"
                     ))
                 }
             }

@@ -29,7 +29,7 @@ use devices::exit::{ExitHandle, ExitRequest};
 use devices::ioapic::IoapicLine;
 use devices::ioapic::{IoApic, IOAPIC_BASE, IOAPIC_SIZE};
 use devices::iommu::{DmaHandle, Vtd, VtdMmio, VTD_BASE, VTD_SIZE};
-use devices::legacy::{acpi_pm, debug, i8042, serial};
+use devices::legacy::{acpi_pm, debug, i8042, qemu_test, serial};
 use devices::legacy::{
     AcpiPmDevice, BootTimer, DebugExit, IoapicPinTrigger, SerialDevice, SerialOutput, I8042,
 };
@@ -106,6 +106,8 @@ pub struct VmConfig {
     pub start: Instant,
     /// Per-thread seccomp filters.
     pub seccomp: seccomp::SeccompMode,
+    /// CPUID features added to or removed from the host's set (`--cpu`).
+    pub cpu: arch::cpuid::CpuFeatures,
 }
 
 /// Errors of building or running a VM.
@@ -120,6 +122,9 @@ pub enum VmmError {
     /// The host KVM lacks something faultvisor needs.
     #[error("this host's KVM does not support {0}")]
     MissingCapability(&'static str),
+    /// `--cpu` asks for a feature the host's KVM does not offer.
+    #[error("this host's KVM does not offer the CPU feature '{0}' (--cpu)")]
+    CpuFeature(&'static str),
     /// Guest memory could not be created.
     #[error("cannot allocate {size} MiB of guest memory: {reason}")]
     Memory {
@@ -161,6 +166,34 @@ pub enum VmmError {
     /// Anything else during setup.
     #[error("VM setup failed: {0}")]
     Setup(String),
+}
+
+/// The first of `cpu`'s additions that the host's KVM does not offer.
+fn missing_cpu_feature(
+    kvm: &Kvm,
+    supported: &kvm_bindings::CpuId,
+    cpu: &arch::cpuid::CpuFeatures,
+) -> Option<&'static str> {
+    cpu.add.iter().copied().find(|f| match *f {
+        // KVM reports the TSC-deadline timer as a capability, not in the CPUID set.
+        "tsc-deadline" => !kvm.check_extension(Cap::TscDeadlineTimer),
+        _ => !arch::cpuid::has_feature(supported, f),
+    })
+}
+
+/// Whether the host's KVM offers every feature `cpu` adds (`Err` names the first it
+/// does not; a host without KVM offers nothing beyond what it names).
+pub fn host_offers(cpu: &arch::cpuid::CpuFeatures) -> Result<(), &'static str> {
+    if cpu.add.is_empty() {
+        return Ok(());
+    }
+    let Ok(kvm) = open_kvm() else {
+        return Ok(()); // the VM itself will report that KVM is missing
+    };
+    match kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES) {
+        Ok(c) => missing_cpu_feature(&kvm, &c, cpu).map_or(Ok(()), Err),
+        Err(_) => Ok(()),
+    }
 }
 
 /// The KVM device path: `/dev/kvm`, or `$FAULTVISOR_KVM_DEVICE` (for tests and
@@ -381,7 +414,7 @@ impl Vm {
         )
         .map_err(reg_err("the i8042"))?;
         io.register_pio(
-            pio(debug::DEBUG_EXIT_PORT, 1)?,
+            pio(debug::DEBUG_EXIT_PORT, debug::DEBUG_EXIT_PORTS)?,
             Arc::new(Mutex::new(DebugExit::new(exit.clone()))),
         )
         .map_err(reg_err("the debug-exit port"))?;
@@ -395,12 +428,39 @@ impl Vm {
             Arc::new(Mutex::new(AcpiPmDevice::new(exit.clone()))),
         )
         .map_err(reg_err("the ACPI PM registers"))?;
+        // fw_cfg, as every QEMU x86 machine has it (kvm-unit-tests reads the CPU count
+        // and RAM size there).
+        io.register_pio(
+            pio(qemu_test::FW_CFG_PORT, qemu_test::FW_CFG_PORTS)?,
+            Arc::new(Mutex::new(qemu_test::FwCfg::new(
+                cfg.mem_size,
+                u16::try_from(cfg.vcpus).unwrap_or(u16::MAX),
+            ))),
+        )
+        .map_err(reg_err("fw_cfg"))?;
+        if cfg.devices.iter().any(|d| d.kind == DeviceKind::PcTestdev) {
+            io.register_pio(
+                pio(qemu_test::TESTDEV_IOPORT, qemu_test::TESTDEV_PORTS)?,
+                Arc::new(Mutex::new(qemu_test::PcTestDev::new(mem.clone()))),
+            )
+            .map_err(reg_err("pc-testdev"))?;
+            io.register_pio(
+                pio(
+                    qemu_test::TESTDEV_IRQ_PORT,
+                    devices::ioapic::NUM_PINS as u16,
+                )?,
+                Arc::new(Mutex::new(qemu_test::PcTestDevIrq::new(ioapic.clone()))),
+            )
+            .map_err(reg_err("pc-testdev's IRQ lines"))?;
+            log::info!("device pc-testdev at ports 0xe0-0xeb and 0x2000-0x2017");
+        }
 
         // The VT-d unit, before the devices whose DMA it translates.
         let vtd = if cfg.iommu.enabled(&cfg.devices) {
             let v = Arc::new(
                 Vtd::new(mem.clone(), irqc.clone())
                     .with_interrupt_remapping(!cfg.iommu.no_intremap)
+                    .with_eim(!cfg.iommu.no_eim)
                     .with_ioapic_sid_check(cfg.iommu.ioapic_sid)
                     .with_caching(cfg.iommu.caching),
             );
@@ -432,7 +492,11 @@ impl Vm {
             BarAllocator::new((layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE), mmio64)
                 .map_err(|e| VmmError::Setup(format!("PCI windows: {e}")))?;
         let mut specs: Vec<&DeviceSpec> = cfg.devices.iter().filter(|d| d.bdf.is_some()).collect();
-        specs.extend(cfg.devices.iter().filter(|d| d.bdf.is_none()));
+        specs.extend(
+            cfg.devices
+                .iter()
+                .filter(|d| d.bdf.is_none() && d.kind.is_pci()),
+        );
         for spec in specs {
             let bdf = match spec.bdf {
                 Some(b) => b,
@@ -474,6 +538,8 @@ impl Vm {
                         if vtd.is_some() { "through VT-d" } else { "direct" }
                     );
                 }
+                // Not on PCI: registered with the ports above.
+                DeviceKind::PcTestdev => {}
                 DeviceKind::VirtioRng => {
                     let bar0 = bars
                         .allocate(BarKind::Mem32, devices::virtio::BAR0_SIZE)
@@ -511,6 +577,15 @@ impl Vm {
                 }
             }
         }
+        // As firmware leaves them: memory decoding on (BARs are assigned) and the
+        // interrupt line naming the IOAPIC pin INTA drives. Bus mastering stays off
+        // until the guest's driver asks for it.
+        for (bdf, kind) in &placed {
+            if kind.is_pci() {
+                root.config_write(*bdf, 0x04, &0x0002u16.to_le_bytes());
+                root.config_write(*bdf, 0x3c, &[16 + bdf.device % 8]);
+            }
+        }
         let root = Arc::new(root);
         io.register_mmio(
             mmio(layout::ECAM_START, layout::ECAM_SIZE)?,
@@ -534,17 +609,36 @@ impl Vm {
         io.register_mmio(mmio(mmio64.0, mmio64.1)?, window)
             .map_err(reg_err("the 64-bit PCI window"))?;
 
-        // Kernel, initrd, command line, ACPI, zero page.
+        // Kernel, initrd, command line, ACPI, zero page (Linux) or Multiboot information.
         let mut kf = open("kernel", &cfg.kernel)?;
-        let kernel = arch::boot::load_kernel(&mem, &mut kf)?;
-        let initrd = match &cfg.initrd {
-            Some(p) => {
-                let mut f = open("initrd", p)?;
-                Some(arch::boot::load_initrd(&mem, &mem_layout, &kernel, &mut f)?)
-            }
-            None => None,
+        let multiboot = arch::boot::detect_format(&mut kf)? == arch::boot::KernelFormat::Multiboot;
+        let mut linux = None;
+        let boot_entry = if multiboot {
+            let mut initrd = match &cfg.initrd {
+                Some(p) => Some((p.display().to_string(), open("initrd", p)?)),
+                None => None,
+            };
+            arch::boot::load_multiboot(
+                &mem,
+                &mem_layout,
+                &mut kf,
+                &cfg.kernel.display().to_string(),
+                &cfg.cmdline,
+                initrd.as_mut().map(|(n, f)| (n.as_str(), f)),
+            )?
+        } else {
+            let kernel = arch::boot::load_kernel(&mem, &mut kf)?;
+            let initrd = match &cfg.initrd {
+                Some(p) => {
+                    let mut f = open("initrd", p)?;
+                    Some(arch::boot::load_initrd(&mem, &mem_layout, &kernel, &mut f)?)
+                }
+                None => None,
+            };
+            let cmdline_size = arch::boot::load_command_line(&mem, &cfg.cmdline)?;
+            linux = Some((kernel, initrd, cmdline_size));
+            arch::regs::BootEntry::Linux64(kernel.entry)
         };
-        let cmdline_size = arch::boot::load_command_line(&mem, &cfg.cmdline)?;
         let acpi_cfg = arch::acpi::AcpiConfig {
             nr_vcpus: cfg.vcpus,
             ioapic_address: IOAPIC_BASE as u32,
@@ -561,6 +655,7 @@ impl Vm {
                     VTD_BASE,
                     0,
                     !cfg.iommu.no_intremap,
+                    cfg.iommu.no_eim,
                 )],
                 None => Vec::new(),
             },
@@ -571,24 +666,26 @@ impl Vm {
             acpi_pm::ACPI_PM_PORT + acpi_pm::RESET,
             acpi_pm::RESET_VALUE,
         )?;
-        arch::boot::write_boot_params(&mem, &mem_layout, &kernel, cmdline_size, initrd, rsdp)?;
-        log::debug!(
-            "kernel {:?} entry {:#x}, initrd {:?}, rsdp {rsdp:#x}",
-            kernel.format,
-            kernel.entry,
-            initrd
-        );
+        if let Some((kernel, initrd, cmdline_size)) = &linux {
+            arch::boot::write_boot_params(&mem, &mem_layout, kernel, *cmdline_size, *initrd, rsdp)?;
+        }
+        log::debug!("boot entry {boot_entry:x?}, rsdp {rsdp:#x}");
 
         // vCPUs.
-        let base_cpuid = kvm
+        let mut base_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| VmmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+        missing_cpu_feature(&kvm, &base_cpuid, &cfg.cpu)
+            .map_or(Ok(()), |f| Err(VmmError::CpuFeature(f)))?;
+        if let Some(f) = cfg.cpu.apply(&mut base_cpuid).first() {
+            return Err(VmmError::CpuFeature(f));
+        }
         let mut vcpus = Vec::new();
         for id in 0..cfg.vcpus {
             let v = vm
                 .create_vcpu(u64::from(id))
                 .map_err(|e| VmmError::Kvm("KVM_CREATE_VCPU", e))?;
-            vcpu::configure(&v, id, cfg.vcpus, &base_cpuid, &mem, kernel.entry)?;
+            vcpu::configure(&v, id, cfg.vcpus, &base_cpuid, &mem, boot_entry)?;
             vcpus.push(v);
         }
 

@@ -32,7 +32,7 @@ pub fn configure(
     nr_vcpus: u32,
     base_cpuid: &CpuId,
     mem: &GuestMemoryMmap,
-    entry: u64,
+    boot: arch::regs::BootEntry,
 ) -> Result<(), VmmError> {
     let kvm_err = |what: &'static str| move |e: kvm_ioctls::Error| VmmError::Kvm(what, e);
     let mut cpuid = base_cpuid.clone();
@@ -69,13 +69,21 @@ pub fn configure(
 
     if id == 0 {
         let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-        let sregs =
-            arch::regs::setup_long_mode(mem, sregs).map_err(|e| VmmError::Setup(e.to_string()))?;
+        let setup = |e: arch::regs::RegsError| VmmError::Setup(e.to_string());
+        let (sregs, regs) = match boot {
+            arch::regs::BootEntry::Linux64(entry) => (
+                arch::regs::setup_long_mode(mem, sregs).map_err(setup)?,
+                arch::regs::boot_regs(entry),
+            ),
+            arch::regs::BootEntry::Multiboot { entry, info } => (
+                arch::regs::setup_protected_mode(mem, sregs).map_err(setup)?,
+                arch::regs::multiboot_regs(entry, info),
+            ),
+        };
         vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
         vcpu.set_fpu(&arch::regs::boot_fpu())
             .map_err(kvm_err("KVM_SET_FPU"))?;
-        vcpu.set_regs(&arch::regs::boot_regs(entry))
-            .map_err(kvm_err("KVM_SET_REGS"))?;
+        vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
     }
     Ok(())
 }

@@ -168,6 +168,8 @@ pub const CAP: u64 = 6
 /// interrupt remapping with x2APIC destinations (IR, EIM), IRO, MHMV 15 (handle masks
 /// up to 2^15 for multi-message MSI). No posted interrupts.
 pub const ECAP: u64 = 1 | (1 << 1) | (1 << 3) | (1 << 4) | (IRO << 8) | (0xf << 20);
+/// ECAP.EIM: extended interrupt mode.
+const ECAP_EIM: u64 = 1 << 4;
 /// ECAP without interrupt remapping (`--iommu intel,intremap=off`).
 pub const ECAP_NO_IR: u64 = 1 | (1 << 1) | (IRO << 8);
 
@@ -467,6 +469,15 @@ impl Vtd {
     /// Offers interrupt remapping or not (before the guest runs).
     pub fn with_interrupt_remapping(mut self, on: bool) -> Self {
         self.ecap = if on { ECAP } else { ECAP_NO_IR };
+        self
+    }
+
+    /// Offers extended interrupt mode (ECAP.EIM: 32-bit x2APIC destinations) or not
+    /// (before the guest runs). Without it IRTA.EIME is ignored: destinations are 8-bit.
+    pub fn with_eim(mut self, on: bool) -> Self {
+        if !on {
+            self.ecap &= !ECAP_EIM;
+        }
         self
     }
 
@@ -1286,7 +1297,12 @@ impl Vtd {
         if v & gcmd::SIRTP != 0 {
             // The table pointer (and EIME, size) is latched, and the entry cache with it.
             let mut st = lock(&self.ir);
-            st.table = ir::Table::from_irta(st.irta);
+            let irta = if self.ecap & ECAP_EIM == 0 {
+                st.irta & !(1 << 11)
+            } else {
+                st.irta
+            };
+            st.table = ir::Table::from_irta(irta);
             st.cache.clear();
             r.gsts |= gcmd::SIRTP;
             remap_changed = true;

@@ -11,6 +11,9 @@ use crate::exit::ExitHandle;
 
 /// The debug-exit port.
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;
+/// Ports the debug-exit device decodes (QEMU's `isa-debug-exit,iosize=4`: byte, word
+/// and dword writes at 0xf4; the value is what was written).
+pub const DEBUG_EXIT_PORTS: u16 = 4;
 /// The boot-timer port.
 pub const BOOT_TIMER_PORT: u16 = 0x440;
 /// The byte that marks "boot finished" on the boot-timer port.

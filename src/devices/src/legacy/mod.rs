@@ -1,9 +1,11 @@
 //! Legacy port-I/O devices: COM1, the i8042 reset line, the debug-exit port, the
-//! boot-timer port and the ACPI (hardware-reduced) sleep and reset registers.
+//! boot-timer port, the ACPI (hardware-reduced) sleep and reset registers, and the
+//! QEMU test devices kvm-unit-tests uses (fw_cfg, pc-testdev).
 
 pub mod acpi_pm;
 pub mod debug;
 pub mod i8042;
+pub mod qemu_test;
 pub mod serial;
 
 pub use acpi_pm::AcpiPmDevice;

@@ -234,7 +234,10 @@ impl PciConfigIo {
                 device: ((a >> 11) & 0x1f) as u8,
                 function: ((a >> 8) & 0x7) as u8,
             },
-            (a & 0xfc) as usize + data_offset as usize,
+            // As QEMU (and so as software written against it, like kvm-unit-tests'
+            // pci_config_readw): CONFIG_ADDRESS bits 1:0 select a byte within the
+            // dword too, ORed with the data port's offset.
+            (a & 0xfc) as usize | ((a & 3) as usize | data_offset as usize),
         ))
     }
 
@@ -267,7 +270,7 @@ impl DevicePio for PciConfigIo {
         if offset < 4 {
             if offset == 0 {
                 if let Ok(b) = <[u8; 4]>::try_from(data) {
-                    self.set_address(|_| u32::from_le_bytes(b) & 0x80ff_fffc);
+                    self.set_address(|_| u32::from_le_bytes(b) & 0x80ff_ffff);
                 }
             }
             return;
