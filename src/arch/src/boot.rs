@@ -161,7 +161,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, file: &mut File) -> Result<LoadedKerne
 pub const MULTIBOOT_FILE_MAX: u64 = 1 << 30;
 
 /// Loads a Multiboot kernel with `initrd` as its one module. The guest's command line
-/// is `kernel_name`, a space and `cmdline` (as QEMU passes it: argv[0] is the
+/// is `kernel_name`, a space and `cmdline` (as QEMU passes it: `argv[0]` is the
 /// program's name); the module's is the initrd's name.
 pub fn load_multiboot(
     mem: &GuestMemoryMmap,

@@ -7,7 +7,7 @@
 //! the rest of its memory size (BSS), or, with header flag 16, the a.out-kludge range
 //! the header names. After the image, page-aligned, as QEMU places them: the one
 //! module (the initrd) and then the information structure with the memory sizes, the
-//! command line (the kernel's path first, then the arguments: argv[0] is the program
+//! command line (the kernel's path first, then the arguments: `argv[0]` is the program
 //! name), the module list, the memory map (from the e820 map) and the loader's name.
 //! Everything is checked to lie in RAM below the MMIO hole. linux-loader knows no
 //! Multiboot, hence this module; ELF headers are parsed with goblin.
