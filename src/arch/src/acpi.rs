@@ -1,7 +1,10 @@
-//! ACPI tables (ACPI 6.4): RSDP → XSDT → {FADT → DSDT, MADT, MCFG, extra tables}, built
-//! with the `acpi_tables` crate where it has a builder, placed in the reserved area at
-//! [`layout::ACPI_START`]. The platform is hardware-reduced: no PM timer, no SCI, no
-//! 8259; power-off and reset go through the FADT's sleep-control and reset registers.
+//! ACPI tables (ACPI 6.4): RSDP → XSDT → {FADT → DSDT and FACS, MADT, MCFG, extra
+//! tables}, built with the `acpi_tables` crate where it has a builder, placed in the
+//! reserved area at [`layout::ACPI_START`]. The platform is hardware-reduced: no PM
+//! timer, no SCI, no 8259 in the MADT; power-off and reset go through the FADT's
+//! sleep-control and reset registers. The FADT also names the PM1a event and control
+//! blocks and the FACS (waking vector), which firmware-style code uses for S3 and an OS
+//! honouring HW_REDUCED_ACPI ignores.
 //!
 //! Extra tables (the IOMMU's DMAR comes this way) are passed in as finished bytes.
 
@@ -9,6 +12,7 @@ use acpi_tables::aml::{
     self, AddressSpace, AddressSpaceCacheable, EISAName, Interrupt, Name, Package,
     ResourceTemplate, IO,
 };
+use acpi_tables::facs::FACS;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace as GasSpace, GAS};
 use acpi_tables::madt::{
@@ -265,6 +269,16 @@ fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     t.as_slice().to_vec()
 }
 
+/// Where the FACS (firmware waking vector, global lock) is: right after the RSDP,
+/// 64-byte aligned as ACPI requires.
+pub const FACS_ADDRESS: u64 = (layout::ACPI_START + 36).next_multiple_of(64);
+/// Offset of the FACS firmware waking vector (real mode: CS = vector >> 4).
+pub const FACS_WAKING_VECTOR: u64 = 12;
+/// PM1a event block (status, enable) offset from `AcpiConfig::pm_port`.
+pub const PM1A_EVT_OFFSET: u16 = 4;
+/// PM1a control block offset from `AcpiConfig::pm_port`.
+pub const PM1A_CNT_OFFSET: u16 = 8;
+
 fn fadt(cfg: &AcpiConfig, dsdt_addr: u64) -> Vec<u8> {
     let io8 = |port: u16| {
         GAS::new(
@@ -277,6 +291,7 @@ fn fadt(cfg: &AcpiConfig, dsdt_addr: u64) -> Vec<u8> {
     };
     let mut b = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
         .dsdt_64(dsdt_addr)
+        .firmware_ctrl_32(FACS_ADDRESS as u32)
         .flag(Flags::HwReducedAcpi)
         .flag(Flags::ResetRegSup)
         .flag(Flags::PwrButton)
@@ -286,6 +301,28 @@ fn fadt(cfg: &AcpiConfig, dsdt_addr: u64) -> Vec<u8> {
     b.sleep_status_reg = io8(cfg.pm_port + 1);
     b.reset_reg = io8(cfg.pm_port + 2);
     b.reset_value = cfg.reset_value;
+    // The fixed-hardware PM1a blocks, for firmware-style code (kvm-unit-tests' s3); an
+    // OS that honours HW_REDUCED_ACPI ignores them.
+    let evt = cfg.pm_port + PM1A_EVT_OFFSET;
+    let cnt = cfg.pm_port + PM1A_CNT_OFFSET;
+    b.pm1a_evt_blk = u32::from(evt).into();
+    b.pm1_evt_len = 4;
+    b.pm1a_cnt_blk = u32::from(cnt).into();
+    b.pm1_cnt_len = 2;
+    b.x_pm1a_evt_blk = GAS::new(
+        GasSpace::SystemIo,
+        32,
+        0,
+        AccessSize::WordAccess,
+        u64::from(evt),
+    );
+    b.x_pm1a_cnt_blk = GAS::new(
+        GasSpace::SystemIo,
+        16,
+        0,
+        AccessSize::WordAccess,
+        u64::from(cnt),
+    );
     b.hypervisor_vendor_identity = u64::from_le_bytes(*b"FLTVISOR").into();
     to_bytes(&b.finalize())
 }
@@ -299,7 +336,10 @@ fn mcfg(cfg: &AcpiConfig) -> Vec<u8> {
 /// Builds every table into guest memory; returns the RSDP address.
 pub fn create_acpi_tables(mem: &GuestMemoryMmap, cfg: &AcpiConfig) -> Result<u64, AcpiError> {
     let rsdp_addr = layout::ACPI_START;
-    let mut cursor = rsdp_addr + 64;
+    // The FACS first: it must be 64-byte aligned.
+    mem.write_slice(&to_bytes(&FACS::new()), GuestAddress(FACS_ADDRESS))
+        .map_err(|e| AcpiError::Memory(e.to_string()))?;
+    let mut cursor = FACS_ADDRESS + FACS::len() as u64;
     let mut place = |bytes: &[u8]| -> Result<u64, AcpiError> {
         let at = cursor;
         let end = at + bytes.len() as u64;
@@ -434,6 +474,16 @@ mod tests {
             0x601
         );
         assert_eq!(u16::from_le_bytes([f[109], f[110]]), IAPC_BOOT_ARCH);
+        // FIRMWARE_CTRL (36) → the FACS; PM1a_EVT_BLK (56), PM1a_CNT_BLK (64), lengths.
+        let facs = u64::from(u32::from_le_bytes(f[36..40].try_into().expect("4")));
+        assert_eq!(facs, FACS_ADDRESS);
+        assert_eq!(facs % 64, 0);
+        let mut sig = [0u8; 4];
+        m.read_slice(&mut sig, GuestAddress(facs)).expect("facs");
+        assert_eq!(&sig, b"FACS");
+        assert_eq!(u32::from_le_bytes(f[56..60].try_into().expect("4")), 0x604);
+        assert_eq!(u32::from_le_bytes(f[64..68].try_into().expect("4")), 0x608);
+        assert_eq!((f[88], f[89]), (4, 2));
     }
 
     #[test]

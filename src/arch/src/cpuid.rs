@@ -106,6 +106,9 @@ pub struct CpuFeatures {
     pub add: Vec<&'static str>,
     /// Features to clear.
     pub remove: Vec<&'static str>,
+    /// The vendor string leaf 0 reports instead of the host's (`vendor=GenuineIntel`):
+    /// KVM emulates some MSRs after the guest's vendor (SYSENTER on SVM).
+    pub vendor: Option<[u8; 12]>,
 }
 
 impl std::str::FromStr for CpuFeatures {
@@ -125,6 +128,18 @@ impl std::str::FromStr for CpuFeatures {
         }
         let mut f = Self::default();
         for p in parts {
+            if let Some(v) = p.strip_prefix("vendor=") {
+                let b: [u8; 12] = v
+                    .as_bytes()
+                    .try_into()
+                    .ok()
+                    .filter(|b: &[u8; 12]| b.iter().all(|c| c.is_ascii_graphic()))
+                    .ok_or_else(|| {
+                        format!("vendor={v}: a CPU vendor string is 12 printable ASCII characters (GenuineIntel, AuthenticAMD)")
+                    })?;
+                f.vendor = Some(b);
+                continue;
+            }
             let (add, name) = match p.strip_prefix('-') {
                 Some(n) => (false, n),
                 None => (true, p.strip_prefix('+').unwrap_or(p)),
@@ -183,6 +198,17 @@ impl CpuFeatures {
                 *r &= !m;
             }
         }
+        if let Some(v) = self.vendor {
+            let word = |i: usize| u32::from_le_bytes([v[i], v[i + 1], v[i + 2], v[i + 3]]);
+            for e in cpuid.as_mut_slice() {
+                // Leaf 0 (and AMD's 0x8000_0000, where it carries one): EBX, EDX, ECX.
+                if e.function == 0 || (e.function == 0x8000_0000 && e.ebx != 0) {
+                    e.ebx = word(0);
+                    e.edx = word(4);
+                    e.ecx = word(8);
+                }
+            }
+        }
         missing
     }
 }
@@ -220,6 +246,32 @@ mod tests {
             })
             .collect();
         CpuId::from_entries(&entries).expect("cpuid")
+    }
+
+    #[test]
+    fn vendor_string_replaces_leaf_0() {
+        let f: CpuFeatures = "host,vendor=GenuineIntel".parse().expect("parse");
+        let mut c = CpuId::from_entries(&[kvm_cpuid_entry2 {
+            function: 0,
+            eax: 0xd,
+            ..Default::default()
+        }])
+        .expect("cpuid");
+        assert!(f.apply(&mut c).is_empty());
+        let e = c.as_slice()[0];
+        let mut s = Vec::new();
+        for r in [e.ebx, e.edx, e.ecx] {
+            s.extend_from_slice(&r.to_le_bytes());
+        }
+        assert_eq!(&s, b"GenuineIntel");
+        assert_eq!(e.eax, 0xd);
+        for bad in [
+            "host,vendor=Intel",
+            "host,vendor=Genuine Intel",
+            "host,vendor=",
+        ] {
+            assert!(bad.parse::<CpuFeatures>().is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -177,6 +177,63 @@ pub fn setup_protected_mode(
     Ok(base)
 }
 
+/// Special registers of a CPU that firmware hands to an ACPI waking vector: real mode,
+/// paging and protection off, CS:IP = `vector >> 4` : `vector & 0xf` (ACPI 6.4
+/// §5.2.10), the other segments at 0 with 64 KiB limits, the real-mode IVT at 0.
+pub fn waking_sregs(mut base: kvm_sregs, vector: u32) -> kvm_sregs {
+    let seg = |selector: u16, type_: u8| kvm_segment {
+        base: u64::from(selector) << 4,
+        limit: 0xffff,
+        selector,
+        type_,
+        present: 1,
+        dpl: 0,
+        db: 0,
+        s: 1,
+        l: 0,
+        g: 0,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    };
+    base.cs = seg((vector >> 4) as u16, 0xb);
+    let data = seg(0, 0x3);
+    base.ds = data;
+    base.es = data;
+    base.fs = data;
+    base.gs = data;
+    base.ss = data;
+    base.tr = kvm_segment {
+        type_: 0xb,
+        s: 0,
+        ..seg(0, 0xb)
+    };
+    base.ldt = kvm_segment {
+        type_: 0x2,
+        s: 0,
+        ..seg(0, 0x2)
+    };
+    base.gdt.base = 0;
+    base.gdt.limit = 0xffff;
+    base.idt.base = 0;
+    base.idt.limit = 0x3ff;
+    base.cr0 = X86_CR0_ET;
+    base.cr2 = 0;
+    base.cr3 = 0;
+    base.cr4 = 0;
+    base.efer = 0;
+    base
+}
+
+/// General registers at an ACPI waking vector (IP = `vector & 0xf`).
+pub fn waking_regs(vector: u32) -> kvm_regs {
+    kvm_regs {
+        rflags: 0x2,
+        rip: u64::from(vector & 0xf),
+        ..Default::default()
+    }
+}
+
 /// General registers at a Multiboot kernel's entry.
 pub fn multiboot_regs(entry: u32, info: u32) -> kvm_regs {
     kvm_regs {

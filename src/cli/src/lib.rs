@@ -112,10 +112,12 @@ pub struct RunArgs {
     /// Serial console: stdio, file=PATH or none.
     #[arg(long, value_name = "DEST", default_value = "stdio")]
     pub serial: String,
-    /// Add a PCI device (repeatable): `test` is fv-test (1234:fa17), the probe guest's
+    /// Add a device (repeatable). PCI: `test` is fv-test (1234:fa17), the probe guest's
     /// interrupt source; `edu` is QEMU's educational device (1234:11e8) with its DMA
     /// engine behind the IOMMU; `virtio-rng` is an entropy device on modern virtio-pci
-    /// whose DMA the IOMMU translates. Options: bdf=00:DD.0.
+    /// whose DMA the IOMMU translates (option bdf=00:DD.0). ISA, for kvm-unit-tests and
+    /// real-mode code: `pc-testdev` (QEMU's test ports), `pic` (the 8259A pair on vCPU
+    /// 0's LINT0), `rtc` (the CMOS clock, whose alarm wakes from ACPI S3).
     #[arg(long = "device", value_name = "KIND[,bdf=00:DD.0]", value_parser = parse_device)]
     pub devices: Vec<vmm::DeviceSpec>,
     /// IOMMU: intel (an emulated VT-d unit and its DMAR table), off, or auto (intel
@@ -144,8 +146,9 @@ pub struct RunArgs {
     pub seccomp: vmm::seccomp::SeccompMode,
     /// The vCPUs' CPUID: host (what the host's KVM offers), with features added (+NAME)
     /// or removed (-NAME): x2apic, tsc-deadline, pcid, invpcid, umip, pku, la57, xsave,
-    /// vmx, svm, rdtscp. A feature the host does not offer is an error.
-    #[arg(long, value_name = "host[,+F][,-F]", default_value = "host", value_parser = parse_cpu)]
+    /// vmx, svm, rdtscp. A feature the host does not offer is an error. vendor=NAME
+    /// replaces the vendor string (vendor=GenuineIntel on an AMD host).
+    #[arg(long, value_name = "host[,+F][,-F][,vendor=V]", default_value = "host", value_parser = parse_cpu)]
     pub cpu: arch::cpuid::CpuFeatures,
 }
 

@@ -140,6 +140,11 @@ fn cpu(v: &str) -> Result<CpuFeatures, Translation> {
             (n, false)
         } else if let Some((n, val)) = p.split_once('=') {
             match (n, val) {
+                ("vendor", _) => {
+                    spec.push(',');
+                    spec.push_str(p);
+                    continue;
+                }
                 ("host-phys-bits", "on" | "true") | ("migratable", _) | ("check", _) => continue,
                 (_, "on" | "true") => (n, true),
                 (_, "off" | "false") => (n, false),
@@ -163,7 +168,16 @@ fn cpu(v: &str) -> Result<CpuFeatures, Translation> {
 
 /// Translates a QEMU command line (without the program name).
 pub fn translate(argv: &[String]) -> Translation {
-    let mut run: Vec<String> = vec!["--serial".into(), "stdio".into()];
+    // Every QEMU PC has the 8259A pair (real-mode tests take IRQs through it) and the
+    // CMOS RTC (whose alarm wakes the s3 test).
+    let mut run: Vec<String> = vec![
+        "--serial".into(),
+        "stdio".into(),
+        "--device".into(),
+        "pic".into(),
+        "--device".into(),
+        "rtc".into(),
+    ];
     let mut kernel = None;
     let mut cmdline = None;
     let mut cpu_features = CpuFeatures::default();
@@ -285,6 +299,9 @@ pub fn translate(argv: &[String]) -> Translation {
     }
     for f in &cpu_features.remove {
         cpu_arg.push_str(&format!(",-{f}"));
+    }
+    if let Some(v) = cpu_features.vendor {
+        cpu_arg.push_str(&format!(",vendor={}", String::from_utf8_lossy(&v)));
     }
     run.extend(["--cpu".into(), cpu_arg]);
     Translation::Run {
@@ -409,6 +426,26 @@ mod tests {
     }
 
     #[test]
+    fn every_vm_gets_the_pc_legacy_devices() {
+        let Translation::Run { args, .. } = t("-kernel k") else {
+            panic!("not run");
+        };
+        let j = args.join(" ");
+        assert!(
+            j.contains("--device pic") && j.contains("--device rtc"),
+            "{j}"
+        );
+    }
+
+    #[test]
+    fn cpu_vendor_is_passed_on() {
+        let Translation::Run { args, .. } = t("-kernel k -cpu max,vendor=GenuineIntel") else {
+            panic!("not run");
+        };
+        assert!(args.join(" ").contains("--cpu host,vendor=GenuineIntel"));
+    }
+
+    #[test]
     fn probes_and_refusals() {
         assert!(matches!(t("--help"), Translation::Print(s) if s.starts_with(VERSION_LINE)));
         assert!(
@@ -416,10 +453,7 @@ mod tests {
         );
         for (line, why) in [
             ("-kernel k -cpu Skylake-Server,+vmx", "models no named CPU"),
-            (
-                "-kernel k -cpu max,vendor=GenuineIntel",
-                "-cpu property vendor=GenuineIntel",
-            ),
+            ("-kernel k -cpu max,vendor=Intel", "12 printable ASCII"),
             (
                 "-kernel k -cpu host,hv_passthrough",
                 "-cpu feature hv_passthrough",

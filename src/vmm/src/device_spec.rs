@@ -17,11 +17,17 @@ pub enum DeviceKind {
     VirtioRng,
     /// QEMU's pc-testdev (ISA ports 0xe0-0xeb and 0x2000-0x2017), for kvm-unit-tests.
     PcTestdev,
+    /// The PC's cascaded 8259A pair (ports 0x20, 0xa0, 0x4d0) on vCPU 0's LINT0, for
+    /// real-mode code.
+    Pic,
+    /// The MC146818 RTC and CMOS RAM (ports 0x70/0x71); its alarm wakes from ACPI S3.
+    Rtc,
 }
 
 impl DeviceKind {
     /// Names accepted on the command line.
-    pub const NAMES: &'static [&'static str] = &["edu", "pc-testdev", "test", "virtio-rng"];
+    pub const NAMES: &'static [&'static str] =
+        &["edu", "pc-testdev", "pic", "rtc", "test", "virtio-rng"];
 
     /// The name used on the command line.
     pub fn name(self) -> &'static str {
@@ -30,12 +36,14 @@ impl DeviceKind {
             Self::Edu => "edu",
             Self::VirtioRng => "virtio-rng",
             Self::PcTestdev => "pc-testdev",
+            Self::Pic => "pic",
+            Self::Rtc => "rtc",
         }
     }
 
     /// Whether the device sits on PCI (else it is an ISA device at fixed ports).
     pub fn is_pci(self) -> bool {
-        !matches!(self, Self::PcTestdev)
+        !matches!(self, Self::PcTestdev | Self::Pic | Self::Rtc)
     }
 
     /// Whether the device does DMA (and so wants an IOMMU by default).
@@ -64,6 +72,8 @@ impl FromStr for DeviceSpec {
             "edu" => DeviceKind::Edu,
             "virtio-rng" => DeviceKind::VirtioRng,
             "pc-testdev" => DeviceKind::PcTestdev,
+            "pic" => DeviceKind::Pic,
+            "rtc" => DeviceKind::Rtc,
             "" => {
                 return Err(format!(
                     "empty device name (known: {})",
@@ -121,7 +131,7 @@ mod tests {
             ("", "empty device name"),
             (
                 "nope",
-                "unknown device 'nope' (known: edu, pc-testdev, test, virtio-rng)",
+                "unknown device 'nope' (known: edu, pc-testdev, pic, rtc, test, virtio-rng)",
             ),
             ("test,bdf", "'bdf' is not key=value"),
             ("test,bdf=zz", "bdf: 'zz' is not a PCI address"),
@@ -129,6 +139,8 @@ mod tests {
             ("test,bdf=01:02.0", "use 00:DD.0"),
             ("test,speed=3", "unknown option 'speed'"),
             ("pc-testdev,bdf=00:03.0", "an ISA device has no PCI address"),
+            ("pic,bdf=00:03.0", "an ISA device has no PCI address"),
+            ("rtc,bdf=00:03.0", "an ISA device has no PCI address"),
         ] {
             let e = bad.parse::<DeviceSpec>().expect_err(bad);
             assert!(e.contains(msg), "{bad}: {e}");

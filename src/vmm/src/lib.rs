@@ -29,7 +29,7 @@ use devices::exit::{ExitHandle, ExitRequest};
 use devices::ioapic::IoapicLine;
 use devices::ioapic::{IoApic, IOAPIC_BASE, IOAPIC_SIZE};
 use devices::iommu::{DmaHandle, Vtd, VtdMmio, VTD_BASE, VTD_SIZE};
-use devices::legacy::{acpi_pm, debug, i8042, qemu_test, serial};
+use devices::legacy::{acpi_pm, cmos, debug, i8042, i8259, qemu_test, serial};
 use devices::legacy::{
     AcpiPmDevice, BootTimer, DebugExit, IoapicPinTrigger, SerialDevice, SerialOutput, I8042,
 };
@@ -246,6 +246,12 @@ pub struct Vm {
     vcpus: Vec<kvm_ioctls::VcpuFd>,
     io: Arc<IoManager>,
     ioapic: Arc<Mutex<IoApic>>,
+    /// The 8259A pair (`--device pic`), wired to vCPU 0.
+    pic: Option<Arc<Mutex<i8259::Pic>>>,
+    /// ACPI sleep state.
+    power: Arc<acpi_pm::Power>,
+    /// The RTC (`--device rtc`), whose alarm wakes from S3.
+    rtc: Option<Arc<Mutex<cmos::Rtc>>>,
     serial: Arc<Mutex<SerialDevice>>,
     serial_stdio: bool,
     exit: Arc<ExitHandle>,
@@ -260,7 +266,8 @@ pub struct Vm {
     metrics_file: Option<PathBuf>,
     trace_file: Option<PathBuf>,
     seccomp: seccomp::SeccompMode,
-    _mem: GuestMemoryMmap,
+    /// Guest memory (also read at S3 resume: the FACS waking vector).
+    mem: GuestMemoryMmap,
 }
 
 fn open(what: &'static str, path: &PathBuf) -> Result<File, VmmError> {
@@ -375,6 +382,23 @@ impl Vm {
         // Devices.
         let mut io = IoManager::new();
         let ioapic = Arc::new(Mutex::new(IoApic::new(irqc.clone())));
+        let vcpu_probes: Vec<Arc<vcpu::VcpuProbe>> = (0..cfg.vcpus)
+            .map(|_| Arc::new(vcpu::VcpuProbe::default()))
+            .collect();
+        // ACPI S3: entering it gets every vCPU out of KVM_RUN.
+        let power = Arc::new(acpi_pm::Power::new());
+        {
+            let probes = vcpu_probes.clone();
+            power.set_kick(Box::new(move || {
+                for p in &probes {
+                    p.kick_unless_current();
+                }
+            }));
+        }
+        const _: () = assert!(
+            acpi_pm::PM1A_EVT == arch::acpi::PM1A_EVT_OFFSET
+                && acpi_pm::PM1A_CNT == arch::acpi::PM1A_CNT_OFFSET
+        );
         let reg_err = |what: &str| {
             let what = what.to_string();
             move |e: vm_device::bus::Error| VmmError::Setup(format!("registering {what}: {e:?}"))
@@ -425,7 +449,7 @@ impl Vm {
         .map_err(reg_err("the boot-timer port"))?;
         io.register_pio(
             pio(acpi_pm::ACPI_PM_PORT, acpi_pm::ACPI_PM_PORTS)?,
-            Arc::new(Mutex::new(AcpiPmDevice::new(exit.clone()))),
+            Arc::new(Mutex::new(AcpiPmDevice::new(exit.clone(), power.clone()))),
         )
         .map_err(reg_err("the ACPI PM registers"))?;
         // fw_cfg, as every QEMU x86 machine has it (kvm-unit-tests reads the CPU count
@@ -438,6 +462,32 @@ impl Vm {
             ))),
         )
         .map_err(reg_err("fw_cfg"))?;
+        let rtc = if cfg.devices.iter().any(|d| d.kind == DeviceKind::Rtc) {
+            let rtc = Arc::new(Mutex::new(cmos::Rtc::new(Box::new(cmos::HostClock))));
+            io.register_pio(pio(cmos::RTC_PORT, cmos::RTC_PORTS)?, rtc.clone())
+                .map_err(reg_err("the RTC"))?;
+            log::info!("device rtc: MC146818 RTC and CMOS RAM at ports 0x70-0x71");
+            Some(rtc)
+        } else {
+            None
+        };
+        // The 8259A pair, on request: Linux is better off without one (see i8259.rs).
+        let pic = if cfg.devices.iter().any(|d| d.kind == DeviceKind::Pic) {
+            let pic = Arc::new(Mutex::new(i8259::Pic::new()));
+            for base in [i8259::MASTER_PORT, i8259::SLAVE_PORT, i8259::ELCR_PORT] {
+                io.register_pio(
+                    pio(base, 2)?,
+                    Arc::new(Mutex::new(i8259::PicPorts::new(pic.clone(), base))),
+                )
+                .map_err(reg_err("the 8259A PIC"))?;
+            }
+            log::info!(
+                "device pic: 8259A pair at ports 0x20, 0xa0 and 0x4d0, INTR on vCPU 0's LINT0"
+            );
+            Some(pic)
+        } else {
+            None
+        };
         if cfg.devices.iter().any(|d| d.kind == DeviceKind::PcTestdev) {
             io.register_pio(
                 pio(qemu_test::TESTDEV_IOPORT, qemu_test::TESTDEV_PORTS)?,
@@ -449,7 +499,20 @@ impl Vm {
                     qemu_test::TESTDEV_IRQ_PORT,
                     devices::ioapic::NUM_PINS as u16,
                 )?,
-                Arc::new(Mutex::new(qemu_test::PcTestDevIrq::new(ioapic.clone()))),
+                Arc::new(Mutex::new(match &pic {
+                    Some(pic) => {
+                        // A line raised on another vCPU's thread must get vCPU 0 out of
+                        // KVM_RUN (it looks at the PIC before each entry).
+                        let bsp = vcpu_probes.first().cloned().unwrap_or_default();
+                        qemu_test::PcTestDevIrq::new(ioapic.clone()).with_pic(
+                            pic.clone(),
+                            Box::new(move || {
+                                bsp.kick_unless_current();
+                            }),
+                        )
+                    }
+                    None => qemu_test::PcTestDevIrq::new(ioapic.clone()),
+                })),
             )
             .map_err(reg_err("pc-testdev's IRQ lines"))?;
             log::info!("device pc-testdev at ports 0xe0-0xeb and 0x2000-0x2017");
@@ -539,7 +602,7 @@ impl Vm {
                     );
                 }
                 // Not on PCI: registered with the ports above.
-                DeviceKind::PcTestdev => {}
+                DeviceKind::PcTestdev | DeviceKind::Pic | DeviceKind::Rtc => {}
                 DeviceKind::VirtioRng => {
                     let bar0 = bars
                         .allocate(BarKind::Mem32, devices::virtio::BAR0_SIZE)
@@ -692,9 +755,6 @@ impl Vm {
         let vcpu_stats: Vec<Arc<vcpu::VcpuStats>> = (0..cfg.vcpus)
             .map(|_| Arc::new(vcpu::VcpuStats::default()))
             .collect();
-        let vcpu_probes: Vec<Arc<vcpu::VcpuProbe>> = (0..cfg.vcpus)
-            .map(|_| Arc::new(vcpu::VcpuProbe::default()))
-            .collect();
         let ctx = Arc::new(api::ApiContext {
             mem: mem.clone(),
             vtd: vtd.clone(),
@@ -748,6 +808,9 @@ impl Vm {
             vcpus,
             io: Arc::new(io),
             ioapic,
+            pic,
+            power,
+            rtc,
             serial,
             serial_stdio,
             exit,
@@ -762,7 +825,7 @@ impl Vm {
             metrics_file: cfg.metrics_file.clone(),
             trace_file: cfg.trace_file.clone(),
             seccomp: cfg.seccomp,
-            _mem: mem,
+            mem,
         })
     }
 
@@ -829,6 +892,10 @@ impl Vm {
                 exit: self.exit.clone(),
                 stats: self.vcpu_stats.get(id).cloned().unwrap_or_default(),
                 probe: self.vcpu_probes.get(id).cloned().unwrap_or_default(),
+                pic: if id == 0 { self.pic.clone() } else { None },
+                power: self.power.clone(),
+                rtc: self.rtc.clone(),
+                mem: self.mem.clone(),
             };
             let start = self.start;
             // Holds the guest memory mapped until this thread's vCPU fd is closed.

@@ -287,6 +287,16 @@ mod tests {
         use std::mem::size_of;
         let want: HashMap<&str, u64> = [
             ("KVM_RUN", kvm_ioc(0, 0x80, 0)),
+            (
+                "KVM_INTERRUPT",
+                kvm_ioc(1, 0x86, size_of::<kvm_interrupt>()),
+            ),
+            ("KVM_SET_REGS", kvm_ioc(1, 0x82, size_of::<kvm_regs>())),
+            ("KVM_SET_SREGS", kvm_ioc(1, 0x84, size_of::<kvm_sregs>())),
+            (
+                "KVM_SET_MP_STATE",
+                kvm_ioc(1, 0x99, size_of::<kvm_mp_state>()),
+            ),
             ("KVM_GET_REGS", kvm_ioc(2, 0x81, size_of::<kvm_regs>())),
             ("KVM_GET_SREGS", kvm_ioc(2, 0x83, size_of::<kvm_sregs>())),
             (
@@ -322,7 +332,7 @@ mod tests {
                 }
             }
         }
-        assert!(seen >= 8, "KVM ioctls in the filters: {seen}");
+        assert!(seen >= 12, "KVM ioctls in the filters: {seen}");
     }
 
     #[test]

@@ -1,18 +1,22 @@
 //! vCPU setup (CPUID, MSRs, LAPIC LINT1, long-mode registers for the boot vCPU) and the
 //! run loop that dispatches exits: port and MMIO accesses to the `vm-device` I/O
 //! manager, `KVM_EXIT_IOAPIC_EOI` to the userspace IOAPIC, and VM-ending exits to the
-//! [`ExitHandle`].
+//! [`ExitHandle`]. vCPU 0 also takes the 8259A's ExtINT interrupts (`KVM_INTERRUPT`)
+//! where the VM has one.
 
 use std::sync::{Arc, Mutex};
 
 use devices::exit::ExitHandle;
 use devices::ioapic::IoApic;
+use devices::legacy::acpi_pm::Power;
+use devices::legacy::cmos::Rtc;
+use devices::legacy::i8259::Pic;
 use devices::sync::lock;
 use kvm_bindings::{kvm_msr_entry, CpuId, Msrs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_device::bus::{MmioAddress, PioAddress};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::{VmmError, EXIT_GUEST_CRASH};
 
@@ -191,6 +195,19 @@ impl VcpuProbe {
         true
     }
 
+    /// Kicks the vCPU thread unless the caller is that thread (which looks at what
+    /// changed before it re-enters anyway). A kick that lands between two KVM_RUNs is
+    /// lost; the thread then sees the change at its next exit.
+    pub fn kick_unless_current(&self) {
+        let current = lock(&self.thread).is_some_and(|t| {
+            // SAFETY: pthread_self and pthread_equal have no preconditions.
+            unsafe { libc::pthread_equal(t, libc::pthread_self()) != 0 }
+        });
+        if !current {
+            self.kick();
+        }
+    }
+
     /// The vCPU's registers, or None if its thread does not answer within `timeout`.
     pub fn snapshot(&self, timeout: std::time::Duration) -> Option<VcpuSnapshot> {
         lock(&self.thread).as_ref()?;
@@ -256,6 +273,135 @@ pub struct VcpuContext {
     pub stats: Arc<VcpuStats>,
     /// Register requests from the API.
     pub probe: Arc<VcpuProbe>,
+    /// The 8259A pair whose INTR this vCPU takes (vCPU 0 only).
+    pub pic: Option<Arc<Mutex<Pic>>>,
+    /// ACPI sleep state (S3).
+    pub power: Arc<Power>,
+    /// The RTC, whose alarm wakes the VM from S3.
+    pub rtc: Option<Arc<Mutex<Rtc>>>,
+    /// Guest memory (the FACS waking vector).
+    pub mem: GuestMemoryMmap,
+}
+
+/// How often a sleeping vCPU thread looks for the end of the VM.
+const SLEEP_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// ACPI S3 on this vCPU: the thread stops running the guest until the VM wakes. vCPU 0
+/// waits for the wake event (the RTC alarm, if its PM1 enable bit is set; nothing else
+/// wakes this VM) and resumes at the FACS waking vector in real mode, as firmware
+/// would; the other vCPUs come back waiting for INIT/SIPI, as after a reset.
+fn suspend(vcpu: &mut VcpuFd, id: u32, ctx: &VcpuContext) {
+    let p = &ctx.power;
+    if id == 0 {
+        log::debug!("vcpu0: asleep (S3)");
+        if !p.rtc_wake_enabled() || ctx.rtc.is_none() {
+            log::warn!(
+                "acpi: the guest entered S3 with no wake source (the RTC alarm with PM1 RTC_EN is the only one): it sleeps until the VM is stopped"
+            );
+        }
+        loop {
+            if ctx.exit.get().is_some() {
+                return;
+            }
+            let alarm = if p.rtc_wake_enabled() {
+                ctx.rtc.as_ref().and_then(|r| lock(r).next_alarm_in())
+            } else {
+                None
+            };
+            match alarm {
+                Some(d) if d <= SLEEP_POLL => {
+                    std::thread::sleep(d);
+                    p.wake(devices::legacy::acpi_pm::PM1_RTC);
+                    break;
+                }
+                _ => std::thread::sleep(SLEEP_POLL),
+            }
+        }
+        let mut v = [0u8; 4];
+        let vector = match ctx.mem.read_slice(
+            &mut v,
+            GuestAddress(arch::acpi::FACS_ADDRESS + arch::acpi::FACS_WAKING_VECTOR),
+        ) {
+            Ok(()) => u32::from_le_bytes(v),
+            Err(_) => 0,
+        };
+        if vector == 0 {
+            // Firmware would boot afresh; faultvisor has no firmware to boot into.
+            ctx.exit.request(
+                0,
+                "guest woke from S3 with no FACS waking vector (a reboot): the VM ends",
+            );
+            return;
+        }
+        let resumed = vcpu
+            .get_sregs()
+            .and_then(|s| vcpu.set_sregs(&arch::regs::waking_sregs(s, vector)))
+            .and_then(|()| vcpu.set_regs(&arch::regs::waking_regs(vector)));
+        match resumed {
+            Ok(()) => log::info!("acpi: woke from S3 (RTC alarm), resuming at {vector:#x}"),
+            Err(e) => ctx.exit.request(
+                EXIT_GUEST_CRASH,
+                format!("vcpu0: cannot resume from S3: {e}"),
+            ),
+        }
+    } else {
+        while !p.wait_awake(SLEEP_POLL) {
+            if ctx.exit.get().is_some() {
+                return;
+            }
+        }
+        let init = kvm_bindings::kvm_mp_state {
+            mp_state: kvm_bindings::KVM_MP_STATE_INIT_RECEIVED,
+        };
+        if let Err(e) = vcpu.set_mp_state(init) {
+            log::warn!("vcpu{id}: cannot put the vCPU back into wait-for-SIPI after S3: {e}");
+        }
+    }
+}
+
+// KVM_INTERRUPT (kvm-ioctls does not wrap it): queue an external interrupt vector.
+#[allow(missing_docs)]
+mod ioctls {
+    vmm_sys_util::ioctl_iow_nr!(
+        KVM_INTERRUPT,
+        kvm_bindings::KVMIO,
+        0x86,
+        kvm_bindings::kvm_interrupt
+    );
+}
+use ioctls::KVM_INTERRUPT;
+
+/// Hands the PIC's interrupt to the vCPU when it can take one, else asks KVM to exit
+/// as soon as it can (`request_interrupt_window`). With the split irqchip, KVM accepts
+/// a userspace ExtINT only while LINT0 is unmasked in ExtINT mode (or the local APIC
+/// is off) and reports that in `ready_for_interrupt_injection`.
+fn pic_to_vcpu(vcpu: &mut VcpuFd, pic: &Mutex<Pic>) {
+    let mut p = lock(pic);
+    let run = vcpu.get_kvm_run();
+    if !p.pending() {
+        run.request_interrupt_window = 0;
+        return;
+    }
+    if run.ready_for_interrupt_injection == 0 || run.if_flag == 0 {
+        run.request_interrupt_window = 1;
+        return;
+    }
+    run.request_interrupt_window = 0;
+    let irq = kvm_bindings::kvm_interrupt {
+        irq: u32::from(p.acknowledge()),
+    };
+    drop(p);
+    // SAFETY: KVM_INTERRUPT reads one `kvm_interrupt` from the pointer, which refers to
+    // a live, correctly sized value; the fd is a vCPU fd KVM created.
+    let rc = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(vcpu, KVM_INTERRUPT(), &irq) };
+    if rc != 0 {
+        // Logged through the per-call-site limiter, like every guest-driven line.
+        log::warn!(
+            "pic: KVM_INTERRUPT {:#x} refused: {}",
+            irq.irq,
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 fn internal_error_detail(vcpu: &mut VcpuFd) -> String {
@@ -301,11 +447,21 @@ pub fn run(vcpu: VcpuFd, id: u32, ctx: VcpuContext) {
 }
 
 fn run_loop(mut vcpu: VcpuFd, id: u32, ctx: &VcpuContext) {
+    let mut epoch = ctx.power.epoch();
     loop {
         if ctx.exit.get().is_some() {
             return;
         }
+        // A sleep this thread missed (it was woken before it looked) still resets it.
+        if ctx.power.asleep() || ctx.power.epoch() != epoch {
+            suspend(&mut vcpu, id, ctx);
+            epoch = ctx.power.epoch();
+            continue;
+        }
         ctx.probe.serve(&vcpu);
+        if let Some(pic) = &ctx.pic {
+            pic_to_vcpu(&mut vcpu, pic);
+        }
         match vcpu.run() {
             Ok(exit) => match exit {
                 VcpuExit::IoIn(port, data) => {
@@ -378,6 +534,8 @@ fn run_loop(mut vcpu: VcpuFd, id: u32, ctx: &VcpuContext) {
                     );
                 }
                 VcpuExit::Intr => ctx.stats.count(9),
+                // The PIC's interrupt can go in now: the loop's next turn injects it.
+                VcpuExit::IrqWindowOpen => ctx.stats.count(9),
                 other => {
                     ctx.stats.count(10);
                     ctx.exit.request(

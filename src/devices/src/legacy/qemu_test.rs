@@ -9,7 +9,8 @@
 //!   write of a guest-physical address makes KVM drop its mapping of that page, so the
 //!   guest's next access faults into the hypervisor again, as QEMU's does); and the
 //!   IRQ lines at 0x2000 + n (n < 24): a byte written sets IOAPIC pin n's level
-//!   (non-zero: asserted) before the vCPU re-enters the guest.
+//!   (non-zero: asserted) before the vCPU re-enters the guest, and IRQ n of the 8259A
+//!   pair where the VM has one (n < 16), as QEMU's ISA interrupts drive both.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,6 +19,7 @@ use vm_device::bus::{PioAddress, PioAddressOffset};
 use vm_device::MutDevicePio;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use super::i8259::{self, Pic};
 use crate::ioapic::{IoApic, NUM_PINS};
 use crate::sync::lock;
 
@@ -216,15 +218,25 @@ impl MutDevicePio for PcTestDev {
     }
 }
 
-/// pc-testdev's IRQ lines: a write to 0x2000 + n sets IOAPIC pin n.
+/// Called after pc-testdev changed a PIC line (to get vCPU 0 to look at the PIC).
+pub type PicNotify = Box<dyn Fn() + Send>;
+
+/// pc-testdev's IRQ lines: a write to 0x2000 + n sets IOAPIC pin n (and PIC IRQ n).
 pub struct PcTestDevIrq {
     ioapic: Arc<Mutex<IoApic>>,
+    pic: Option<(Arc<Mutex<Pic>>, PicNotify)>,
 }
 
 impl PcTestDevIrq {
     /// The lines into `ioapic`.
     pub fn new(ioapic: Arc<Mutex<IoApic>>) -> Self {
-        Self { ioapic }
+        Self { ioapic, pic: None }
+    }
+
+    /// Also drives `pic`'s IRQs 0–15; `notify` runs after each change.
+    pub fn with_pic(mut self, pic: Arc<Mutex<Pic>>, notify: PicNotify) -> Self {
+        self.pic = Some((pic, notify));
+        self
     }
 }
 
@@ -238,6 +250,12 @@ impl MutDevicePio for PcTestDevIrq {
         if pin < NUM_PINS {
             let level = data.iter().any(|b| *b != 0);
             lock(&self.ioapic).set_level(pin, level);
+            if let Some((pic, notify)) = &self.pic {
+                if pin < i8259::NUM_IRQS {
+                    lock(pic).set_irq(pin, level);
+                    notify();
+                }
+            }
         }
     }
 }
