@@ -841,11 +841,13 @@ fn masked_pin(c: &Ctx, v: u8, level: bool) -> Outcome {
         let next = wait_total(v, base + 1, SOON);
         io.mask(pin);
         check!(quiet, "a masked edge pin delivered");
-        check!(lost, "an edge that came while masked was delivered on unmask");
+        check!(
+            lost,
+            "an edge that came while masked was delivered on unmask"
+        );
         check!(next, "the first edge after unmask was not delivered");
         return Outcome::Pass(Some(
-            "edge on a masked pin ignored (82093AA); the next edge after unmask delivered"
-                .into(),
+            "edge on a masked pin ignored (82093AA); the next edge after unmask delivered".into(),
         ));
     }
     // Where the local APIC ends interrupts on delivery (kvm_pvm), every delivery of a
