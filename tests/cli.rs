@@ -125,3 +125,52 @@ fn too_many_vcpus() {
         "100000 vCPUs requested, but at most",
     );
 }
+
+#[test]
+fn disk_errors() {
+    assert_one_line_error(
+        &["run", "--disk", "readonly=on"],
+        "a disk needs path=FILE or dir=DIR",
+    );
+    assert_one_line_error(
+        &["run", "--disk", "path=a,speed=3"],
+        "unknown disk option 'speed'",
+    );
+    if !common::kvm_available("disk_errors") {
+        return;
+    }
+    let k = common::tiny_elf("disk-errors", &common::debug_exit(0));
+    let k = k.to_str().expect("utf8");
+    assert_one_line_error(
+        &["run", "--kernel", k, "--disk", "path=/nonexistent/disk.img"],
+        "disk /nonexistent/disk.img: cannot open",
+    );
+    let dir = std::env::temp_dir().join(format!("fv-cli-disk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let odd = dir.join("odd.img");
+    std::fs::write(&odd, vec![0u8; 1000]).expect("write");
+    let odd = odd.to_str().expect("utf8");
+    assert_one_line_error(
+        &["run", "--kernel", k, "--disk", &format!("path={odd}")],
+        "size 1000 is not a multiple of 512",
+    );
+    let img = dir.join("d.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).expect("write");
+    let img = img.to_str().expect("utf8");
+    let spec = format!("path={img}");
+    assert_one_line_error(
+        &["run", "--kernel", k, "--disk", &spec, "--disk", &spec],
+        "already in use",
+    );
+    // A well-formed disk: the tiny guest runs and exits through debug-exit.
+    let out = run(&["run", "--kernel", k, "--disk", &spec, "--serial", "none"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("device virtio-blk (1af4:1042)"), "{log}");
+    std::fs::remove_dir_all(&dir).expect("rm");
+}

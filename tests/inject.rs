@@ -479,6 +479,9 @@ fn openapi_describes_every_fault_and_path() {
         "spurious-irq",
         "irq-storm",
         "irte-fault",
+        "disk-error",
+        "disk-dma-fault",
+        "power-cut",
         "stale_uses",
         "/v1/vm",
         "/v1/stats",
@@ -500,6 +503,9 @@ fn openapi_describes_every_fault_and_path() {
         "spurious-irq",
         "irq-storm",
         "irte-fault",
+        "disk-error",
+        "disk-dma-fault",
+        "power-cut",
     ] {
         assert!(text.contains(name), "inject --help lacks {name}");
     }

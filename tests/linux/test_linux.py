@@ -41,6 +41,31 @@ JOBS = [
                             "--memory", "512M", "--device", "virtio-rng", "--cmdline",
                             f"{BASE} intel_iommu=on intremap=off "
                             "fv.checks=modules,ir,serial-irq,hwrng"]),
+    # virtio-blk through the VT-d unit: write, flush, read back; the image must hold
+    # exactly the flushed pattern afterwards.
+    lab.Job("disk", [], timeout=180, raw=(
+        "dd if=/dev/zero of=/tmp/d.img bs=1M count=64 2>/dev/null && "
+        "/lab/faultvisor run --kernel /lab/vmlinux --initrd /lab/initramfs.cpio --vcpus 2 "
+        "--memory 512M --disk path=/tmp/d.img,serial=FVDISK1 --cmdline "
+        f"'{BASE} intel_iommu=on fv.checks=modules,disk'; echo VM-RC=$?; "
+        "/lab/faultvisor run --kernel /lab/vmlinux --initrd /lab/initramfs.cpio "
+        "--disk path=/tmp/d.img --disk path=/tmp/d.img --cmdline x; echo LOCK-RC=$?; "
+        "echo IMAGE-MD5=$(dd if=/tmp/d.img bs=1M skip=1 count=4 2>/dev/null | md5sum "
+        "| cut -d' ' -f1); echo HEAD-MD5=$(dd if=/tmp/d.img bs=1M count=1 2>/dev/null "
+        "| md5sum | cut -d' ' -f1); echo ZERO-MD5=$(dd if=/dev/zero bs=1M count=1 "
+        "2>/dev/null | md5sum | cut -d' ' -f1)")),
+    # A power cut while a write sits unflushed in the disk's volatile cache.
+    lab.Job("power-cut", [], timeout=180, raw=(
+        "dd if=/dev/zero of=/tmp/p.img bs=1M count=32 2>/dev/null; "
+        "/lab/faultvisor run --kernel /lab/vmlinux --initrd /lab/initramfs.cpio "
+        "--memory 512M --disk path=/tmp/p.img --api-socket /tmp/p.sock --cmdline "
+        f"'{BASE} fv.checks=modules,disk-power' > /tmp/p.log 2>&1 & pid=$!; "
+        "for i in $(seq 900); do grep -q FV-DISK-READY /tmp/p.log && break; sleep 0.1; done; "
+        "/lab/faultvisor inject --api-socket /tmp/p.sock power-cut; wait $pid; "
+        "echo PC-RC=$?; cat /tmp/p.log; "
+        "echo A-MD5=$(dd if=/tmp/p.img bs=1M skip=8 count=1 2>/dev/null | md5sum | cut -d' ' -f1); "
+        "echo B-MD5=$(dd if=/tmp/p.img bs=1M skip=16 count=1 2>/dev/null | md5sum | cut -d' ' -f1); "
+        "echo Z-MD5=$(dd if=/dev/zero bs=1M count=1 2>/dev/null | md5sum | cut -d' ' -f1)")),
     lab.Job("linux-campaign", [], timeout=300, raw=(
         "mkdir -p /tmp/fvc/guest && ln -sf /lab/vmlinux /tmp/fvc/guest/vmlinux && "
         "ln -sf /lab/initramfs.cpio /tmp/fvc/guest/initramfs.cpio && "
@@ -182,6 +207,46 @@ class IntelIommu(unittest.TestCase):
         self.assertEqual(int(m.group(3), 16), 0x502, "IOMMU fault, reason 5")
         self.assertEqual(int(m.group(5), 16), 0x602, "IOMMU fault, reason 6")
         self.assertEqual(int(m.group(2), 16) & 0x101, 0x100, "error bit, run bit clear")
+
+    def test_virtio_blk_writes_flushes_and_reads_back_through_the_unit(self):
+        r = job("disk")
+        m = re.search(r"FV-CHECK disk size=(\d+) ro=(\d) serial=(\S*) queues=(\d+) "
+                      r"access-platform=(\S*) domain=(\S*) write=(\d+) want=(\w+) got=(\w+)",
+                      r.output)
+        self.assertIsNotNone(m, r.output)
+        self.assertEqual(int(m.group(1)), 64 * 2048, "capacity in sectors")
+        self.assertEqual(m.group(2), "0")
+        self.assertEqual(m.group(3), "FVDISK1", "GET_ID")
+        self.assertEqual(int(m.group(4)), 2, "a queue per vCPU")
+        self.assertEqual(m.group(5), "1", "VIRTIO_F_ACCESS_PLATFORM negotiated")
+        self.assertIn(m.group(6), ("DMA", "DMA-FQ"), "a translated IOMMU domain")
+        self.assertEqual(m.group(7), "0", "dd with fsync succeeded")
+        self.assertEqual(m.group(8), m.group(9), "read back what was written")
+        self.assertIn("VM-RC=0", r.output)
+        image = re.search(r"IMAGE-MD5=(\w+)", r.output).group(1)
+        self.assertEqual(image, m.group(8), "the flushed pattern is in the image file")
+        head = re.search(r"HEAD-MD5=(\w+)", r.output).group(1)
+        zero = re.search(r"ZERO-MD5=(\w+)", r.output).group(1)
+        self.assertEqual(head, zero, "nothing written outside the request's sectors")
+        self.assertIn("already in use", r.output, "the image lock")
+        self.assertIn("LOCK-RC=2", r.output)
+
+    def test_a_power_cut_loses_exactly_the_unflushed_writes(self):
+        r = job("power-cut")
+        m = re.search(r"FV-DISK-READY a=(\w+) b=(\w+) arc=(\d+) brc=(\d+)", r.output)
+        self.assertIsNotNone(m, r.output)
+        self.assertEqual(m.group(3), "0", "the fsynced write succeeded")
+        lost = re.search(r'"lost_bytes":\s*(\d+)', r.output)
+        self.assertIsNotNone(lost, r.output)
+        self.assertIn("PC-RC=6", r.output, "the VM stopped with the power-cut exit code")
+        a = re.search(r"A-MD5=(\w+)", r.output).group(1)
+        b = re.search(r"B-MD5=(\w+)", r.output).group(1)
+        z = re.search(r"Z-MD5=(\w+)", r.output).group(1)
+        self.assertEqual(a, m.group(1), "the flushed write survived the power cut")
+        self.assertEqual(b, z, "the unflushed write was lost")
+        if m.group(4) == "0":
+            # O_DIRECT put it in the disk's cache, which the cut dropped.
+            self.assertGreaterEqual(int(lost.group(1)), 1 << 20, r.output)
 
     def test_hwrng_reads_through_translated_dma(self):
         r = job("iommu-edu")

@@ -35,6 +35,13 @@ pub enum FaultKind {
     /// The next --count interrupts of --device, --pin or --index fail their interrupt
     /// remapping lookup with --reason (recorded as a fault; nothing delivered).
     IrteFault,
+    /// The next --count requests of disk --device (touching --sector..+--sectors when
+    /// given) fail with an I/O error; the image is not changed.
+    DiskError,
+    /// The next --count data requests of disk --device fault in the IOMMU.
+    DiskDmaFault,
+    /// The power goes: the VM stops at once, every disk loses its unflushed writes.
+    PowerCut,
 }
 
 impl FaultKind {
@@ -50,6 +57,9 @@ impl FaultKind {
             Self::SpuriousIrq => "spurious-irq",
             Self::IrqStorm => "irq-storm",
             Self::IrteFault => "irte-fault",
+            Self::DiskError => "disk-error",
+            Self::DiskDmaFault => "disk-dma-fault",
+            Self::PowerCut => "power-cut",
         }
     }
 }
@@ -61,6 +71,8 @@ Examples (the VM runs with --api-socket /tmp/fv.sock):
   faultvisor inject --api-socket /tmp/fv.sock drop-irq --vector 0x41 --count 3
   faultvisor inject --api-socket /tmp/fv.sock irq-storm --vector 0x41 --cpu 0 --rate-hz 10000 --duration-ms 500
   faultvisor inject --api-socket /tmp/fv.sock irte-fault --device 00:05.0 --reason not-present --count 1
+  faultvisor inject --api-socket /tmp/fv.sock disk-error --device 00:03.0 --sector 2048 --sectors 8 --count 1
+  faultvisor inject --api-socket /tmp/fv.sock power-cut
 
 Exit status: 0 when the VMM accepted the fault (its answer is printed as JSON), 1 when it
 refused it (the message names the field), 2 when the VMM cannot be reached.";
@@ -120,6 +132,12 @@ pub struct InjectArgs {
     /// compat, request, or a code 0x20..0x26.
     #[arg(long, default_value = "not-present")]
     pub reason: String,
+    /// First sector of the failing range (disk-error).
+    #[arg(long)]
+    pub sector: Option<u64>,
+    /// Sectors in the failing range (disk-error, with --sector).
+    #[arg(long, default_value_t = 1)]
+    pub sectors: u64,
 }
 
 /// Arguments of `faultvisor stats`.
@@ -162,7 +180,21 @@ pub fn inject_body(a: &InjectArgs) -> serde_json::Value {
             );
             set(&mut b, "length", json!(a.length));
         }
-        FaultKind::FaultStorm | FaultKind::ContextInvalid | FaultKind::CorruptDescriptor => {
+        FaultKind::PowerCut => {}
+        FaultKind::DiskError => {
+            if let Some(d) = &a.device {
+                set(&mut b, "device", json!(d));
+            }
+            set(&mut b, "count", json!(a.count));
+            if let Some(s) = a.sector {
+                set(&mut b, "sector", json!(s));
+                set(&mut b, "sectors", json!(a.sectors));
+            }
+        }
+        FaultKind::FaultStorm
+        | FaultKind::ContextInvalid
+        | FaultKind::CorruptDescriptor
+        | FaultKind::DiskDmaFault => {
             if let Some(d) = &a.device {
                 set(&mut b, "device", json!(d));
             }

@@ -165,6 +165,7 @@ pub fn run(args: &DemoArgs, start: Instant) -> Result<i32, CliError> {
                 bdf: None,
             },
         ],
+        disks: Vec::new(),
         iommu: vmm::IommuConfig::default(),
         api_socket: args.api_socket.clone(),
         metrics_file: None,

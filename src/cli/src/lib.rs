@@ -120,6 +120,13 @@ pub struct RunArgs {
     /// 0's LINT0), `rtc` (the CMOS clock, whose alarm wakes from ACPI S3).
     #[arg(long = "device", value_name = "KIND[,bdf=00:DD.0]", value_parser = parse_device)]
     pub devices: Vec<vmm::DeviceSpec>,
+    /// Add a virtio-blk disk (repeatable): a raw image (`path=FILE`, its size a multiple
+    /// of 512; locked like QEMU locks it) or a host directory copied into a read-only
+    /// ext4 image at start (`dir=DIR`). Options: readonly=on, bdf=00:DD.0, serial=ID
+    /// (GET_ID, 20 characters at most), cache=volatile (default: writes reach the file
+    /// at the guest's flush, a power cut loses the rest) or cache=host.
+    #[arg(long = "disk", value_name = "path=FILE|dir=DIR[,OPT=V]...", value_parser = parse_disk)]
+    pub disks: Vec<vmm::DiskSpec>,
     /// IOMMU: intel (an emulated VT-d unit and its DMAR table), off, or auto (intel
     /// when a device does DMA, such as edu); options after commas:
     /// intremap=on|off (interrupt remapping offered, default on), ioapic-sid=strict|any
@@ -150,6 +157,10 @@ pub struct RunArgs {
     /// replaces the vendor string (vendor=GenuineIntel on an AMD host).
     #[arg(long, value_name = "host[,+F][,-F][,vendor=V]", default_value = "host", value_parser = parse_cpu)]
     pub cpu: arch::cpuid::CpuFeatures,
+}
+
+fn parse_disk(s: &str) -> Result<vmm::DiskSpec, String> {
+    s.parse()
 }
 
 pub(crate) fn parse_cpu(s: &str) -> Result<arch::cpuid::CpuFeatures, String> {
@@ -311,6 +322,7 @@ pub fn build_config(args: &RunArgs, start: Instant) -> Result<VmConfig, CliError
         vcpus: args.vcpus,
         serial,
         devices: args.devices.clone(),
+        disks: args.disks.clone(),
         iommu: args.iommu,
         api_socket: args.api_socket.clone(),
         metrics_file: args.metrics_file.clone(),

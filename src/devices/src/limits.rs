@@ -49,6 +49,10 @@ pub enum Cap {
     InvalidationLog,
     /// Distinct stale cache entries kept in the history (`caching=exact`).
     StaleHistory,
+    /// Unflushed bytes a disk's volatile cache holds.
+    DiskCache,
+    /// Bytes or segments of one virtio-blk request.
+    BlkRequest,
 }
 
 /// What a cap is, for the README table and the metrics.
@@ -65,7 +69,7 @@ pub struct CapInfo {
 }
 
 /// Every cap, in [`Cap`] order.
-pub const ALL: [CapInfo; 18] = [
+pub const ALL: [CapInfo; 20] = [
     CapInfo {
         cap: Cap::LogLines,
         name: "log_lines",
@@ -173,6 +177,18 @@ pub const ALL: [CapInfo; 18] = [
         name: "stale_history",
         limit: "64 distinct stale entries in the history",
         at_cap: "the oldest leaves the history; every use is still counted",
+    },
+    CapInfo {
+        cap: Cap::DiskCache,
+        name: "disk_cache",
+        limit: "64 MiB of unflushed writes per disk (cache=volatile)",
+        at_cap: "the cache is written back and synced, as a disk with a full cache does",
+    },
+    CapInfo {
+        cap: Cap::BlkRequest,
+        name: "blk_request",
+        limit: "4 MiB of data, 32 discard or write-zeroes segments per virtio-blk request",
+        at_cap: "the request completes with VIRTIO_BLK_S_IOERR and nothing is written",
     },
 ];
 

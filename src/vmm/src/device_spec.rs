@@ -22,6 +22,8 @@ pub enum DeviceKind {
     Pic,
     /// The MC146818 RTC and CMOS RAM (ports 0x70/0x71); its alarm wakes from ACPI S3.
     Rtc,
+    /// virtio-blk (added with `--disk`, not `--device`).
+    VirtioBlk,
 }
 
 impl DeviceKind {
@@ -38,6 +40,7 @@ impl DeviceKind {
             Self::PcTestdev => "pc-testdev",
             Self::Pic => "pic",
             Self::Rtc => "rtc",
+            Self::VirtioBlk => "virtio-blk",
         }
     }
 
@@ -48,7 +51,7 @@ impl DeviceKind {
 
     /// Whether the device does DMA (and so wants an IOMMU by default).
     pub fn does_dma(self) -> bool {
-        matches!(self, Self::Edu | Self::VirtioRng)
+        matches!(self, Self::Edu | Self::VirtioRng | Self::VirtioBlk)
     }
 }
 
@@ -74,6 +77,7 @@ impl FromStr for DeviceSpec {
             "pc-testdev" => DeviceKind::PcTestdev,
             "pic" => DeviceKind::Pic,
             "rtc" => DeviceKind::Rtc,
+            "virtio-blk" => return Err("virtio-blk disks are added with --disk path=FILE".into()),
             "" => {
                 return Err(format!(
                     "empty device name (known: {})",

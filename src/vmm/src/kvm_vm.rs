@@ -37,6 +37,32 @@ impl std::ops::Deref for KvmVm {
     }
 }
 
+/// Queue notifications of virtio devices as KVM ioeventfds on MMIO addresses (any
+/// access width, no data match), so a notification never exits to userspace.
+pub struct IoeventfdRegistrar(pub std::sync::Arc<KvmVm>);
+
+impl devices::virtio::NotifyRegistrar for IoeventfdRegistrar {
+    fn register(&self, addr: u64, fd: &vmm_sys_util::eventfd::EventFd) -> Result<(), String> {
+        self.0
+            .register_ioevent(
+                fd,
+                &kvm_ioctls::IoEventAddress::Mmio(addr),
+                kvm_ioctls::NoDatamatch,
+            )
+            .map_err(|e| e.to_string())
+    }
+
+    fn unregister(&self, addr: u64, fd: &vmm_sys_util::eventfd::EventFd) -> Result<(), String> {
+        self.0
+            .unregister_ioevent(
+                fd,
+                &kvm_ioctls::IoEventAddress::Mmio(addr),
+                kvm_ioctls::NoDatamatch,
+            )
+            .map_err(|e| e.to_string())
+    }
+}
+
 impl std::fmt::Debug for KvmVm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KvmVm").finish_non_exhaustive()

@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod device_spec;
+pub mod disk_spec;
 pub mod introspect;
 pub mod irq;
 pub mod kvm_vm;
@@ -37,6 +38,8 @@ use devices::pci::bus::BarAllocator;
 use devices::pci::edu::Edu;
 use devices::pci::testdev::TestDevice;
 use devices::pci::{BarKind, Bdf, HostBridge, PciBarWindow, PciConfigIo, PciEcam, PciRoot};
+use devices::virtio::blk::{Blk, BlkFaults};
+use devices::virtio::disk::{CacheMode, DiskImage};
 use devices::virtio::{rng::Rng, VirtioPci};
 use kvm_bindings::{
     kvm_enable_cap, kvm_userspace_memory_region, KVM_CAP_SPLIT_IRQCHIP, KVM_CAP_X2APIC_API,
@@ -48,6 +51,7 @@ use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 pub use device_spec::{Caching, DeviceKind, DeviceSpec, IommuConfig, IommuMode};
+pub use disk_spec::{DiskSource, DiskSpec};
 pub use irq::KvmIrqController;
 pub use kvm_vm::KvmVm;
 
@@ -55,6 +59,8 @@ pub use kvm_vm::KvmVm;
 pub const EXIT_VMM_ERROR: i32 = 2;
 /// Exit code when the guest crashes (triple fault, KVM internal error).
 pub const EXIT_GUEST_CRASH: i32 = 4;
+/// Exit code: an injected power cut stopped the VM.
+pub const EXIT_POWER_CUT: i32 = 6;
 /// Smallest guest RAM accepted.
 pub const MIN_MEMORY: u64 = 64 << 20;
 /// Events the timeline keeps (the oldest are overwritten).
@@ -94,6 +100,8 @@ pub struct VmConfig {
     pub serial: SerialConfig,
     /// PCI devices beyond the host bridge, in command-line order.
     pub devices: Vec<DeviceSpec>,
+    /// virtio-blk disks, in command-line order (placed after `devices`).
+    pub disks: Vec<DiskSpec>,
     /// Whether to emulate the VT-d unit.
     pub iommu: IommuConfig,
     /// Where to serve the control API (HTTP on a Unix socket), if anywhere.
@@ -108,6 +116,17 @@ pub struct VmConfig {
     pub seccomp: seccomp::SeccompMode,
     /// CPUID features added to or removed from the host's set (`--cpu`).
     pub cpu: arch::cpuid::CpuFeatures,
+}
+
+/// One virtio-blk disk as the API sees it.
+#[derive(Clone)]
+pub struct DiskHandle {
+    /// Its PCI address.
+    pub bdf: Bdf,
+    /// The image (power cut, counters).
+    pub image: Arc<Mutex<DiskImage>>,
+    /// Storage-fault switches.
+    pub faults: Arc<BlkFaults>,
 }
 
 /// Errors of building or running a VM.
@@ -268,6 +287,8 @@ pub struct Vm {
     seccomp: seccomp::SeccompMode,
     /// Guest memory (also read at S3 resume: the FACS waking vector).
     mem: GuestMemoryMmap,
+    /// `dir=` disk images, removed when the VM goes.
+    _dir_images: Vec<disk_spec::DirImage>,
 }
 
 fn open(what: &'static str, path: &PathBuf) -> Result<File, VmmError> {
@@ -281,6 +302,25 @@ fn open(what: &'static str, path: &PathBuf) -> Result<File, VmmError> {
 impl Vm {
     /// Builds the VM described by `cfg`.
     pub fn build(cfg: &VmConfig) -> Result<Self, VmmError> {
+        // Disk images first: their errors (missing, odd size, locked) come before
+        // anything else is set up or logged.
+        let mut dir_images = Vec::new();
+        let mut images = Vec::new();
+        for spec in &cfg.disks {
+            let disk_err = |e: String| VmmError::Device("virtio-blk", e);
+            let path = match &spec.source {
+                disk_spec::DiskSource::File(p) => p.clone(),
+                disk_spec::DiskSource::Dir(d) => {
+                    let img = disk_spec::build_dir_image(d).map_err(|e| disk_err(e.to_string()))?;
+                    let p = img.path.clone();
+                    dir_images.push(img);
+                    p
+                }
+            };
+            let image = DiskImage::open(&path, spec.readonly, spec.cache)
+                .map_err(|e| disk_err(e.to_string()))?;
+            images.push((spec, path, image));
+        }
         let kvm = open_kvm()?;
         if cfg.vcpus == 0 || cfg.vcpus > max_vcpus(&kvm) {
             return Err(VmmError::TooManyVcpus {
@@ -519,7 +559,9 @@ impl Vm {
         }
 
         // The VT-d unit, before the devices whose DMA it translates.
-        let vtd = if cfg.iommu.enabled(&cfg.devices) {
+        let vtd = if cfg.iommu.enabled(&cfg.devices)
+            || (cfg.iommu.mode == IommuMode::Auto && !cfg.disks.is_empty())
+        {
             let v = Arc::new(
                 Vtd::new(mem.clone(), irqc.clone())
                     .with_interrupt_remapping(!cfg.iommu.no_intremap)
@@ -603,6 +645,8 @@ impl Vm {
                 }
                 // Not on PCI: registered with the ports above.
                 DeviceKind::PcTestdev | DeviceKind::Pic | DeviceKind::Rtc => {}
+                // --device cannot name it (the parser refuses).
+                DeviceKind::VirtioBlk => {}
                 DeviceKind::VirtioRng => {
                     let bar0 = bars
                         .allocate(BarKind::Mem32, devices::virtio::BAR0_SIZE)
@@ -620,7 +664,11 @@ impl Vm {
                         irqc.clone(),
                         Some(line),
                     )
-                    .map_err(|e| dev_err(e.to_string()))?;
+                    .map_err(|e| dev_err(e.to_string()))?
+                    .with_ioeventfds(Arc::new(kvm_vm::IoeventfdRegistrar(vm.clone())))
+                    .map_err(|e| {
+                        dev_err(format!("cannot create its notification eventfds: {e}"))
+                    })?;
                     let dev = Arc::new(Mutex::new(dev));
                     VirtioPci::start_worker(
                         dev.clone(),
@@ -639,6 +687,69 @@ impl Vm {
                     );
                 }
             }
+        }
+        // Disks, after the --device list.
+        let mut disks = Vec::new();
+        for (spec, path, image) in images {
+            let disk_err = |e: String| VmmError::Device("virtio-blk", e);
+            let bdf = match spec.bdf {
+                Some(b) => b,
+                None => root.free_slot(1).map_err(|e| disk_err(e.to_string()))?,
+            };
+            let bar0 = bars
+                .allocate(BarKind::Mem32, devices::virtio::BAR0_SIZE)
+                .map_err(|e| disk_err(e.to_string()))?;
+            let pin = 16 + usize::from(bdf.device % 8);
+            let line = IoapicLine::new(ioapic.clone(), pin);
+            let sectors = image.sectors();
+            let image = Arc::new(Mutex::new(image));
+            let serial = spec
+                .serial
+                .clone()
+                .unwrap_or_else(|| format!("fv-{:02x}", bdf.device));
+            let queues = (cfg.vcpus as usize).min(devices::virtio::blk::MAX_QUEUES);
+            let blk = Blk::new(image.clone(), queues, &serial);
+            disks.push(DiskHandle {
+                bdf,
+                image: image.clone(),
+                faults: blk.faults(),
+            });
+            let dev = VirtioPci::new(
+                blk,
+                bdf,
+                bar0,
+                mem.clone(),
+                vtd.clone(),
+                irqc.clone(),
+                Some(line),
+            )
+            .map_err(|e| disk_err(e.to_string()))?
+            .with_ioeventfds(Arc::new(kvm_vm::IoeventfdRegistrar(vm.clone())))
+            .map_err(|e| disk_err(format!("cannot create its notification eventfds: {e}")))?;
+            let dev = Arc::new(Mutex::new(dev));
+            VirtioPci::start_worker(
+                dev.clone(),
+                format!("fv-blk-{:02x}", bdf.device),
+                seccomp::thread_filter(cfg.seccomp, seccomp::ThreadKind::Worker)?,
+            )
+            .map_err(|e| disk_err(format!("cannot start its worker thread: {e}")))?;
+            root.add(bdf, dev).map_err(|e| disk_err(e.to_string()))?;
+            placed.push((bdf, DeviceKind::VirtioBlk));
+            log::info!(
+                "device virtio-blk (1af4:1042) at {bdf}: {} ({} MiB{}, {queues} queue(s), cache={}), DMA {}",
+                path.display(),
+                sectors >> 11,
+                if spec.readonly { ", read-only" } else { "" },
+                match spec.cache {
+                    CacheMode::Volatile => "volatile",
+                    CacheMode::Host => "host",
+                },
+                if vtd.is_some() {
+                    "through VT-d when the driver accepts ACCESS_PLATFORM"
+                } else {
+                    "direct"
+                }
+            );
         }
         // As firmware leaves them: memory decoding on (BARs are assigned) and the
         // interrupt line naming the IOAPIC pin INTA drives. Bus mastering stays off
@@ -760,6 +871,8 @@ impl Vm {
             vtd: vtd.clone(),
             devices: placed,
             virtio_corruption,
+            disks,
+            exit: exit.clone(),
             irq: irqc.clone(),
             ioapic: ioapic.clone(),
             start: cfg.start,
@@ -826,6 +939,7 @@ impl Vm {
             trace_file: cfg.trace_file.clone(),
             seccomp: cfg.seccomp,
             mem,
+            _dir_images: dir_images,
         })
     }
 

@@ -15,8 +15,15 @@
 //! Queues are `virtio-queue` split queues. A notification only marks its queue and
 //! wakes the device's worker thread ([`VirtioPci::start_worker`]), which serves the
 //! queue under the device lock in bounded passes (each device caps what one pass
-//! does), so a vCPU never does a device's long work.
+//! does), so a vCPU never does a device's long work. With a [`NotifyRegistrar`] (KVM
+//! ioeventfds) each queue's notification address is registered while the driver runs
+//! (DRIVER_OK, memory decoding on) at BAR0's current address, and re-registered when
+//! the guest moves BAR0: a notification then wakes the worker without an exit to
+//! userspace at all. The device-specific configuration, when the device has one, is at
+//! BAR0 + 0x800.
 
+pub mod blk;
+pub mod disk;
 pub mod rng;
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -39,10 +46,13 @@ use crate::GuestAnomalies;
 pub const BAR0_SIZE: u64 = 0x4000;
 const COMMON: u64 = 0x0000;
 const COMMON_LEN: u64 = 0x38;
+/// The device-specific configuration (when the device has one).
+const DEVICE: u64 = 0x0800;
+const DEVICE_MAX: u64 = 0x0800;
 const ISR: u64 = 0x1000;
-const NOTIFY: u64 = 0x2000;
+pub(crate) const NOTIFY: u64 = 0x2000;
 const NOTIFY_MULTIPLIER: u32 = 4;
-const MSIX_TABLE: u64 = 0x3000;
+pub(crate) const MSIX_TABLE: u64 = 0x3000;
 const MSIX_PBA: u64 = 0x3800;
 
 /// Feature bits of the transport.
@@ -75,6 +85,27 @@ pub trait VirtioDevice: Send {
     fn features(&self) -> u64;
     /// Handles available buffers of queue `idx`, at most the device's budget per call.
     fn process_queue(&mut self, idx: usize, queue: &mut Queue, mem: &DeviceMemory) -> Processed;
+    /// Length of the device-specific configuration (0: none).
+    fn config_len(&self) -> usize {
+        0
+    }
+    /// Reads the device-specific configuration at `offset` (within `config_len`).
+    fn read_config(&self, _offset: usize, data: &mut [u8]) {
+        data.fill(0);
+    }
+    /// Writes the device-specific configuration (read-only fields ignore it).
+    fn write_config(&mut self, _offset: usize, _data: &[u8]) {}
+    /// The driver reset the device (status 0).
+    fn reset(&mut self) {}
+}
+
+/// Registers queue-notification addresses with the hypervisor (KVM ioeventfds), so a
+/// driver's notification signals an eventfd without an exit to userspace.
+pub trait NotifyRegistrar: Send + Sync {
+    /// Signal `fd` on every write to the guest-physical `addr`.
+    fn register(&self, addr: u64, fd: &EventFd) -> Result<(), String>;
+    /// Stop doing so.
+    fn unregister(&self, addr: u64, fd: &EventFd) -> Result<(), String>;
 }
 
 /// A virtio device on PCI.
@@ -103,6 +134,11 @@ pub struct VirtioPci<D: VirtioDevice> {
     kick: Option<Arc<EventFd>>,
     /// Drivers refused at FEATURES_OK for lack of ACCESS_PLATFORM.
     refused_features: u64,
+    /// One eventfd per queue that the hypervisor signals on notifications.
+    notify_fds: Vec<Arc<EventFd>>,
+    registrar: Option<Arc<dyn NotifyRegistrar>>,
+    /// BAR0's address when the notification eventfds were registered.
+    registered_base: Option<u64>,
 }
 
 fn vendor_cap(cfg_type: u8, offset: u64, length: u64, extra: Option<u32>) -> Vec<u8> {
@@ -138,7 +174,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
             config.set_intx_pin(line.pin() as u8);
         }
         let nq = device.queue_max_sizes().len() as u64;
-        for body in [
+        let mut caps = vec![
             vendor_cap(1, COMMON, COMMON_LEN, None),
             vendor_cap(
                 2,
@@ -147,7 +183,12 @@ impl<D: VirtioDevice> VirtioPci<D> {
                 Some(NOTIFY_MULTIPLIER),
             ),
             vendor_cap(3, ISR, 1, None),
-        ] {
+        ];
+        let cfg_len = (device.config_len() as u64).min(DEVICE_MAX);
+        if cfg_len > 0 {
+            caps.push(vendor_cap(4, DEVICE, cfg_len, None));
+        }
+        for body in caps {
             config.add_capability(cap_id::VENDOR, &body, &[])?;
         }
         let nvec = 1 + nq as u16;
@@ -192,7 +233,70 @@ impl<D: VirtioDevice> VirtioPci<D> {
             pending: Arc::new(AtomicU32::new(0)),
             kick: None,
             refused_features: 0,
+            notify_fds: Vec::new(),
+            registrar: None,
+            registered_base: None,
         })
+    }
+
+    /// Takes queue notifications through `registrar` (KVM ioeventfds) from now on.
+    pub fn with_ioeventfds(mut self, registrar: Arc<dyn NotifyRegistrar>) -> std::io::Result<Self> {
+        let n = self.queues.len().min(32);
+        self.notify_fds = (0..n)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).map(Arc::new))
+            .collect::<std::io::Result<_>>()?;
+        self.registrar = Some(registrar);
+        Ok(self)
+    }
+
+    /// Whether queue notifications arrive by ioeventfd now.
+    pub fn ioeventfds_registered(&self) -> bool {
+        self.registered_base.is_some()
+    }
+
+    /// Registers, moves or removes the notification eventfds to match the driver's
+    /// state and BAR0's address.
+    fn sync_notifiers(&mut self) {
+        let Some(r) = self.registrar.clone() else {
+            return;
+        };
+        let decoding = self.config.command() & crate::pci::config::CMD_MEMORY != 0;
+        let want = if self.status & STATUS_DRIVER_OK != 0 && decoding {
+            self.config.bar_address(0)
+        } else {
+            None
+        };
+        if want == self.registered_base {
+            return;
+        }
+        let addr = |base: u64, q: usize| base + NOTIFY + q as u64 * u64::from(NOTIFY_MULTIPLIER);
+        if let Some(old) = self.registered_base.take() {
+            for (q, fd) in self.notify_fds.iter().enumerate() {
+                if let Err(e) = r.unregister(addr(old, q), fd) {
+                    log::warn!(
+                        "virtio-pci {:04x}: cannot remove queue {q}'s ioeventfd: {e}",
+                        self.sid
+                    );
+                }
+            }
+        }
+        let Some(base) = want else {
+            return;
+        };
+        for (q, fd) in self.notify_fds.iter().enumerate() {
+            if let Err(e) = r.register(addr(base, q), fd) {
+                // Notifications keep working through MMIO exits.
+                log::warn!(
+                    "virtio-pci {:04x}: cannot register queue {q}'s ioeventfd: {e}",
+                    self.sid
+                );
+                for (p, fd) in self.notify_fds.iter().enumerate().take(q) {
+                    let _ = r.unregister(addr(base, p), fd);
+                }
+                return;
+            }
+        }
+        self.registered_base = Some(base);
     }
 
     /// Starts the device's worker thread: it serves notified queues in bounded passes
@@ -206,13 +310,38 @@ impl<D: VirtioDevice> VirtioPci<D> {
     where
         D: 'static,
     {
-        let efd = Arc::new(EventFd::new(0)?);
-        crate::sync::lock(&dev).kick = Some(efd.clone());
+        let efd = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+        let (notify, pending) = {
+            let mut d = crate::sync::lock(&dev);
+            d.kick = Some(efd.clone());
+            (d.notify_fds.clone(), d.pending.clone())
+        };
         std::thread::Builder::new().name(name).spawn(move || {
             on_start();
+            use std::os::fd::AsRawFd;
+            let mut fds: Vec<libc::pollfd> = std::iter::once(efd.as_raw_fd())
+                .chain(notify.iter().map(|f| f.as_raw_fd()))
+                .map(|fd| libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                })
+                .collect();
             loop {
-                if efd.read().is_err() {
+                // SAFETY: `fds` is a live, correctly sized array of pollfd whose file
+                // descriptors stay open for this thread's life (it holds their Arcs).
+                let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+                if n < 0 {
+                    if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                        continue;
+                    }
                     return;
+                }
+                let _ = efd.read();
+                for (q, f) in notify.iter().enumerate() {
+                    if f.read().is_ok() {
+                        pending.fetch_or(1 << q, Ordering::AcqRel);
+                    }
                 }
                 while crate::sync::lock(&dev).service() {
                     std::thread::yield_now();
@@ -266,6 +395,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
         self.queue_vectors.fill(NO_VECTOR);
         self.isr = 0;
         self.dma = None;
+        self.device.reset();
         if let Some(l) = &self.intx {
             l.set_level(false);
         }
@@ -365,7 +495,10 @@ impl<D: VirtioDevice> VirtioPci<D> {
                 _ => {}
             },
             0x10 => self.msix_config = v as u16,
-            0x14 => self.set_status(v as u8),
+            0x14 => {
+                self.set_status(v as u8);
+                self.sync_notifiers();
+            }
             0x16 => self.queue_select = v as u16,
             0x18 if !ready => {
                 if let Some(q) = self.queue() {
@@ -462,6 +595,8 @@ impl<D: VirtioDevice> PciDevice for VirtioPci<D> {
 
     fn config_write(&mut self, off: usize, data: &[u8]) {
         self.irqs.config_write(&mut self.config, off, data);
+        // BAR0 moved or memory decoding changed: move the notification eventfds.
+        self.sync_notifiers();
     }
 
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
@@ -477,6 +612,10 @@ impl<D: VirtioDevice> PciDevice for VirtioPci<D> {
             // Fields are read at their own offsets with their own widths.
             let bytes = self.common_read(offset).to_le_bytes();
             data.copy_from_slice(&bytes[..len.min(8)]);
+        } else if (DEVICE..DEVICE + self.device.config_len() as u64).contains(&offset) {
+            let off = (offset - DEVICE) as usize;
+            let end = (off + len).min(self.device.config_len());
+            self.device.read_config(off, &mut data[..end - off]);
         } else if offset == ISR && len == 1 {
             data[0] = self.isr;
             self.isr = 0;
@@ -501,6 +640,10 @@ impl<D: VirtioDevice> PciDevice for VirtioPci<D> {
             // Byte and word registers are written with their own width; 64-bit ones as
             // two dwords (the driver's two-part write).
             self.common_write(offset, v);
+        } else if (DEVICE..DEVICE + self.device.config_len() as u64).contains(&offset) {
+            let off = (offset - DEVICE) as usize;
+            let end = (off + data.len()).min(self.device.config_len());
+            self.device.write_config(off, &data[..end - off]);
         } else if (NOTIFY..NOTIFY + self.queues.len() as u64 * u64::from(NOTIFY_MULTIPLIER))
             .contains(&offset)
         {
@@ -646,6 +789,67 @@ mod tests {
             .collect();
         assert_eq!(vectors, vec![0x33], "the queue's MSI-X vector");
         assert_eq!(r.dev.device().counts(), (64, 0));
+    }
+
+    #[derive(Default)]
+    struct FakeRegistrar(Mutex<Vec<(bool, u64)>>);
+
+    impl NotifyRegistrar for FakeRegistrar {
+        fn register(&self, addr: u64, _fd: &EventFd) -> Result<(), String> {
+            crate::sync::lock(&self.0).push((true, addr));
+            Ok(())
+        }
+        fn unregister(&self, addr: u64, _fd: &EventFd) -> Result<(), String> {
+            crate::sync::lock(&self.0).push((false, addr));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn notification_eventfds_follow_driver_ok_and_bar0() {
+        let reg = Arc::new(FakeRegistrar::default());
+        let mut r = rig(false);
+        r.dev = std::mem::replace(
+            &mut r.dev,
+            VirtioPci::new(
+                Rng::new(),
+                Bdf::new(3),
+                0xc000_0000,
+                r.mem.clone(),
+                None,
+                r.rec.clone(),
+                None,
+            )
+            .expect("device"),
+        )
+        .with_ioeventfds(reg.clone())
+        .expect("eventfds");
+        assert!(
+            crate::sync::lock(&reg.0).is_empty(),
+            "nothing before DRIVER_OK"
+        );
+        r.bring_up(1);
+        assert!(r.dev.ioeventfds_registered());
+        assert_eq!(*crate::sync::lock(&reg.0), vec![(true, 0xc000_2000)]);
+        // The guest moves BAR0: the eventfd moves with it.
+        r.dev.config_write(0x10, &0xd000_0000u32.to_le_bytes());
+        assert_eq!(
+            crate::sync::lock(&reg.0)[1..].to_vec(),
+            vec![(false, 0xc000_2000), (true, 0xd000_2000)]
+        );
+        // Memory decoding off, then reset: nothing stays registered.
+        r.dev.config_write(
+            crate::pci::config::reg::COMMAND,
+            &crate::pci::config::CMD_BUS_MASTER.to_le_bytes(),
+        );
+        assert!(!r.dev.ioeventfds_registered());
+        r.w(0x14, 0, 1);
+        let log = crate::sync::lock(&reg.0).clone();
+        assert_eq!(log.last(), Some(&(false, 0xd000_2000)));
+        assert_eq!(
+            log.iter().filter(|e| e.0).count(),
+            log.iter().filter(|e| !e.0).count()
+        );
     }
 
     #[test]

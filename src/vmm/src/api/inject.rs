@@ -102,6 +102,27 @@ pub enum Inject {
         /// The reason recorded.
         reason: devices::iommu::ir::IrFaultReason,
     },
+    /// The next `count` requests of disk `device` (touching sectors [`sector`,
+    /// `sector` + `sectors`) when given) fail with an I/O error.
+    DiskError {
+        /// The virtio-blk device.
+        device: Bdf,
+        /// Requests.
+        count: u64,
+        /// First sector of the range, if any.
+        sector: Option<u64>,
+        /// Sectors in the range.
+        sectors: u64,
+    },
+    /// The next `count` data requests of disk `device` fault in the IOMMU.
+    DiskDmaFault {
+        /// The virtio-blk device.
+        device: Bdf,
+        /// Requests.
+        count: u64,
+    },
+    /// The power goes: the VM stops at once and every disk loses its unflushed writes.
+    PowerCut,
     /// `rate_hz` interrupts per second on `vector` at `cpu` for `duration_ms`.
     IrqStorm {
         /// Vector.
@@ -116,7 +137,7 @@ pub enum Inject {
 }
 
 /// The fault kinds, as the body names them.
-pub const KINDS: [&str; 10] = [
+pub const KINDS: [&str; 13] = [
     "dma",
     "fault-storm",
     "context-invalid",
@@ -127,6 +148,9 @@ pub const KINDS: [&str; 10] = [
     "spurious-irq",
     "irq-storm",
     "irte-fault",
+    "disk-error",
+    "disk-dma-fault",
+    "power-cut",
 ];
 
 /// Why a body was refused; [`BodyError::field`] names where.
@@ -437,6 +461,31 @@ pub fn parse_value(v: &Value) -> Result<Inject, BodyError> {
             count: count(&mut f)?,
             reason: f.reason()?,
         },
+        "disk-error" => {
+            let device = f.device()?;
+            let count = count(&mut f)?;
+            let sector = f.opt_num("sector")?;
+            let sectors = match sector {
+                Some(_) => f.num("sectors", 1, u64::MAX)?,
+                None => {
+                    if f.opt_num("sectors")?.is_some() {
+                        return Err(BodyError::Missing { field: "sector" });
+                    }
+                    0
+                }
+            };
+            Inject::DiskError {
+                device,
+                count,
+                sector,
+                sectors,
+            }
+        }
+        "disk-dma-fault" => Inject::DiskDmaFault {
+            device: f.device()?,
+            count: count(&mut f)?,
+        },
+        "power-cut" => Inject::PowerCut,
         _ => Inject::IrqStorm {
             vector: f.num("vector", 16, 255)? as u8,
             cpu: f.num("cpu", 0, u64::from(u32::MAX))?,
@@ -495,6 +544,17 @@ impl Inject {
                 t(target),
                 *reason as u8
             ),
+            Self::DiskError {
+                device,
+                count,
+                sector,
+                sectors,
+            } => match sector {
+                Some(s) => format!("disk-error {device} x{count} sectors {s}+{sectors}"),
+                None => format!("disk-error {device} x{count}"),
+            },
+            Self::DiskDmaFault { device, count } => format!("disk-dma-fault {device} x{count}"),
+            Self::PowerCut => "power-cut".into(),
             Self::IrqStorm {
                 vector,
                 cpu,

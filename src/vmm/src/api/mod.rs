@@ -70,6 +70,10 @@ pub struct ApiContext {
     pub devices: Vec<(Bdf, DeviceKind)>,
     /// Descriptor-corruption counters of the virtio devices.
     pub virtio_corruption: Vec<(Bdf, Arc<std::sync::atomic::AtomicU32>)>,
+    /// The virtio-blk disks: image (power cut, counters) and fault switches.
+    pub disks: Vec<crate::DiskHandle>,
+    /// Ends the VM (power cut).
+    pub exit: Arc<devices::exit::ExitHandle>,
     /// Interrupt routing (and its fault rules).
     pub irq: Arc<KvmIrqController>,
     /// The IOAPIC (for its counters).
@@ -86,6 +90,10 @@ pub struct ApiContext {
     pub timeline: Arc<devices::timeline::Timeline>,
     /// Where long requests run (set when the API is served).
     pub workers: std::sync::OnceLock<Workers>,
+}
+
+fn kind_is_disk(ctx: &ApiContext, bdf: Bdf) -> bool {
+    ctx.disks.iter().any(|d| d.bdf == bdf)
 }
 
 /// An API error: HTTP status, message and (for a bad request) the offending field.
@@ -153,6 +161,16 @@ impl ApiContext {
             .find(|(b, _)| *b == bdf)
             .copied()
             .ok_or_else(|| ApiError::bad("device", format!("no device at {bdf}")))
+    }
+
+    fn disk(&self, bdf: Bdf) -> Result<&crate::DiskHandle, ApiError> {
+        let (bdf, kind) = self.device(bdf)?;
+        self.disks.iter().find(|d| d.bdf == bdf).ok_or_else(|| {
+            ApiError::bad(
+                "device",
+                format!("{bdf} is {}, not a virtio-blk disk", kind.name()),
+            )
+        })
     }
 
     fn vtd(&self) -> Result<&Arc<Vtd>, ApiError> {
@@ -246,6 +264,13 @@ impl ApiContext {
                     .map_err(|e| ApiError::busy("count", e.to_string()))?;
                 ok(json!({"result": "armed", "requests": n}))
             }
+            Inject::CorruptDescriptor { device, count } if kind_is_disk(self, device) => {
+                let d = self.disk(device)?;
+                d.faults
+                    .corrupt_next
+                    .store(count as u32, std::sync::atomic::Ordering::SeqCst);
+                ok(json!({"result": "armed", "requests": count}))
+            }
             Inject::CorruptDescriptor { device, count } => {
                 let (bdf, kind) = self.device(device)?;
                 let counter = self
@@ -280,6 +305,57 @@ impl ApiContext {
                         )
                     })?;
                 ok(json!({"result": "armed", "requests": n}))
+            }
+            Inject::DiskError {
+                device,
+                count,
+                sector,
+                sectors,
+            } => {
+                let d = self.disk(device)?;
+                let n = count as u32;
+                match sector {
+                    Some(s) => {
+                        *devices::sync::lock(&d.faults.fail_range) =
+                            Some((s, s.saturating_add(sectors)));
+                        d.faults
+                            .range_left
+                            .store(n, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    None => d
+                        .faults
+                        .fail_next
+                        .store(n, std::sync::atomic::Ordering::SeqCst),
+                }
+                ok(json!({"result": "armed", "requests": n}))
+            }
+            Inject::DiskDmaFault { device, count } => {
+                let d = self.disk(device)?;
+                if self.vtd.is_none() {
+                    return Err(ApiError::status(
+                        409,
+                        "this VM has no IOMMU: a disk DMA fault needs --iommu intel",
+                    ));
+                }
+                d.faults
+                    .dma_fault_next
+                    .store(count as u32, std::sync::atomic::Ordering::SeqCst);
+                ok(json!({"result": "armed", "requests": count}))
+            }
+            Inject::PowerCut => {
+                // The disks first (in-flight requests then fail), then the vCPUs.
+                let mut lost = 0u64;
+                for d in &self.disks {
+                    lost += devices::sync::lock(&d.image).power_cut();
+                }
+                self.exit.request(
+                    crate::EXIT_POWER_CUT,
+                    format!("power cut (injected): {lost} unflushed bytes lost"),
+                );
+                for p in &self.vcpu_probes {
+                    p.kick();
+                }
+                ok(json!({"result": "power cut", "lost_bytes": lost}))
             }
             Inject::DropIrq { target, count } => self.arm(&target, count, IrqAction::Drop),
             Inject::DelayIrq {
