@@ -11,6 +11,7 @@ command -v qemu-system-x86_64 >/dev/null || need_pkgs+=(qemu-system-x86)
 command -v lz4 >/dev/null || need_pkgs+=(lz4)
 command -v gcc >/dev/null || need_pkgs+=(gcc libc6-dev)
 command -v make >/dev/null || need_pkgs+=(make)
+command -v mkfs.ext4 >/dev/null || need_pkgs+=(e2fsprogs)
 command -v objdump >/dev/null || need_pkgs+=(binutils)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
