@@ -481,6 +481,7 @@ fn openapi_describes_every_fault_and_path() {
         "irte-fault",
         "disk-error",
         "disk-dma-fault",
+        "disk-delay",
         "power-cut",
         "stale_uses",
         "/v1/vm",
@@ -505,6 +506,7 @@ fn openapi_describes_every_fault_and_path() {
         "irte-fault",
         "disk-error",
         "disk-dma-fault",
+        "disk-delay",
         "power-cut",
     ] {
         assert!(text.contains(name), "inject --help lacks {name}");

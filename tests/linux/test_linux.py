@@ -12,6 +12,7 @@ Run: python3 -m unittest discover -s tests/linux -v
 
 import os
 import re
+import subprocess
 import sys
 import unittest
 
@@ -66,6 +67,17 @@ JOBS = [
         "echo A-MD5=$(dd if=/tmp/p.img bs=1M skip=8 count=1 2>/dev/null | md5sum | cut -d' ' -f1); "
         "echo B-MD5=$(dd if=/tmp/p.img bs=1M skip=16 count=1 2>/dev/null | md5sum | cut -d' ' -f1); "
         "echo Z-MD5=$(dd if=/dev/zero bs=1M count=1 2>/dev/null | md5sum | cut -d' ' -f1)")),
+    # ext4 on virtio-blk through the unit: 64 MiB with checksums, a read-only remount,
+    # then an injected DMA fault and an I/O error during a sync.
+    lab.Job("ext4", [], timeout=240, raw=(
+        "/lab/faultvisor run --kernel /lab/vmlinux --initrd /lab/initramfs.cpio --vcpus 2 "
+        "--memory 768M --disk path=/lab/ext4.img,bdf=00:05.0 --api-socket /tmp/e.sock "
+        f"--cmdline '{BASE} intel_iommu=on fv.checks=modules,ext4,disk-faults' "
+        "> /tmp/e.log 2>&1 & pid=$!; "
+        "for i in $(seq 1800); do grep -q FV-DISK-ARM /tmp/e.log && break; sleep 0.1; done; "
+        "/lab/faultvisor inject --api-socket /tmp/e.sock disk-dma-fault --device 00:05.0; "
+        "/lab/faultvisor inject --api-socket /tmp/e.sock disk-error --device 00:05.0; "
+        "wait $pid; echo VM-RC=$?; cat /tmp/e.log")),
     lab.Job("linux-campaign", [], timeout=300, raw=(
         "mkdir -p /tmp/fvc/guest && ln -sf /lab/vmlinux /tmp/fvc/guest/vmlinux && "
         "ln -sf /lab/initramfs.cpio /tmp/fvc/guest/initramfs.cpio && "
@@ -96,6 +108,17 @@ _results = None
 _skip = None
 
 
+def ext4_image():
+    """An empty 96 MiB ext4 filesystem for the ext4 job (made here: L1 has no mkfs)."""
+    d = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "target")
+    os.makedirs(d, exist_ok=True)
+    path = os.path.join(d, "linux-tier-ext4.img")
+    with open(path, "wb") as f:
+        f.truncate(96 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "fv-test", path], check=True)
+    return path
+
+
 def results():
     global _results, _skip
     if _results is None and _skip is None:
@@ -103,7 +126,7 @@ def results():
             _skip = "LINUX TIER SKIPPED: " + lab.unavailable_reason()
             print("\n" + "!" * 78 + "\n" + _skip + "\n" + "!" * 78, file=sys.stderr)
         else:
-            _results = lab.run_jobs(JOBS)
+            _results = lab.run_jobs(JOBS, extra_files={"ext4.img": ext4_image()})
     if _skip:
         raise unittest.SkipTest(_skip)
     return _results
@@ -230,6 +253,23 @@ class IntelIommu(unittest.TestCase):
         self.assertEqual(head, zero, "nothing written outside the request's sectors")
         self.assertIn("already in use", r.output, "the image lock")
         self.assertIn("LOCK-RC=2", r.output)
+
+    def test_ext4_keeps_64_mib_and_reacts_to_storage_faults(self):
+        r = job("ext4")
+        m = re.search(r"FV-CHECK ext4 mount=(\S+) written=(\w+) read=(\w+) ro=(\w+)",
+                      r.output)
+        self.assertIsNotNone(m, r.output)
+        self.assertEqual(m.group(1), "ok")
+        self.assertEqual(m.group(2), m.group(3), "64 MiB read back as written")
+        self.assertEqual(m.group(4), "refused", "a read-only remount refuses writes")
+        self.assertIn("FV-CHECK disk-faults", r.output, r.output)
+        blk = [l for l in r.lines if l.startswith("FV-BLKLOG ")]
+        # The DMA fault: the unit's fault record, as Linux prints it, for the disk.
+        self.assertTrue(any("DMAR: [DMA" in l and "[00:05.0]" in l and "fault reason 0x04"
+                            in l for l in blk), "\n".join(blk) or r.output)
+        # The I/O error: the block layer's line for vda.
+        self.assertTrue(any("I/O error, dev vda" in l for l in blk), "\n".join(blk))
+        self.assertIn("VM-RC=0", r.output)
 
     def test_a_power_cut_loses_exactly_the_unflushed_writes(self):
         r = job("power-cut")

@@ -40,6 +40,8 @@ pub enum FaultKind {
     DiskError,
     /// The next --count data requests of disk --device fault in the IOMMU.
     DiskDmaFault,
+    /// The next --count requests of disk --device complete --delay-ms late.
+    DiskDelay,
     /// The power goes: the VM stops at once, every disk loses its unflushed writes.
     PowerCut,
 }
@@ -59,6 +61,7 @@ impl FaultKind {
             Self::IrteFault => "irte-fault",
             Self::DiskError => "disk-error",
             Self::DiskDmaFault => "disk-dma-fault",
+            Self::DiskDelay => "disk-delay",
             Self::PowerCut => "power-cut",
         }
     }
@@ -113,7 +116,7 @@ pub struct InjectArgs {
     /// Destination APIC ID.
     #[arg(long, default_value_t = 0)]
     pub cpu: u64,
-    /// Delay of each interrupt (delay-irq).
+    /// Delay of each interrupt (delay-irq) or disk request (disk-delay).
     #[arg(long, default_value_t = 10)]
     pub delay_ms: u64,
     /// Extra copies of each interrupt (duplicate-irq).
@@ -181,6 +184,13 @@ pub fn inject_body(a: &InjectArgs) -> serde_json::Value {
             set(&mut b, "length", json!(a.length));
         }
         FaultKind::PowerCut => {}
+        FaultKind::DiskDelay => {
+            if let Some(d) = &a.device {
+                set(&mut b, "device", json!(d));
+            }
+            set(&mut b, "count", json!(a.count));
+            set(&mut b, "delay_ms", json!(a.delay_ms));
+        }
         FaultKind::DiskError => {
             if let Some(d) = &a.device {
                 set(&mut b, "device", json!(d));

@@ -42,6 +42,9 @@ pub const MAX_SEGMENTS: u32 = 32;
 pub const MAX_ZERO_SECTORS: u32 = 1 << 15;
 /// Requests one pass serves at most.
 const PASS_REQUESTS: usize = 64;
+/// Delayed completions held at once; past it a delayed request completes at once
+/// (counted).
+pub const MAX_HELD: usize = 256;
 /// Largest descriptor (size_max) and segments per request (seg_max).
 const SIZE_MAX: u32 = 1 << 20;
 const SEG_MAX: u32 = 128;
@@ -92,6 +95,10 @@ pub struct BlkFaults {
     /// The next N requests read a corrupted header (the sector's top bit flipped, so
     /// the request addresses no sector of the disk).
     pub corrupt_next: AtomicU32,
+    /// The next N requests complete `delay_ms` late (their I/O is done at once).
+    pub delay_next: AtomicU32,
+    /// The delay of those requests.
+    pub delay_ms: AtomicU64,
     /// Injected failures so far.
     pub injected: AtomicU64,
 }
@@ -134,8 +141,18 @@ pub struct BlkStats {
     pub lost_status: u64,
 }
 
+/// A completion held back by an injected delay.
+#[derive(Clone, Copy, Debug)]
+struct Held {
+    due: std::time::Instant,
+    queue: usize,
+    head: u16,
+    len: u32,
+}
+
 /// The block device.
 pub struct Blk {
+    held: std::collections::VecDeque<Held>,
     disk: Arc<Mutex<DiskImage>>,
     id: [u8; 20],
     sizes: Vec<u16>,
@@ -175,6 +192,7 @@ impl Blk {
             *d = s;
         }
         Self {
+            held: std::collections::VecDeque::new(),
             disk,
             id: b,
             sizes: vec![QUEUE_SIZE; queues.clamp(1, MAX_QUEUES)],
@@ -388,8 +406,21 @@ impl VirtioDevice for Blk {
         }
     }
 
-    fn process_queue(&mut self, _idx: usize, queue: &mut Queue, mem: &DeviceMemory) -> Processed {
+    fn process_queue(&mut self, idx: usize, queue: &mut Queue, mem: &DeviceMemory) -> Processed {
         let mut used = false;
+        // Delayed completions of this queue that are due.
+        let now = std::time::Instant::now();
+        let mut keep = std::collections::VecDeque::new();
+        while let Some(h) = self.held.pop_front() {
+            if h.queue == idx && h.due <= now {
+                if queue.add_used(mem, h.head, h.len).is_ok() {
+                    used = true;
+                }
+            } else {
+                keep.push_back(h);
+            }
+        }
+        self.held = keep;
         for _ in 0..PASS_REQUESTS.min(usize::from(queue.size())) {
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
                 return Processed { used, more: false };
@@ -403,6 +434,20 @@ impl VirtioDevice for Blk {
                 Some(_) => self.stats.ioerr += 1,
                 None => self.stats.lost_status += 1,
             }
+            if BlkFaults::take(&self.faults.delay_next) {
+                if self.held.len() < MAX_HELD {
+                    self.faults.injected.fetch_add(1, Ordering::Relaxed);
+                    let ms = self.faults.delay_ms.load(Ordering::Relaxed).min(60_000);
+                    self.held.push_back(Held {
+                        due: now + std::time::Duration::from_millis(ms),
+                        queue: idx,
+                        head,
+                        len: len as u32,
+                    });
+                    continue;
+                }
+                hit(Cap::BlkRequest);
+            }
             if queue.add_used(mem, head, len as u32).is_err() {
                 return Processed { used, more: false };
             }
@@ -411,7 +456,19 @@ impl VirtioDevice for Blk {
         Processed { used, more: true }
     }
 
-    fn reset(&mut self) {}
+    fn reset(&mut self) {
+        // The driver reset the rings: held completions have nowhere to go.
+        self.held.clear();
+    }
+
+    fn next_due(&self) -> Option<(std::time::Instant, u32)> {
+        let at = self.held.iter().map(|h| h.due).min()?;
+        let queues = self
+            .held
+            .iter()
+            .fold(0u32, |m, h| m | (1u32 << (h.queue.min(31))));
+        Some((at, queues))
+    }
 }
 
 impl Blk {
@@ -570,6 +627,24 @@ mod tests {
         /// Submits a request of type `ty` at `sector` with a data buffer of `len`
         /// bytes (device-writable when `write`), returns (status, used length).
         fn submit(&mut self, ty: u32, sector: u64, len: u32, write: bool) -> (u8, u32) {
+            self.post(ty, sector, len, write);
+            let m = &self.mem.clone();
+            let used_idx: u16 = m.read_obj(GuestAddress(USED + 2)).expect("r");
+            assert_eq!(used_idx, self.next, "completed");
+            let idx = self.next.wrapping_sub(1);
+            let len: u32 = m
+                .read_obj(GuestAddress(USED + 4 + 8 * u64::from(idx % 8) + 4))
+                .expect("r");
+            let st: u8 = m.read_obj(GuestAddress(STATUS)).expect("r");
+            (st, len)
+        }
+
+        fn used_idx(&self) -> u16 {
+            self.mem.read_obj(GuestAddress(USED + 2)).expect("r")
+        }
+
+        /// Puts a request in the ring and notifies (no check that it completed).
+        fn post(&mut self, ty: u32, sector: u64, len: u32, write: bool) {
             let m = &self.mem.clone();
             m.write_obj(ty, GuestAddress(HDR)).expect("w");
             m.write_obj(0u32, GuestAddress(HDR + 4)).expect("w");
@@ -596,13 +671,6 @@ mod tests {
             self.next = idx.wrapping_add(1);
             m.write_obj(self.next, GuestAddress(AVAIL + 2)).expect("w");
             self.w(NOTIFY, 0, 2);
-            let used_idx: u16 = m.read_obj(GuestAddress(USED + 2)).expect("r");
-            assert_eq!(used_idx, self.next, "completed");
-            let len: u32 = m
-                .read_obj(GuestAddress(USED + 4 + 8 * u64::from(idx % 8) + 4))
-                .expect("r");
-            let st: u8 = m.read_obj(GuestAddress(STATUS)).expect("r");
-            (st, len)
         }
 
         fn on_file(&self, at: u64, n: usize) -> Vec<u8> {
@@ -727,6 +795,27 @@ mod tests {
         );
         assert_eq!(r.on_file(3 * 512, 512), vec![0xaa; 512]);
         assert_eq!(r.faults.injected.load(Ordering::SeqCst), 4);
+    }
+
+    #[test]
+    fn delayed_requests_complete_late() {
+        let mut r = rig(64, false);
+        r.faults.delay_ms.store(40, Ordering::SeqCst);
+        r.faults.delay_next.store(1, Ordering::SeqCst);
+        r.post(T_FLUSH, 0, 0, false);
+        assert_eq!(r.used_idx(), 0, "held back");
+        let due = r.dev.device().next_due().expect("due");
+        assert_eq!(due.1, 1, "queue 0");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        // The worker's timed pass (a notification here) completes it.
+        r.w(NOTIFY, 0, 2);
+        assert_eq!(r.used_idx(), 1);
+        assert!(r.dev.device().next_due().is_none());
+        assert_eq!(
+            r.submit(T_FLUSH, 0, 0, false).0,
+            S_OK,
+            "the next one is on time"
+        );
     }
 
     #[test]

@@ -97,6 +97,11 @@ pub trait VirtioDevice: Send {
     fn write_config(&mut self, _offset: usize, _data: &[u8]) {}
     /// The driver reset the device (status 0).
     fn reset(&mut self) {}
+    /// When the device next has work without a notification (completions it holds
+    /// back), and on which queues (bit per queue).
+    fn next_due(&self) -> Option<(std::time::Instant, u32)> {
+        None
+    }
 }
 
 /// Registers queue-notification addresses with the hypervisor (KVM ioeventfds), so a
@@ -328,9 +333,22 @@ impl<D: VirtioDevice> VirtioPci<D> {
                 })
                 .collect();
             loop {
+                // Work the device holds back (delayed completions) wakes it on time.
+                let due = crate::sync::lock(&dev).device.next_due();
+                let timeout = due.map_or(-1, |(at, _)| {
+                    let ms = at
+                        .saturating_duration_since(std::time::Instant::now())
+                        .as_millis();
+                    ms.min(60_000) as libc::c_int
+                });
                 // SAFETY: `fds` is a live, correctly sized array of pollfd whose file
                 // descriptors stay open for this thread's life (it holds their Arcs).
-                let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+                let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+                if let Some((at, queues)) = due {
+                    if std::time::Instant::now() >= at {
+                        pending.fetch_or(queues, Ordering::AcqRel);
+                    }
+                }
                 if n < 0 {
                     if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
                         continue;

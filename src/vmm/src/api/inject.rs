@@ -11,6 +11,8 @@ use serde_json::{Map, Value};
 pub const MAX_DMA: u64 = 1 << 20;
 /// Largest count of a counted fault.
 pub const MAX_COUNT: u64 = 1_000_000;
+/// Delayed disk requests armed at once (the device holds at most this many back).
+pub const MAX_DELAYED_REQUESTS: u64 = devices::virtio::blk::MAX_HELD as u64;
 
 /// Which interrupts a rule applies to, as the body names them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -121,6 +123,15 @@ pub enum Inject {
         /// Requests.
         count: u64,
     },
+    /// The next `count` requests of disk `device` complete `delay_ms` late.
+    DiskDelay {
+        /// The virtio-blk device.
+        device: Bdf,
+        /// Requests.
+        count: u64,
+        /// Delay.
+        delay_ms: u64,
+    },
     /// The power goes: the VM stops at once and every disk loses its unflushed writes.
     PowerCut,
     /// `rate_hz` interrupts per second on `vector` at `cpu` for `duration_ms`.
@@ -137,7 +148,7 @@ pub enum Inject {
 }
 
 /// The fault kinds, as the body names them.
-pub const KINDS: [&str; 13] = [
+pub const KINDS: [&str; 14] = [
     "dma",
     "fault-storm",
     "context-invalid",
@@ -150,6 +161,7 @@ pub const KINDS: [&str; 13] = [
     "irte-fault",
     "disk-error",
     "disk-dma-fault",
+    "disk-delay",
     "power-cut",
 ];
 
@@ -352,8 +364,14 @@ impl<'a> Fields<'a> {
     fn finish(self) -> Result<(), BodyError> {
         for k in self.map.keys() {
             if k != "fault" && !self.taken.contains(&k.as_str()) {
+                // An empty key still gets a name the client can see.
+                let field = if k.is_empty() {
+                    "\"\"".to_string()
+                } else {
+                    truncate(k)
+                };
                 return Err(BodyError::UnknownField {
-                    field: truncate(k),
+                    field,
                     kind: self.kind,
                 });
             }
@@ -485,6 +503,11 @@ pub fn parse_value(v: &Value) -> Result<Inject, BodyError> {
             device: f.device()?,
             count: count(&mut f)?,
         },
+        "disk-delay" => Inject::DiskDelay {
+            device: f.device()?,
+            count: f.num("count", 1, crate::api::inject::MAX_DELAYED_REQUESTS)?,
+            delay_ms: f.num("delay_ms", 1, 60_000)?,
+        },
         "power-cut" => Inject::PowerCut,
         _ => Inject::IrqStorm {
             vector: f.num("vector", 16, 255)? as u8,
@@ -554,6 +577,11 @@ impl Inject {
                 None => format!("disk-error {device} x{count}"),
             },
             Self::DiskDmaFault { device, count } => format!("disk-dma-fault {device} x{count}"),
+            Self::DiskDelay {
+                device,
+                count,
+                delay_ms,
+            } => format!("disk-delay {device} x{count} by {delay_ms} ms"),
             Self::PowerCut => "power-cut".into(),
             Self::IrqStorm {
                 vector,
@@ -579,6 +607,13 @@ mod tests {
 
     fn field(b: &str) -> Option<String> {
         parse(b.as_bytes()).err().map(|e| e.field().to_string())
+    }
+
+    #[test]
+    fn an_empty_key_is_named() {
+        let e = parse(br#"{"fault":"drop-irq","vector":"0x41","count":1,"":2}"#)
+            .expect_err("empty key");
+        assert_eq!(e.field(), "\"\"");
     }
 
     #[test]

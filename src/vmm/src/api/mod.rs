@@ -342,6 +342,20 @@ impl ApiContext {
                     .store(count as u32, std::sync::atomic::Ordering::SeqCst);
                 ok(json!({"result": "armed", "requests": count}))
             }
+            Inject::DiskDelay {
+                device,
+                count,
+                delay_ms,
+            } => {
+                let d = self.disk(device)?;
+                d.faults
+                    .delay_ms
+                    .store(delay_ms, std::sync::atomic::Ordering::SeqCst);
+                d.faults
+                    .delay_next
+                    .store(count as u32, std::sync::atomic::Ordering::SeqCst);
+                ok(json!({"result": "armed", "requests": count, "delay_ms": delay_ms}))
+            }
             Inject::PowerCut => {
                 // The disks first (in-flight requests then fail), then the vCPUs.
                 let mut lost = 0u64;
