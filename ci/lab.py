@@ -43,13 +43,16 @@ def log(msg):
 @dataclass
 class Job:
     """One faultvisor run. `args` are `faultvisor run` options; the strings
-    {kernel}, {bzimage} and {initrd} are replaced by the default guest's files,
-    {probe} by the probe guest embedded in faultvisor."""
+    {kernel}, {bzimage}, {initrd} and {rootfs} are replaced by the default guest's
+    files, {probe} by the probe guest embedded in faultvisor."""
     name: str
     args: list
     timeout: int = 240
     # A raw shell command (nested lab only) run instead of `faultvisor run args`.
     raw: str = None
+    # The host's standard input reaches the guest's console (nested lab: through L1's
+    # serial port to faultvisor's stdin, which faultvisor puts in raw mode).
+    interactive: bool = False
 
 
 @dataclass
@@ -115,17 +118,27 @@ def _subst(args, files):
 
 
 def _run_direct(jobs, echo):
+    interactive = any(j.interactive for j in jobs)
     gdir = guest_dir()
     vmm = build_vmm(static=False)
     probe_dir = tempfile.mkdtemp(prefix="fv-probe-")
     files = {"kernel": f"{gdir}/vmlinux", "bzimage": f"{gdir}/bzImage",
-             "initrd": f"{gdir}/initramfs.cpio",
+             "initrd": f"{gdir}/initramfs.cpio", "rootfs": f"{gdir}/rootfs.ext4",
              "probe": write_probe(vmm, os.path.join(probe_dir, "probe.elf"))}
     results = {}
     for job in jobs:
         cmd = [vmm, "run", *_subst(job.args, files)]
         log(f"job {job.name}: {shlex.join(cmd)}")
         t0 = time.monotonic()
+        if job.interactive and echo:
+            # The console is the terminal itself.
+            t0 = time.monotonic()
+            try:
+                rc, out = subprocess.run(cmd, timeout=job.timeout).returncode, ""
+            except subprocess.TimeoutExpired:
+                rc, out = None, ""
+            results[job.name] = JobResult(job.name, rc, out, time.monotonic() - t0, [])
+            continue
         try:
             p = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, timeout=job.timeout)
@@ -147,10 +160,11 @@ def _job_script(jobs, files):
             cmd = "sh -c " + shlex.quote(job.raw.format(**files))
         else:
             cmd = shlex.join(["/lab/faultvisor", "run", *_subst(job.args, files)])
+        stdin = "/dev/console" if job.interactive else "/dev/null"
         lines += [
             f"echo '{BEGIN}{job.name}'",
             "t0=$(cat /proc/uptime)",
-            f"timeout -s KILL {job.timeout} {cmd} </dev/null 2>&1",
+            f"timeout -s KILL {job.timeout} {cmd} <{stdin} 2>&1",
             "rc=$?",
             "t1=$(cat /proc/uptime)",
             f"echo \"{END}{job.name} rc=$rc t0=${{t0%% *}} t1=${{t1%% *}}\"",
@@ -158,11 +172,47 @@ def _job_script(jobs, files):
     return "\n".join(lines) + "\n"
 
 
+_shown = [""]
+
+
+def _tail_after_partial(line):
+    shown, _shown[0] = _shown[0], ""
+    return line[len(shown):] if line.startswith(shown) else line
+
+
+def _chunks(stream, live):
+    """Yields (line_bytes, None) for complete lines and, when `live`, (None, text) for
+    what arrived of an unfinished line (so prompts show before Enter is pressed)."""
+    if not live:
+        for raw in stream:
+            yield raw, None
+        return
+    buf = b""
+    fd = stream.fileno()
+    while True:
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            if buf:
+                yield buf, None
+            return
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            yield line + b"\n", None
+        if buf and not buf.startswith(b"@@"):
+            text = buf.decode(errors="replace")
+            new = text[len(_shown[0]):] if text.startswith(_shown[0]) else text
+            if new:
+                _shown[0] = text
+                yield None, new
+
+
 def _run_nested(jobs, echo, extra_files=None):
     gdir = guest_dir()
     vmm = build_vmm(static=True)
     files = {"kernel": "/lab/vmlinux", "bzimage": "/lab/bzImage",
-             "initrd": "/lab/initramfs.cpio", "probe": "/lab/probe.elf"}
+             "initrd": "/lab/initramfs.cpio", "rootfs": "/lab/rootfs.ext4",
+             "probe": "/lab/probe.elf"}
     tmp = tempfile.mkdtemp(prefix="fv-lab-")
     try:
         probe = write_probe(vmm, os.path.join(tmp, "probe.elf"))
@@ -172,6 +222,8 @@ def _run_nested(jobs, echo, extra_files=None):
         w.add_file("lab/vmlinux", os.path.join(gdir, "vmlinux"), 0o644)
         w.add_file("lab/bzImage", os.path.join(gdir, "bzImage"), 0o644)
         w.add_file("lab/initramfs.cpio", os.path.join(gdir, "initramfs.cpio"), 0o644)
+        if any("{rootfs}" in " ".join(j.args) + (j.raw or "") for j in jobs):
+            w.add_file("lab/rootfs.ext4", os.path.join(gdir, "rootfs.ext4"), 0o644)
         w.add_file("lab/probe.elf", probe, 0o644)
         w.add_file("lab/linux.toml", os.path.join(ROOT, "resources", "campaigns", "linux.toml"),
                    0o644)
@@ -192,8 +244,9 @@ def _run_nested(jobs, echo, extra_files=None):
         total = 120 + sum(j.timeout for j in jobs)
         log(f"booting the nested lab (L1: QEMU TCG, EPYC+svm+npt) for {len(jobs)} job(s)")
         t0 = time.monotonic()
-        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT)
+        interactive = any(j.interactive for j in jobs)
+        p = subprocess.Popen(cmd, stdin=None if interactive else subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         results, current, lines = {}, None, []
         kvm_ready = None
         deadline = t0 + total
@@ -201,7 +254,15 @@ def _run_nested(jobs, echo, extra_files=None):
         os.makedirs(logdir, exist_ok=True)
         logpath = os.path.join(logdir, time.strftime("lab-%Y%m%d-%H%M%S.log"))
         with open(logpath, "w") as logf:
-            for raw in p.stdout:
+            for raw, partial in _chunks(p.stdout, echo and interactive):
+                if partial is not None:
+                    # A prompt or keystroke echo without a newline yet: show it now.
+                    if current is not None:
+                        sys.stdout.write(partial)
+                        sys.stdout.flush()
+                    else:
+                        _shown[0] = ""
+                    continue
                 line = raw.decode(errors="replace").rstrip("\r\n")
                 logf.write(line + "\n")
                 if time.monotonic() > deadline:
@@ -231,7 +292,12 @@ def _run_nested(jobs, echo, extra_files=None):
                 if current is not None:
                     lines.append(line)
                 if echo:
-                    print(line, flush=True)
+                    if interactive:
+                        # The part already shown as a partial line is not repeated.
+                        sys.stdout.write(_tail_after_partial(line) + "\n")
+                        sys.stdout.flush()
+                    else:
+                        print(line, flush=True)
         try:
             p.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -273,7 +339,7 @@ def main(argv):
         elif m == "unavailable":
             log(unavailable_reason())
             return 2
-        res = run_jobs([Job("boot", args, timeout=600)], echo=True)
+        res = run_jobs([Job("boot", args, timeout=3600, interactive=True)], echo=True)
         r = res.get("boot")
         if r is None or r.rc is None:
             log("the VM did not finish")

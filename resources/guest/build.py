@@ -7,13 +7,16 @@ under guest/:
   bzImage            the Debian cloud kernel as shipped
   initramfs.cpio     busybox, the virtio modules, fv-outb and resources/guest/init
   lab-base.cpio      the nested lab's L1 initramfs: busybox, kvm modules, lab init
+  rootfs.ext4        the root disk: busybox, every module of the kernel, the same
+                     init and fv-outb, in an ext4 image with room to spare (built by
+                     mkfs.ext4 -d as an ordinary user; booted with root=/dev/vda)
   versions.txt       the Debian package versions used
   stamp              what the outputs were built from (for idempotence)
 
 Packages are fetched with `apt-get download` and unpacked with `dpkg-deb -x`;
 nothing is installed into the host. Run it again and it does nothing unless
 an input changed. Needs: apt-get, dpkg-deb, lz4 (the Debian kernel is LZ4
-compressed), gcc (for the 1 KiB fv-outb helper).
+compressed), gcc (for the 1 KiB fv-outb helper), mkfs.ext4 (e2fsprogs).
 """
 
 import argparse
@@ -181,6 +184,43 @@ def build_initramfs(out, busybox, kver, idx, modules, init_path, outb):
     return rels
 
 
+def build_rootfs(out, root, busybox, kver, modules, init_path, outb):
+    """The root disk image: a directory tree put into ext4 by mkfs.ext4 -d."""
+    tree = out + ".tree"
+    if os.path.exists(tree):
+        shutil.rmtree(tree)
+    for d in ("bin", "proc", "sys", "dev", "tmp", "sbin", "usr/bin", "usr/sbin", "etc",
+              "mnt", "root", "lib/modules"):
+        os.makedirs(os.path.join(tree, d), exist_ok=True)
+    shutil.copyfile(busybox, os.path.join(tree, "bin", "busybox"))
+    os.chmod(os.path.join(tree, "bin", "busybox"), 0o755)
+    os.symlink("busybox", os.path.join(tree, "bin", "sh"))
+    shutil.copyfile(init_path, os.path.join(tree, "init"))
+    os.chmod(os.path.join(tree, "init"), 0o755)
+    shutil.copyfile(outb, os.path.join(tree, "bin", "fv-outb"))
+    os.chmod(os.path.join(tree, "bin", "fv-outb"), 0o755)
+    shutil.copytree(os.path.join(root, "lib", "modules", kver),
+                    os.path.join(tree, "lib", "modules", kver), symlinks=True)
+    with open(os.path.join(tree, "lib", "modules", "load-order"), "w") as f:
+        f.write("\n".join(modules) + "\n")
+    with open(os.path.join(tree, "etc", "fv-rootfs"), "w") as f:
+        f.write("faultvisor default root disk\n")
+    used = 0
+    for dirpath, _, files in os.walk(tree):
+        for n in files:
+            p = os.path.join(dirpath, n)
+            if not os.path.islink(p):
+                used += (os.path.getsize(p) + 4095) // 4096 * 4096
+    size = (used * 5 // 4 + (48 << 20)) // (1 << 20) * (1 << 20)
+    tmp = out + ".tmp"
+    with open(tmp, "wb") as f:
+        f.truncate(size)
+    run(["mkfs.ext4", "-q", "-F", "-L", "fv-root", "-E", "root_owner=0:0", "-d", tree, tmp])
+    os.replace(tmp, out)
+    shutil.rmtree(tree)
+    return size
+
+
 def digest(paths, extra):
     h = hashlib.sha256()
     for p in paths:
@@ -204,7 +244,7 @@ def main():
     inputs.append(os.path.join(os.path.dirname(HERE), "lab", "init"))
 
     for tool, pkg in (("apt-get", "apt"), ("dpkg-deb", "dpkg"), ("lz4", "lz4"),
-                      ("gcc", "gcc")):
+                      ("gcc", "gcc"), ("mkfs.ext4", "e2fsprogs")):
         need(tool, pkg)
 
     log(f"output directory: {out}")
@@ -226,7 +266,8 @@ def main():
 
     stamp_path = os.path.join(out, "stamp")
     want_stamp = digest(inputs, kpkg)
-    outputs = ["vmlinux", "bzImage", "initramfs.cpio", "lab-base.cpio", "versions.txt"]
+    outputs = ["vmlinux", "bzImage", "initramfs.cpio", "lab-base.cpio", "rootfs.ext4",
+               "versions.txt"]
     if (not args.force and os.path.exists(stamp_path)
             and open(stamp_path).read().strip() == want_stamp
             and all(os.path.exists(os.path.join(out, o)) for o in outputs)):
@@ -279,6 +320,10 @@ def main():
                                module_closure(idx, LAB_MODULES),
                                os.path.join(os.path.dirname(HERE), "lab", "init"), outb)
     log("lab modules: " + " ".join(os.path.basename(m) for m in lab_mods))
+    log("writing rootfs.ext4 (root disk)")
+    size = build_rootfs(os.path.join(out, "rootfs.ext4"), root, busybox, kver, mods,
+                        os.path.join(HERE, "init"), outb)
+    log(f"root disk: {size >> 20} MiB")
 
     versions = f"kernel {kver}\n{package_version(kdeb)}\n{package_version(bdeb)}\n"
     with open(os.path.join(out, "versions.txt"), "w") as f:

@@ -55,6 +55,10 @@ JOBS = [
         "| cut -d' ' -f1); echo HEAD-MD5=$(dd if=/tmp/d.img bs=1M count=1 2>/dev/null "
         "| md5sum | cut -d' ' -f1); echo ZERO-MD5=$(dd if=/dev/zero bs=1M count=1 "
         "2>/dev/null | md5sum | cut -d' ' -f1)")),
+    # The default guest's root disk (a snapshot of it): initramfs → switch_root.
+    lab.Job("root-disk", ["--kernel", "{kernel}", "--initrd", "{initrd}", "--vcpus", "2",
+                          "--memory", "512M", "--disk", "path={rootfs},snapshot=on",
+                          "--cmdline", f"{BASE} root=/dev/vda fv.checks=cpus,modules"]),
     # A power cut while a write sits unflushed in the disk's volatile cache.
     lab.Job("power-cut", [], timeout=180, raw=(
         "dd if=/dev/zero of=/tmp/p.img bs=1M count=32 2>/dev/null; "
@@ -271,6 +275,13 @@ class IntelIommu(unittest.TestCase):
         self.assertTrue(any("I/O error, dev vda" in l for l in blk), "\n".join(blk))
         self.assertIn("VM-RC=0", r.output)
 
+    def test_the_default_guest_boots_from_its_root_disk(self):
+        r = job("root-disk")
+        self.assertIn("FAULTVISOR-ROOT /dev/vda ext4", r.output, r.output)
+        self.assertEqual(check(r, "cpus"), "online=2")
+        self.assertEqual(check(r, "modules"), "ok")
+        self.assertEqual(r.rc, 0, r.output)
+
     def test_a_power_cut_loses_exactly_the_unflushed_writes(self):
         r = job("power-cut")
         m = re.search(r"FV-DISK-READY a=(\w+) b=(\w+) arc=(\d+) brc=(\d+)", r.output)
@@ -393,6 +404,55 @@ class LinuxCampaign(unittest.TestCase):
         self.assertIn("fault addr 0x7000 [fault reason 0x05]", r.output)
         self.assertIn("DMAR: [INTR-REMAP] Request device [00:01.0] fault index 0x", r.output)
         self.assertIn("[fault reason 0x22] Present field in the IRTE entry is clear", r.output)
+
+
+class InteractiveConsole(unittest.TestCase):
+    """`ci/lab.py boot` (what ci/boot.sh runs) passes the terminal's input to the guest:
+    a command typed at the guest's shell runs there, through L1's serial port when
+    the guest lives in the nested lab."""
+
+    def test_typed_commands_reach_the_guest_shell(self):
+        if lab.mode() == "unavailable":
+            self.skipTest("LINUX TIER SKIPPED: " + lab.unavailable_reason())
+        import threading
+        import time
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                              "ci", "lab.py")
+        p = subprocess.Popen([sys.executable, script, "boot", "--vcpus", "1", "--cmdline",
+                              f"{BASE} fv.end=shell"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        out = []
+
+        def reader():
+            while True:
+                b = p.stdout.read1(4096)
+                if not b:
+                    return
+                out.append(b.decode(errors="replace"))
+
+        t = threading.Thread(target=reader, daemon=True)
+        t.start()
+        deadline = time.monotonic() + 400
+        while "FAULTVISOR-DONE" not in "".join(out) and time.monotonic() < deadline:
+            if p.poll() is not None:
+                break
+            time.sleep(0.5)
+        self.assertIn("FAULTVISOR-DONE", "".join(out), "".join(out)[-3000:])
+        time.sleep(3)
+        p.stdin.write(b"echo typed-$((6*7))\n")
+        p.stdin.flush()
+        while "typed-42" not in "".join(out) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        p.stdin.write(b"poweroff -f\n")
+        p.stdin.flush()
+        try:
+            p.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            p.kill()
+        t.join(timeout=5)
+        text = "".join(out)
+        self.assertIn("typed-42", text, text[-3000:])
+        self.assertEqual(p.returncode, 0, text[-3000:])
 
 
 class IdtOfLinux(unittest.TestCase):

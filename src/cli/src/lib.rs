@@ -122,9 +122,11 @@ pub struct RunArgs {
     pub devices: Vec<vmm::DeviceSpec>,
     /// Add a virtio-blk disk (repeatable): a raw image (`path=FILE`, its size a multiple
     /// of 512; locked like QEMU locks it) or a host directory copied into a read-only
-    /// ext4 image at start (`dir=DIR`). Options: readonly=on, bdf=00:DD.0, serial=ID
-    /// (GET_ID, 20 characters at most), cache=volatile (default: writes reach the file
-    /// at the guest's flush, a power cut loses the rest) or cache=host.
+    /// ext4 image at start (`dir=DIR`). Options: readonly=on, snapshot=on (the guest
+    /// works on a private copy, removed at exit), bdf=00:DD.0, serial=ID (GET_ID, 20
+    /// characters at most), cache=volatile (default: writes reach the file at the
+    /// guest's flush, a power cut loses the rest) or cache=host. Without --kernel and
+    /// --initrd the default guest boots from a snapshot of its root disk.
     #[arg(long = "disk", value_name = "path=FILE|dir=DIR[,OPT=V]...", value_parser = parse_disk)]
     pub disks: Vec<vmm::DiskSpec>,
     /// IOMMU: intel (an emulated VT-d unit and its DMAR table), off, or auto (intel
@@ -281,6 +283,8 @@ pub fn build_config(args: &RunArgs, start: Instant) -> Result<VmConfig, CliError
         return Err(CliError::Usage("--vcpus must be at least 1".into()));
     }
     let serial = parse_serial(&args.serial)?;
+    let mut disks = args.disks.clone();
+    let mut root_disk = false;
     let (kernel, initrd) = match &args.kernel {
         Some(k) => (k.clone(), args.initrd.clone()),
         None => {
@@ -288,6 +292,24 @@ pub fn build_config(args: &RunArgs, start: Instant) -> Result<VmConfig, CliError
             let k = dir.join("vmlinux");
             if !k.exists() {
                 return Err(CliError::NoDefaultGuest(k));
+            }
+            // Without --initrd the default guest boots from its root disk (a private
+            // copy: nothing the guest writes reaches the cached image); the initramfs
+            // only loads the virtio modules and switches to it.
+            let rootfs = dir.join("rootfs.ext4");
+            if args.initrd.is_none() && rootfs.exists() {
+                root_disk = true;
+                disks.insert(
+                    0,
+                    vmm::DiskSpec {
+                        source: vmm::DiskSource::File(rootfs),
+                        readonly: false,
+                        bdf: None,
+                        serial: Some("fv-root".into()),
+                        cache: devices::virtio::disk::CacheMode::Volatile,
+                        snapshot: true,
+                    },
+                );
             }
             let i = args
                 .initrd
@@ -305,8 +327,9 @@ pub fn build_config(args: &RunArgs, start: Instant) -> Result<VmConfig, CliError
     // A Multiboot kernel's command line is its arguments (its name comes first anyway);
     // Linux gets the default console settings.
     let default_cmdline = match format {
-        arch::boot::KernelFormat::Multiboot => "",
-        _ => DEFAULT_CMDLINE,
+        arch::boot::KernelFormat::Multiboot => String::new(),
+        _ if root_disk => format!("{DEFAULT_CMDLINE} root=/dev/vda"),
+        _ => DEFAULT_CMDLINE.to_string(),
     };
     if let Some(i) = &initrd {
         check_file("initrd", i)?;
@@ -314,15 +337,12 @@ pub fn build_config(args: &RunArgs, start: Instant) -> Result<VmConfig, CliError
     Ok(VmConfig {
         kernel,
         initrd,
-        cmdline: args
-            .cmdline
-            .clone()
-            .unwrap_or_else(|| default_cmdline.to_string()),
+        cmdline: args.cmdline.clone().unwrap_or(default_cmdline),
         mem_size,
         vcpus: args.vcpus,
         serial,
         devices: args.devices.clone(),
-        disks: args.disks.clone(),
+        disks,
         iommu: args.iommu,
         api_socket: args.api_socket.clone(),
         metrics_file: args.metrics_file.clone(),

@@ -1,7 +1,8 @@
-//! `--disk path=FILE|dir=DIR[,readonly=on][,bdf=00:DD.0][,serial=ID][,cache=volatile|host]`:
-//! the virtio-blk disks a VM gets, and the read-only ext4 image built from a host
-//! directory at start (`dir=`), so a CI job hands its payload to the guest without
-//! building images by hand.
+//! `--disk path=FILE|dir=DIR[,readonly=on][,snapshot=on][,bdf=00:DD.0][,serial=ID]
+//! [,cache=volatile|host]`: the virtio-blk disks a VM gets, the read-only ext4 image
+//! built from a host directory at start (`dir=`), so a CI job hands its payload to the
+//! guest without building images by hand, and private copies (`snapshot=on`) that
+//! leave the original untouched.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -32,6 +33,8 @@ pub struct DiskSpec {
     pub serial: Option<String>,
     /// Write cache.
     pub cache: CacheMode,
+    /// The guest works on a private copy of the file, removed at exit.
+    pub snapshot: bool,
 }
 
 impl FromStr for DiskSpec {
@@ -43,6 +46,7 @@ impl FromStr for DiskSpec {
         let mut bdf = None;
         let mut serial = None;
         let mut cache = CacheMode::Volatile;
+        let mut snapshot = false;
         for part in s.split(',').filter(|p| !p.is_empty()) {
             let Some((k, v)) = part.split_once('=') else {
                 return Err(format!(
@@ -77,6 +81,13 @@ impl FromStr for DiskSpec {
                     }
                     serial = Some(v.to_string());
                 }
+                "snapshot" => {
+                    snapshot = match v {
+                        "on" | "true" | "yes" => true,
+                        "off" | "false" | "no" => false,
+                        _ => return Err(format!("snapshot={v}: on or off")),
+                    }
+                }
                 "cache" => {
                     cache = match v {
                         "volatile" => CacheMode::Volatile,
@@ -84,11 +95,9 @@ impl FromStr for DiskSpec {
                         _ => return Err(format!("cache={v}: volatile or host")),
                     }
                 }
-                _ => {
-                    return Err(format!(
-                        "unknown disk option '{k}' (path, dir, readonly, bdf, serial, cache)"
-                    ))
-                }
+                _ => return Err(format!(
+                    "unknown disk option '{k}' (path, dir, readonly, snapshot, bdf, serial, cache)"
+                )),
             }
         }
         let source = source.ok_or("a disk needs path=FILE or dir=DIR")?;
@@ -104,6 +113,7 @@ impl FromStr for DiskSpec {
             bdf,
             serial,
             cache,
+            snapshot,
         })
     }
 }
@@ -163,6 +173,31 @@ impl Drop for DirImage {
     }
 }
 
+fn temp_image_path(what: &str) -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "faultvisor-{what}-{}-{}.img",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    ))
+}
+
+/// A private copy of `file` in the temporary directory (`snapshot=on`), removed when
+/// dropped.
+pub fn snapshot_image(file: &Path) -> Result<DirImage, String> {
+    let tmp = temp_image_path("snapshot");
+    let image = DirImage { path: tmp.clone() };
+    std::fs::copy(file, &tmp).map_err(|e| {
+        format!(
+            "disk {}: cannot make its snapshot copy in {}: {e}",
+            file.display(),
+            tmp.display()
+        )
+    })?;
+    Ok(image)
+}
+
 /// Builds the ext4 image of `dir` (`mkfs.ext4 -d`, as an unprivileged user).
 pub fn build_dir_image(dir: &Path) -> Result<DirImage, DirImageError> {
     let err = |why: String| DirImageError::Dir {
@@ -175,13 +210,7 @@ pub fn build_dir_image(dir: &Path) -> Result<DirImage, DirImageError> {
     let (bytes, inodes) = tree_size(dir, 0).map_err(|e| err(e.to_string()))?;
     // Room for metadata and the journal: a third more, plus 16 MiB, whole MiB.
     let size = (bytes + bytes / 3 + inodes * 512 + (16 << 20)).next_multiple_of(1 << 20);
-    let tmp = std::env::temp_dir().join(format!(
-        "faultvisor-dir-{}-{}.img",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos())
-    ));
+    let tmp = temp_image_path("dir");
     let image = DirImage { path: tmp.clone() };
     let f = std::fs::File::create(&tmp)
         .map_err(|e| err(format!("cannot create {}: {e}", tmp.display())))?;
@@ -226,6 +255,9 @@ mod tests {
             .expect("all");
         assert!(d.readonly && d.bdf == Some(Bdf::new(6)) && d.cache == CacheMode::Host);
         assert_eq!(d.serial.as_deref(), Some("ABC"));
+        assert!(!d.snapshot);
+        let d: DiskSpec = "path=x,snapshot=on".parse().expect("snapshot");
+        assert!(d.snapshot);
         let d: DiskSpec = "dir=/tmp".parse().expect("dir");
         assert!(d.readonly, "dir= disks are read-only");
         for (bad, msg) in [

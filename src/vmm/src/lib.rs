@@ -309,6 +309,12 @@ impl Vm {
         for spec in &cfg.disks {
             let disk_err = |e: String| VmmError::Device("virtio-blk", e);
             let path = match &spec.source {
+                disk_spec::DiskSource::File(p) if spec.snapshot => {
+                    let img = disk_spec::snapshot_image(p).map_err(disk_err)?;
+                    let p = img.path.clone();
+                    dir_images.push(img);
+                    p
+                }
                 disk_spec::DiskSource::File(p) => p.clone(),
                 disk_spec::DiskSource::Dir(d) => {
                     let img = disk_spec::build_dir_image(d).map_err(|e| disk_err(e.to_string()))?;
@@ -1038,6 +1044,14 @@ impl Vm {
             reason: "exit handle closed".into(),
         });
         self.stop_vcpus(threads);
+        for d in &self.ctx.disks {
+            let s = d.faults.stats();
+            let i = devices::sync::lock(&d.image).stats();
+            log::info!(
+                "virtio-blk {}: {} requests ok, {} I/O errors, {} unsupported, {} without a status; {} B read, {} B written, {} flushes, {} cache write-backs, {} B lost to power cuts",
+                d.bdf, s.ok, s.ioerr, s.unsupp, s.lost_status, i.read_bytes, i.written_bytes, i.flushes, i.writebacks, i.lost_bytes
+            );
+        }
         if let Some(v) = &self.vtd {
             log::info!("VT-d: {}", v.stats());
             if v.caching() == devices::iommu::CachingMode::Exact {

@@ -102,8 +102,21 @@ impl DeviceIommu {
         self.iotlb.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Adds one mapping (of domain `did` when translated), emptying the IOTLB first
-    /// when it is full.
+    /// Makes room for `pages` mappings: empties the IOTLB when they would not fit. Done
+    /// once before a fill, never in the middle of one (emptying it there would drop the
+    /// mappings of the range being filled, and the lookup after the fill would fail).
+    fn reserve(&self, pages: usize) {
+        if self.mappings.load(Ordering::Acquire).saturating_add(pages) <= MAX_MAPPINGS {
+            return;
+        }
+        let mut tlb = self.write_tlb();
+        tlb.invalidate_all();
+        lock(&self.shadow).clear();
+        self.mappings.store(0, Ordering::Release);
+        crate::limits::hit(crate::limits::Cap::VirtioIotlb);
+    }
+
+    /// Adds one mapping (of domain `did` when translated).
     fn add_mapping(
         &self,
         iova: u64,
@@ -114,12 +127,7 @@ impl DeviceIommu {
     ) -> Result<(), Error> {
         let mut tlb = self.write_tlb();
         let exact = self.vtd.as_ref().is_some_and(|v| v.exact());
-        if self.mappings.fetch_add(1, Ordering::AcqRel) >= MAX_MAPPINGS {
-            tlb.invalidate_all();
-            lock(&self.shadow).clear();
-            self.mappings.store(1, Ordering::Release);
-            crate::limits::hit(crate::limits::Cap::VirtioIotlb);
-        }
+        self.mappings.fetch_add(1, Ordering::AcqRel);
         if let (true, Some(did)) = (exact, did) {
             lock(&self.shadow).insert(
                 iova,
@@ -217,22 +225,24 @@ impl DeviceIommu {
             Permissions::ReadWrite => (true, true),
         };
         let end = iova + len;
+        let Some(vtd) = self.vtd.as_ref().filter(|v| v.translating()) else {
+            // Identity (translation off): the whole range, page-aligned, as one mapping.
+            self.reserve(1);
+            let start = iova & !0xfff;
+            let stop = end.saturating_add(0xfff) & !0xfff;
+            return self.add_mapping(
+                start,
+                start,
+                (stop.max(start + 0x1000) - start) as usize,
+                Permissions::ReadWrite,
+                None,
+            );
+        };
+        // Room for every 4 KiB page of the range (larger pages need fewer).
+        let pages = (((end.max(iova + 1) - 1) >> 12) - (iova >> 12) + 1) as usize;
+        self.reserve(pages);
         let mut at = iova;
         while at < end {
-            let Some(vtd) = self.vtd.as_ref().filter(|v| v.translating()) else {
-                // Identity: one page at a time, so that the mapping count stays a
-                // measure of the IOTLB's size.
-                let page_end = (at | 0xfff).saturating_add(1).min(end);
-                self.add_mapping(
-                    at,
-                    at,
-                    (page_end - at) as usize,
-                    Permissions::ReadWrite,
-                    None,
-                )?;
-                at = page_end;
-                continue;
-            };
             let (m, did) =
                 vtd.resolve(self.sid, at, read, write)
                     .map_err(|reason| Error::CannotResolve {
@@ -318,6 +328,25 @@ mod tests {
     use super::*;
     use crate::interrupt::RecordingController;
     use vm_memory::{Bytes, GuestMemory};
+
+    #[test]
+    fn a_long_range_near_the_cap_is_never_evicted_while_it_is_filled() {
+        // The virtio-blk corruption the ext4 Linux-tier job found: the IOTLB was emptied
+        // in the middle of filling a multi-page range, whose lookup then failed.
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).expect("mem");
+        let rec = Arc::new(RecordingController::new(24, 100));
+        let vtd = Arc::new(Vtd::new(mem.clone(), rec));
+        let dm = DeviceIommu::memory(&mem, Some(&vtd), 0x20, true);
+        for i in 0..(MAX_MAPPINGS as u64 - 3) {
+            dm.write_obj(1u8, GuestAddress(i * 4096)).expect("page");
+        }
+        let big = vec![7u8; 1 << 20];
+        for round in 0..8u64 {
+            dm.write_slice(&big, GuestAddress((32 << 20) + round * 4096 + 17))
+                .expect("a 1 MiB range right at the cap");
+        }
+        assert!(dm.iommu().mappings() <= MAX_MAPPINGS);
+    }
 
     #[test]
     fn reads_and_writes_through_the_unit() {

@@ -101,9 +101,22 @@ pub struct BlkFaults {
     pub delay_ms: AtomicU64,
     /// Injected failures so far.
     pub injected: AtomicU64,
+    /// Completions by outcome: OK, IOERR, UNSUPP, no status written.
+    outcomes: [AtomicU64; 4],
 }
 
 impl BlkFaults {
+    /// The device's counters.
+    pub fn stats(&self) -> BlkStats {
+        let n = |i: usize| self.outcomes[i].load(Ordering::Relaxed);
+        BlkStats {
+            ok: n(0),
+            ioerr: n(1),
+            unsupp: n(2),
+            lost_status: n(3),
+        }
+    }
+
     fn take(counter: &AtomicU32) -> bool {
         counter
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -157,7 +170,6 @@ pub struct Blk {
     id: [u8; 20],
     sizes: Vec<u16>,
     faults: Arc<BlkFaults>,
-    stats: BlkStats,
     bounce: Vec<u8>,
 }
 
@@ -197,7 +209,6 @@ impl Blk {
             id: b,
             sizes: vec![QUEUE_SIZE; queues.clamp(1, MAX_QUEUES)],
             faults: Arc::new(BlkFaults::default()),
-            stats: BlkStats::default(),
             bounce: vec![0u8; BOUNCE],
         }
     }
@@ -214,7 +225,7 @@ impl Blk {
 
     /// Counters.
     pub fn stats(&self) -> BlkStats {
-        self.stats
+        self.faults.stats()
     }
 
     fn config(&self) -> [u8; CONFIG_LEN] {
@@ -428,12 +439,13 @@ impl VirtioDevice for Blk {
             let head = chain.head_index();
             let dma_fault = BlkFaults::take(&self.faults.dma_fault_next);
             let (status, len) = self.request(chain, mem, dma_fault);
-            match status {
-                Some(S_OK) => self.stats.ok += 1,
-                Some(S_UNSUPP) => self.stats.unsupp += 1,
-                Some(_) => self.stats.ioerr += 1,
-                None => self.stats.lost_status += 1,
-            }
+            let slot = match status {
+                Some(S_OK) => 0,
+                Some(S_UNSUPP) => 2,
+                Some(_) => 1,
+                None => 3,
+            };
+            self.faults.outcomes[slot].fetch_add(1, Ordering::Relaxed);
             if BlkFaults::take(&self.faults.delay_next) {
                 if self.held.len() < MAX_HELD {
                     self.faults.injected.fetch_add(1, Ordering::Relaxed);
@@ -487,11 +499,29 @@ impl Blk {
             .nth(1)
             .map(|d| (d.addr(), d.len(), d.is_write_only()));
         let chain_w = chain.clone();
-        let Ok(mut reader) = chain.reader(mem) else {
-            return (None, 0);
+        // Where the status byte goes when the buffers cannot be reached: the driver
+        // must still learn that the request failed.
+        let status_at = chain
+            .clone()
+            .last()
+            .filter(|d| d.is_write_only() && d.len() > 0)
+            .map(|d| GuestAddress(d.addr().0.wrapping_add(u64::from(d.len()) - 1)));
+        let fail = |what: &str, e: virtio_queue::Error| {
+            log::warn!("virtio-blk: a request's {what} buffers are unreachable: {e}");
+            match status_at {
+                Some(a) if vm_memory::Bytes::write_obj(mem, S_IOERR, a).is_ok() => {
+                    (Some(S_IOERR), 1)
+                }
+                _ => (None, 0),
+            }
         };
-        let Ok(mut writer) = chain_w.writer(mem) else {
-            return (None, 0);
+        let mut reader = match chain.reader(mem) {
+            Ok(r) => r,
+            Err(e) => return fail("readable", e),
+        };
+        let mut writer = match chain_w.writer(mem) {
+            Ok(w) => w,
+            Err(e) => return fail("writable", e),
         };
         let mut hdr = Header::default();
         let mut raw = [0u8; 16];
@@ -548,7 +578,7 @@ mod tests {
     const USED: u64 = 0x10_2000;
     const HDR: u64 = 0x20_0000;
     const DATA: u64 = 0x30_0000;
-    const STATUS: u64 = 0x40_0000;
+    const STATUS: u64 = 0x50_0000;
 
     struct Rig {
         mem: GuestMemoryMmap,
@@ -560,8 +590,13 @@ mod tests {
     }
 
     fn rig(sectors: u64, readonly: bool) -> Rig {
+        rig_with(sectors, readonly, false)
+    }
+
+    fn rig_with(sectors: u64, readonly: bool, unit: bool) -> Rig {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 32 << 20)]).expect("mem");
         let rec = Arc::new(RecordingController::new(24, 100));
+        let vtd = unit.then(|| Arc::new(crate::iommu::Vtd::new(mem.clone(), rec.clone())));
         let file = TempFile::new().expect("tmp");
         file.as_file()
             .write_all(&vec![0xaa; (sectors * SECTOR) as usize])
@@ -571,7 +606,7 @@ mod tests {
         ));
         let blk = Blk::new(disk.clone(), 2, "fv-serial-0123456789abcdef");
         let faults = blk.faults();
-        let mut dev = VirtioPci::new(blk, Bdf::new(4), 0xc000_0000, mem.clone(), None, rec, None)
+        let mut dev = VirtioPci::new(blk, Bdf::new(4), 0xc000_0000, mem.clone(), vtd, rec, None)
             .expect("device");
         dev.config_write(
             crate::pci::config::reg::COMMAND,
@@ -588,7 +623,8 @@ mod tests {
         r.w(0x14, 0, 1);
         r.w(0x14, 3, 1);
         r.w(0x08, 1, 4);
-        r.w(0x0c, 1, 4); // VERSION_1
+        // VERSION_1, and ACCESS_PLATFORM with the unit.
+        r.w(0x0c, if unit { 3 } else { 1 }, 4);
         r.w(0x00, 0, 4);
         let offered = r.r(0x04, 4);
         r.w(0x08, 0, 4);
@@ -795,6 +831,102 @@ mod tests {
         );
         assert_eq!(r.on_file(3 * 512, 512), vec![0xaa; 512]);
         assert_eq!(r.faults.injected.load(Ordering::SeqCst), 4);
+    }
+
+    /// Submits a request whose data is split over `segs` descriptors at DATA.
+    fn submit_segs(r: &mut Rig, ty: u32, sector: u64, segs: &[u32], write: bool) -> u8 {
+        submit_at(r, ty, sector, segs, write, DATA)
+    }
+
+    fn submit_at(r: &mut Rig, ty: u32, sector: u64, segs: &[u32], write: bool, data: u64) -> u8 {
+        let m = r.mem.clone();
+        m.write_obj(ty, GuestAddress(HDR)).expect("w");
+        m.write_obj(0u32, GuestAddress(HDR + 4)).expect("w");
+        m.write_obj(sector, GuestAddress(HDR + 8)).expect("w");
+        let mut descs = vec![(HDR, 16u32, 0u16)];
+        let mut at = data;
+        for &l in segs {
+            descs.push((at, l, if write { 2 } else { 0 }));
+            at += u64::from(l);
+        }
+        descs.push((STATUS, 1, 2));
+        let n = descs.len();
+        for (i, (a, l, f)) in descs.into_iter().enumerate() {
+            let d = DESC + 16 * i as u64;
+            let flags = f | if i + 1 < n { 1 } else { 0 };
+            m.write_obj(a, GuestAddress(d)).expect("w");
+            m.write_obj(l, GuestAddress(d + 8)).expect("w");
+            m.write_obj(flags, GuestAddress(d + 12)).expect("w");
+            m.write_obj((i + 1) as u16, GuestAddress(d + 14))
+                .expect("w");
+        }
+        let idx = r.next;
+        m.write_obj(0u16, GuestAddress(AVAIL + 4 + 2 * u64::from(idx % 8)))
+            .expect("w");
+        r.next = idx.wrapping_add(1);
+        m.write_obj(r.next, GuestAddress(AVAIL + 2)).expect("w");
+        r.w(NOTIFY, 0, 2);
+        assert_eq!(r.used_idx(), r.next);
+        m.read_obj(GuestAddress(STATUS)).expect("r")
+    }
+
+    #[test]
+    fn unreachable_buffers_still_get_an_error_status() {
+        let mut r = rig(64, false);
+        r.mem.write_obj(0xffu8, GuestAddress(STATUS)).expect("w");
+        // Data beyond guest memory (32 MiB): neither readable nor writable.
+        assert_eq!(
+            submit_at(&mut r, T_OUT, 0, &[512], false, 64 << 20),
+            S_IOERR
+        );
+        assert_eq!(submit_at(&mut r, T_IN, 0, &[512], true, 64 << 20), S_IOERR);
+        assert_eq!(r.dev.device().stats().ioerr, 2);
+        assert_eq!(r.on_file(0, 512), vec![0xaa; 512]);
+    }
+
+    #[test]
+    fn large_requests_over_many_descriptors_round_trip() {
+        large_round_trip(false);
+    }
+
+    #[test]
+    fn large_requests_round_trip_through_the_unit_with_translation_off() {
+        large_round_trip(true);
+    }
+
+    fn large_round_trip(unit: bool) {
+        let mut r = rig_with(8192, false, unit);
+        let data: Vec<u8> = (0..(1u32 << 20))
+            .map(|i| (i * 7 + i / 4096) as u8)
+            .collect();
+        r.mem.write_slice(&data, GuestAddress(DATA)).expect("w");
+        // 1 MiB in three odd-sized pieces (each a whole number of sectors overall).
+        assert_eq!(
+            submit_segs(
+                &mut r,
+                T_OUT,
+                100,
+                &[300 * 512, 200 * 512, 1548 * 512],
+                false
+            ),
+            S_OK
+        );
+        r.mem
+            .write_slice(&vec![0u8; 1 << 20], GuestAddress(DATA))
+            .expect("w");
+        // Read it back framed differently, including pieces that are not sector sized.
+        assert_eq!(
+            submit_segs(&mut r, T_IN, 100, &[1000, 523_288, 524_288], true),
+            S_OK
+        );
+        let mut b = vec![0u8; 1 << 20];
+        r.mem.read_slice(&mut b, GuestAddress(DATA)).expect("r");
+        assert!(b == data, "read back what was written");
+        assert_eq!(submit_segs(&mut r, T_FLUSH, 0, &[], false), S_OK);
+        assert!(
+            r.on_file(100 * 512, 1 << 20) == data,
+            "in the file after the flush"
+        );
     }
 
     #[test]
