@@ -85,6 +85,7 @@ JOBS = [
     lab.Job("linux-campaign", [], timeout=300, raw=(
         "mkdir -p /tmp/fvc/guest && ln -sf /lab/vmlinux /tmp/fvc/guest/vmlinux && "
         "ln -sf /lab/initramfs.cpio /tmp/fvc/guest/initramfs.cpio && "
+        "ln -sf {rootfs} /tmp/fvc/guest/rootfs.ext4 && "
         "FAULTVISOR_CACHE=/tmp/fvc /lab/faultvisor campaign /lab/linux.toml --jobs 1 "
         "--out /tmp/lc; rc=$?; cat /tmp/lc/report.md; "
         "for f in /tmp/lc/*/console.log; do echo \"== $f\"; cat \"$f\"; done; exit $rc")),
@@ -389,7 +390,7 @@ class LinuxCampaign(unittest.TestCase):
 
     def test_every_expectation_holds(self):
         r = job("linux-campaign")
-        self.assertIn("6 experiments: **6 passed, 0 failed**", r.output, r.output)
+        self.assertIn("7 experiments: **7 passed, 0 failed**", r.output, r.output)
         self.assertEqual(r.rc, 0, r.output)
 
     def test_report_shows_the_guest_reactions(self):
@@ -398,12 +399,14 @@ class LinuxCampaign(unittest.TestCase):
                      "| interrupt storm on an unused vector |",
                      "| a lost serial interrupt stalls the console |",
                      "| corrupted virtio-rng descriptor |",
-                     "| an IRTE fault for virtio-rng |"]:
+                     "| an IRTE fault for virtio-rng |",
+                     "| a failing request on the root disk |"]:
             self.assertIn(line, r.output, r.output)
         self.assertIn("No irq handler for vector", r.output)
         self.assertIn("fault addr 0x7000 [fault reason 0x05]", r.output)
         self.assertIn("DMAR: [INTR-REMAP] Request device [00:01.0] fault index 0x", r.output)
         self.assertIn("[fault reason 0x22] Present field in the IRTE entry is clear", r.output)
+        self.assertIn("I/O error, dev vda", r.output)
 
 
 class InteractiveConsole(unittest.TestCase):

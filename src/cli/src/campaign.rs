@@ -15,6 +15,7 @@
 //! [defaults]           # any experiment field
 //! guest = "probe"
 //! devices = ["test", "edu"]
+//! disks = ["path={rootfs},snapshot=on"]   # {rootfs}: the default guest's root disk
 //!
 //! [[experiment]]
 //! name = "drop-3-msis"
@@ -125,6 +126,8 @@ struct Experiment {
     cmdline: Option<String>,
     #[serde(default)]
     devices: Option<Vec<String>>,
+    #[serde(default)]
+    disks: Option<Vec<String>>,
     #[serde(default)]
     vcpus: Option<u32>,
     #[serde(default)]
@@ -243,6 +246,7 @@ fn merged(d: &Experiment, e: &Experiment) -> Experiment {
         initrd: e.initrd.clone().or_else(|| d.initrd.clone()),
         cmdline: e.cmdline.clone().or_else(|| d.cmdline.clone()),
         devices: e.devices.clone().or_else(|| d.devices.clone()),
+        disks: e.disks.clone().or_else(|| d.disks.clone()),
         vcpus: e.vcpus.or(d.vcpus),
         memory: e.memory.clone().or_else(|| d.memory.clone()),
         iommu: e.iommu.clone().or_else(|| d.iommu.clone()),
@@ -378,6 +382,13 @@ fn parse(
             d.parse::<vmm::DeviceSpec>()
                 .map_err(|m| err("devices", m))?;
             args.extend(["--device".into(), d]);
+        }
+        // Disks after the devices; {rootfs} is the default guest's root disk.
+        for d in e.disks.clone().unwrap_or_default() {
+            let rootfs = crate::default_guest_dir().join("rootfs.ext4");
+            let d = d.replace("{rootfs}", &rootfs.display().to_string());
+            d.parse::<vmm::DiskSpec>().map_err(|m| err("disks", m))?;
+            args.extend(["--disk".into(), d]);
         }
         if let Some(v) = e.vcpus {
             if v == 0 || v > vmm::MAX_VCPUS {
