@@ -250,10 +250,25 @@ def _run_nested(jobs, echo, extra_files=None):
         results, current, lines = {}, None, []
         kvm_ready = None
         deadline = t0 + total
+        # A job that overstays its timeout by far means L1 itself is stuck (its own
+        # `timeout` did not fire): end the lab then, rather than wait for the total.
+        watch = {"until": t0 + 300.0, "job": "L1 boot"}
+        timeouts = {j.name: j.timeout for j in jobs}
+
+        def watchdog():
+            while p.poll() is None:
+                if time.monotonic() > watch["until"]:
+                    log(f"the nested lab is stuck in {watch['job']}: stopping it")
+                    p.kill()
+                    return
+                time.sleep(2)
+
+        import threading
+        threading.Thread(target=watchdog, daemon=True).start()
         logdir = os.path.join(ROOT, "target", "lab-logs")
         os.makedirs(logdir, exist_ok=True)
         logpath = os.path.join(logdir, time.strftime("lab-%Y%m%d-%H%M%S.log"))
-        with open(logpath, "w") as logf:
+        with open(logpath, "w", buffering=1) as logf:
             for raw, partial in _chunks(p.stdout, echo and interactive):
                 if partial is not None:
                     # A prompt or keystroke echo without a newline yet: show it now.
@@ -277,6 +292,8 @@ def _run_nested(jobs, echo, extra_files=None):
                     lines = []
                     results[current] = JobResult(current)
                     jt0 = time.monotonic()
+                    watch["job"] = current
+                    watch["until"] = jt0 + 2 * timeouts.get(current, 240) + 120
                     continue
                 if line.startswith(END) and current:
                     m = re.search(r"rc=(\d+) t0=([\d.]+) t1=([\d.]+)", line)
@@ -288,6 +305,8 @@ def _run_nested(jobs, echo, extra_files=None):
                     r.output = "\n".join(lines)
                     log(f"job {current}: rc={r.rc} in {time.monotonic() - jt0:.1f}s")
                     current = None
+                    watch["job"] = "between jobs"
+                    watch["until"] = time.monotonic() + 300
                     continue
                 if current is not None:
                     lines.append(line)

@@ -5,7 +5,8 @@ What it makes, in the cache directory ($FAULTVISOR_CACHE or ~/.cache/faultvisor)
 under guest/:
   vmlinux            the uncompressed ELF kernel, extracted from the bzImage
   bzImage            the Debian cloud kernel as shipped
-  initramfs.cpio     busybox, the virtio modules, fv-outb and resources/guest/init
+  initramfs.cpio     busybox, the virtio modules, fv-outb, a static e2fsck and
+                     resources/guest/init
   lab-base.cpio      the nested lab's L1 initramfs: busybox, kvm modules, lab init
   rootfs.ext4        the root disk: busybox, every module of the kernel, the same
                      init and fv-outb, in an ext4 image with room to spare (built by
@@ -33,6 +34,8 @@ from cpio import CpioWriter  # noqa: E402
 
 KERNEL_META = "linux-image-cloud-amd64"
 BUSYBOX = "busybox-static"
+# A static e2fsck, so the guest can check its disks after a power cut.
+E2FSCK = "e2fsck-static"
 # Modules the default guest carries, in load order (dependencies first).
 GUEST_MODULES = [
     "virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
@@ -166,12 +169,14 @@ def add_busybox(cpio, busybox):
         cpio.mkdir(d)
 
 
-def build_initramfs(out, busybox, kver, idx, modules, init_path, outb):
+def build_initramfs(out, busybox, kver, idx, modules, init_path, outb, e2fsck=None):
     tmp = out + ".tmp"
     cpio = CpioWriter(tmp)
     add_busybox(cpio, busybox)
     cpio.add_file("init", init_path, 0o755)
     cpio.add_file("bin/fv-outb", outb, 0o755)
+    if e2fsck:
+        cpio.add_file("bin/e2fsck", e2fsck, 0o755)
     kdir = f"lib/modules/{kver}"
     rels = []
     for name in modules:
@@ -184,7 +189,7 @@ def build_initramfs(out, busybox, kver, idx, modules, init_path, outb):
     return rels
 
 
-def build_rootfs(out, root, busybox, kver, modules, init_path, outb):
+def build_rootfs(out, root, busybox, kver, modules, init_path, outb, e2fsck):
     """The root disk image: a directory tree put into ext4 by mkfs.ext4 -d."""
     tree = out + ".tree"
     if os.path.exists(tree):
@@ -199,6 +204,8 @@ def build_rootfs(out, root, busybox, kver, modules, init_path, outb):
     os.chmod(os.path.join(tree, "init"), 0o755)
     shutil.copyfile(outb, os.path.join(tree, "bin", "fv-outb"))
     os.chmod(os.path.join(tree, "bin", "fv-outb"), 0o755)
+    shutil.copyfile(e2fsck, os.path.join(tree, "bin", "e2fsck"))
+    os.chmod(os.path.join(tree, "bin", "e2fsck"), 0o755)
     shutil.copytree(os.path.join(root, "lib", "modules", kver),
                     os.path.join(tree, "lib", "modules", kver), symlinks=True)
     with open(os.path.join(tree, "lib", "modules", "load-order"), "w") as f:
@@ -277,22 +284,24 @@ def main():
 
     kdeb = find_deb(debs, kpkg)
     bdeb = find_deb(debs, BUSYBOX)
-    missing = [p for p, d in ((kpkg, kdeb), (BUSYBOX, bdeb)) if d is None]
+    edeb = find_deb(debs, E2FSCK)
+    missing = [p for p, d in ((kpkg, kdeb), (BUSYBOX, bdeb), (E2FSCK, edeb)) if d is None]
     if missing:
         log("downloading " + ", ".join(missing))
         download(missing, debs)
         kdeb = find_deb(debs, kpkg)
         bdeb = find_deb(debs, BUSYBOX)
+        edeb = find_deb(debs, E2FSCK)
     else:
         log("packages already downloaded")
-    if kdeb is None or bdeb is None:
+    if kdeb is None or bdeb is None or edeb is None:
         die("downloaded packages not found in " + debs)
 
     root = os.path.join(out, "root")
     if os.path.exists(root):
         shutil.rmtree(root)
     os.makedirs(root)
-    for deb in (kdeb, bdeb):
+    for deb in (kdeb, bdeb, edeb):
         run(["dpkg-deb", "-x", deb, root])
 
     vmlinuz = glob.glob(os.path.join(root, "boot", "vmlinuz-*"))
@@ -311,9 +320,12 @@ def main():
     idx = module_index(os.path.join(root, "lib", "modules", kver))
 
     log("writing initramfs.cpio (guest)")
+    e2fsck = os.path.join(root, "sbin", "e2fsck.static")
+    if not os.path.exists(e2fsck):
+        die(f"{E2FSCK} has no sbin/e2fsck.static")
     mods = build_initramfs(os.path.join(out, "initramfs.cpio"), busybox, kver, idx,
                            module_closure(idx, GUEST_MODULES),
-                           os.path.join(HERE, "init"), outb)
+                           os.path.join(HERE, "init"), outb, e2fsck)
     log("guest modules: " + " ".join(os.path.basename(m) for m in mods))
     log("writing lab-base.cpio (nested lab L1)")
     lab_mods = build_initramfs(os.path.join(out, "lab-base.cpio"), busybox, kver, idx,
@@ -322,10 +334,11 @@ def main():
     log("lab modules: " + " ".join(os.path.basename(m) for m in lab_mods))
     log("writing rootfs.ext4 (root disk)")
     size = build_rootfs(os.path.join(out, "rootfs.ext4"), root, busybox, kver, mods,
-                        os.path.join(HERE, "init"), outb)
+                        os.path.join(HERE, "init"), outb, e2fsck)
     log(f"root disk: {size >> 20} MiB")
 
-    versions = f"kernel {kver}\n{package_version(kdeb)}\n{package_version(bdeb)}\n"
+    versions = (f"kernel {kver}\n{package_version(kdeb)}\n{package_version(bdeb)}\n"
+                f"{package_version(edeb)}\n")
     with open(os.path.join(out, "versions.txt"), "w") as f:
         f.write(versions)
     shutil.rmtree(root)

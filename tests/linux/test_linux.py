@@ -82,6 +82,21 @@ JOBS = [
         "/lab/faultvisor inject --api-socket /tmp/e.sock disk-dma-fault --device 00:05.0; "
         "/lab/faultvisor inject --api-socket /tmp/e.sock disk-error --device 00:05.0; "
         "wait $pid; echo VM-RC=$?; cat /tmp/e.log")),
+    # Power cuts at random points of an fsync loop on ext4, each followed by a boot
+    # that runs e2fsck and checks every durable file.
+    lab.Job("power-cut-loop", [], timeout=300, raw=(
+        "cp /lab/ext4.img /tmp/pl.img; "
+        "for cycle in 1 2 3; do "
+        "/lab/faultvisor run --kernel /lab/vmlinux --initrd /lab/initramfs.cpio --memory 512M "
+        "--disk path=/tmp/pl.img --api-socket /tmp/pl.sock --cmdline "
+        f"'{BASE} intel_iommu=on fv.checks=modules,fsync-loop' > /tmp/pl.log 2>&1 & pid=$!; "
+        "for i in $(seq 900); do grep -q FV-FSYNC-START /tmp/pl.log && break; sleep 0.1; done; "
+        "sleep $cycle.$RANDOM; "
+        "/lab/faultvisor inject --api-socket /tmp/pl.sock power-cut > /dev/null; wait $pid; "
+        "echo \"CYCLE $cycle CUT-RC=$? $(grep -o 'FV-FSYNCED [0-9]*' /tmp/pl.log | tail -1)\"; "
+        "/lab/faultvisor run --kernel /lab/vmlinux --initrd /lab/initramfs.cpio --memory 512M "
+        f"--disk path=/tmp/pl.img --cmdline '{BASE} fv.checks=modules,fsck-verify' 2>&1 "
+        "| grep -E 'FV-CHECK fsck|FV-VERIFY|FV-FSCK|mount' | sed \"s/^/CYCLE $cycle /\"; done")),
     lab.Job("linux-campaign", [], timeout=300, raw=(
         "mkdir -p /tmp/fvc/guest && ln -sf /lab/vmlinux /tmp/fvc/guest/vmlinux && "
         "ln -sf /lab/initramfs.cpio /tmp/fvc/guest/initramfs.cpio && "
@@ -282,6 +297,20 @@ class IntelIommu(unittest.TestCase):
         self.assertEqual(check(r, "cpus"), "online=2")
         self.assertEqual(check(r, "modules"), "ok")
         self.assertEqual(r.rc, 0, r.output)
+
+    def test_every_fsynced_file_survives_power_cuts_at_random_points(self):
+        r = job("power-cut-loop")
+        for cycle in (1, 2, 3):
+            cut = re.search(rf"CYCLE {cycle} CUT-RC=(\d+) FV-FSYNCED (\d+)", r.output)
+            self.assertIsNotNone(cut, r.output)
+            self.assertEqual(cut.group(1), "6", "stopped by the power cut")
+            durable = int(cut.group(2))
+            rc = re.search(rf"CYCLE {cycle} FV-CHECK fsck rc=(\d+)", r.output)
+            self.assertIsNotNone(rc, r.output)
+            self.assertIn(int(rc.group(1)), (0, 1), "e2fsck found (or fixed) no damage")
+            ok = {int(n) for n in re.findall(rf"CYCLE {cycle} FV-VERIFY (\d+) ok", r.output)}
+            missing = [n for n in range(1, durable + 1) if n not in ok]
+            self.assertEqual(missing, [], f"cycle {cycle}: fsynced files lost or damaged")
 
     def test_a_power_cut_loses_exactly_the_unflushed_writes(self):
         r = job("power-cut")
