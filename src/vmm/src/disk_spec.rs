@@ -95,9 +95,11 @@ impl FromStr for DiskSpec {
                         _ => return Err(format!("cache={v}: volatile or host")),
                     }
                 }
-                _ => return Err(format!(
+                _ => {
+                    return Err(format!(
                     "unknown disk option '{k}' (path, dir, readonly, snapshot, bdf, serial, cache)"
-                )),
+                ))
+                }
             }
         }
         let source = source.ok_or("a disk needs path=FILE or dir=DIR")?;

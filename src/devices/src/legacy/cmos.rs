@@ -283,6 +283,21 @@ impl Rtc {
             + i64::from(r(REG_SECONDS) % 60)
     }
 
+    /// Copies the time of guest second `t` into the time registers' RAM.
+    fn latch(&mut self, t: i64) {
+        for r in [
+            REG_SECONDS,
+            REG_MINUTES,
+            REG_HOURS,
+            REG_DAY,
+            REG_MONTH,
+            REG_YEAR,
+            REG_CENTURY,
+        ] {
+            self.ram[r] = self.time_register(r, t);
+        }
+    }
+
     fn write_register(&mut self, reg: usize, v: u8) {
         match reg {
             REG_SECONDS | REG_MINUTES | REG_HOURS | REG_WEEKDAY | REG_DAY | REG_MONTH
@@ -290,18 +305,7 @@ impl Rtc {
                 if self.frozen.is_none() {
                     // Writes outside SET: take the running time into RAM first, so the
                     // registers not written keep their values.
-                    let t = self.seconds_now();
-                    for r in [
-                        REG_SECONDS,
-                        REG_MINUTES,
-                        REG_HOURS,
-                        REG_DAY,
-                        REG_MONTH,
-                        REG_YEAR,
-                        REG_CENTURY,
-                    ] {
-                        self.ram[r] = self.time_register(r, t);
-                    }
+                    self.latch(self.seconds_now());
                     self.ram[reg] = v;
                     let host = self.clock.now().as_secs() as i64;
                     self.offset = self.written_time() - host;
@@ -315,17 +319,7 @@ impl Rtc {
                 let set = v & B_SET != 0;
                 if set && !was_set {
                     let t = self.seconds_now();
-                    for r in [
-                        REG_SECONDS,
-                        REG_MINUTES,
-                        REG_HOURS,
-                        REG_DAY,
-                        REG_MONTH,
-                        REG_YEAR,
-                        REG_CENTURY,
-                    ] {
-                        self.ram[r] = self.time_register(r, t);
-                    }
+                    self.latch(t);
                     self.frozen = Some(t);
                 }
                 self.ram[REG_B] = v;

@@ -681,32 +681,9 @@ mod tests {
 
         /// Puts a request in the ring and notifies (no check that it completed).
         fn post(&mut self, ty: u32, sector: u64, len: u32, write: bool) {
-            let m = &self.mem.clone();
-            m.write_obj(ty, GuestAddress(HDR)).expect("w");
-            m.write_obj(0u32, GuestAddress(HDR + 4)).expect("w");
-            m.write_obj(sector, GuestAddress(HDR + 8)).expect("w");
-            m.write_obj(0xffu8, GuestAddress(STATUS)).expect("w");
-            let mut descs = vec![(HDR, 16u32, 0u16)];
-            if len > 0 {
-                descs.push((DATA, len, if write { 2 } else { 0 }));
-            }
-            descs.push((STATUS, 1, 2));
-            let n = descs.len();
-            for (i, (a, l, f)) in descs.into_iter().enumerate() {
-                let d = DESC + 16 * i as u64;
-                let flags = f | if i + 1 < n { 1 } else { 0 };
-                m.write_obj(a, GuestAddress(d)).expect("w");
-                m.write_obj(l, GuestAddress(d + 8)).expect("w");
-                m.write_obj(flags, GuestAddress(d + 12)).expect("w");
-                m.write_obj((i + 1) as u16, GuestAddress(d + 14))
-                    .expect("w");
-            }
-            let idx = self.next;
-            m.write_obj(0u16, GuestAddress(AVAIL + 4 + 2 * u64::from(idx % 8)))
-                .expect("w");
-            self.next = idx.wrapping_add(1);
-            m.write_obj(self.next, GuestAddress(AVAIL + 2)).expect("w");
-            self.w(NOTIFY, 0, 2);
+            let segs: &[u32] = if len > 0 { &[len] } else { &[] };
+            self.mem.write_obj(0xffu8, GuestAddress(STATUS)).expect("w");
+            post_chain(self, ty, sector, segs, write, DATA);
         }
 
         fn on_file(&self, at: u64, n: usize) -> Vec<u8> {
@@ -839,6 +816,14 @@ mod tests {
     }
 
     fn submit_at(r: &mut Rig, ty: u32, sector: u64, segs: &[u32], write: bool, data: u64) -> u8 {
+        post_chain(r, ty, sector, segs, write, data);
+        assert_eq!(r.used_idx(), r.next);
+        r.mem.read_obj(GuestAddress(STATUS)).expect("r")
+    }
+
+    /// Writes a header, data descriptors at `data` and a status byte into the ring, and
+    /// notifies.
+    fn post_chain(r: &mut Rig, ty: u32, sector: u64, segs: &[u32], write: bool, data: u64) {
         let m = r.mem.clone();
         m.write_obj(ty, GuestAddress(HDR)).expect("w");
         m.write_obj(0u32, GuestAddress(HDR + 4)).expect("w");
@@ -866,8 +851,6 @@ mod tests {
         r.next = idx.wrapping_add(1);
         m.write_obj(r.next, GuestAddress(AVAIL + 2)).expect("w");
         r.w(NOTIFY, 0, 2);
-        assert_eq!(r.used_idx(), r.next);
-        m.read_obj(GuestAddress(STATUS)).expect("r")
     }
 
     #[test]
