@@ -291,6 +291,49 @@ pub struct Vm {
     _dir_images: Vec<disk_spec::DirImage>,
 }
 
+/// What every virtio device on PCI is built with.
+struct VirtioCtx<'a> {
+    mem: &'a GuestMemoryMmap,
+    vtd: &'a Option<Arc<Vtd>>,
+    irqc: &'a Arc<KvmIrqController>,
+    vm: &'a Arc<KvmVm>,
+    /// The worker thread's seccomp filter.
+    filter: Arc<dyn Fn() + Send + Sync>,
+}
+
+/// Puts `device` on PCI at `bdf`: the virtio-pci transport with BAR0 at `bar0` and INTx
+/// on `line`, queue notifications by ioeventfd, a worker thread named `worker-DD`.
+fn attach_virtio<D: devices::virtio::VirtioDevice + 'static>(
+    device: D,
+    bdf: Bdf,
+    bar0: u64,
+    line: IoapicLine,
+    c: &VirtioCtx<'_>,
+    root: &mut PciRoot,
+    worker: &str,
+) -> Result<(), String> {
+    let dev = VirtioPci::new(
+        device,
+        bdf,
+        bar0,
+        c.mem.clone(),
+        c.vtd.clone(),
+        c.irqc.clone(),
+        Some(line),
+    )
+    .map_err(|e| e.to_string())?
+    .with_ioeventfds(Arc::new(kvm_vm::IoeventfdRegistrar(c.vm.clone())))
+    .map_err(|e| format!("cannot create its notification eventfds: {e}"))?;
+    let dev = Arc::new(Mutex::new(dev));
+    VirtioPci::start_worker(
+        dev.clone(),
+        format!("{worker}-{:02x}", bdf.device),
+        c.filter.clone(),
+    )
+    .map_err(|e| format!("cannot start its worker thread: {e}"))?;
+    root.add(bdf, dev).map_err(|e| e.to_string())
+}
+
 fn open(what: &'static str, path: &PathBuf) -> Result<File, VmmError> {
     File::open(path).map_err(|source| VmmError::File {
         what,
@@ -661,28 +704,16 @@ impl Vm {
                     let line = IoapicLine::new(ioapic.clone(), pin);
                     let rng = Rng::new();
                     virtio_corruption.push((bdf, rng.corruption()));
-                    let dev = VirtioPci::new(
-                        rng,
-                        bdf,
-                        bar0,
-                        mem.clone(),
-                        vtd.clone(),
-                        irqc.clone(),
-                        Some(line),
-                    )
-                    .map_err(|e| dev_err(e.to_string()))?
-                    .with_ioeventfds(Arc::new(kvm_vm::IoeventfdRegistrar(vm.clone())))
-                    .map_err(|e| {
-                        dev_err(format!("cannot create its notification eventfds: {e}"))
-                    })?;
-                    let dev = Arc::new(Mutex::new(dev));
-                    VirtioPci::start_worker(
-                        dev.clone(),
-                        format!("fv-virtio-{:02x}", bdf.device),
-                        seccomp::thread_filter(cfg.seccomp, seccomp::ThreadKind::Worker)?,
-                    )
-                    .map_err(|e| dev_err(format!("cannot start its worker thread: {e}")))?;
-                    root.add(bdf, dev).map_err(|e| dev_err(e.to_string()))?;
+                    let filter = seccomp::thread_filter(cfg.seccomp, seccomp::ThreadKind::Worker)?;
+                    let vctx = VirtioCtx {
+                        mem: &mem,
+                        vtd: &vtd,
+                        irqc: &irqc,
+                        vm: &vm,
+                        filter,
+                    };
+                    attach_virtio(rng, bdf, bar0, line, &vctx, &mut root, "fv-virtio")
+                        .map_err(dev_err)?;
                     log::info!(
                         "device virtio-rng (1af4:1044) at {bdf}, BAR0 {bar0:#x}, DMA {}",
                         if vtd.is_some() {
@@ -720,26 +751,15 @@ impl Vm {
                 image: image.clone(),
                 faults: blk.faults(),
             });
-            let dev = VirtioPci::new(
-                blk,
-                bdf,
-                bar0,
-                mem.clone(),
-                vtd.clone(),
-                irqc.clone(),
-                Some(line),
-            )
-            .map_err(|e| disk_err(e.to_string()))?
-            .with_ioeventfds(Arc::new(kvm_vm::IoeventfdRegistrar(vm.clone())))
-            .map_err(|e| disk_err(format!("cannot create its notification eventfds: {e}")))?;
-            let dev = Arc::new(Mutex::new(dev));
-            VirtioPci::start_worker(
-                dev.clone(),
-                format!("fv-blk-{:02x}", bdf.device),
-                seccomp::thread_filter(cfg.seccomp, seccomp::ThreadKind::Worker)?,
-            )
-            .map_err(|e| disk_err(format!("cannot start its worker thread: {e}")))?;
-            root.add(bdf, dev).map_err(|e| disk_err(e.to_string()))?;
+            let filter = seccomp::thread_filter(cfg.seccomp, seccomp::ThreadKind::Worker)?;
+            let vctx = VirtioCtx {
+                mem: &mem,
+                vtd: &vtd,
+                irqc: &irqc,
+                vm: &vm,
+                filter,
+            };
+            attach_virtio(blk, bdf, bar0, line, &vctx, &mut root, "fv-blk").map_err(disk_err)?;
             placed.push((bdf, DeviceKind::VirtioBlk));
             log::info!(
                 "device virtio-blk (1af4:1042) at {bdf}: {} ({} MiB{}, {queues} queue(s), cache={}), DMA {}",
