@@ -437,6 +437,47 @@ fn bad_requests_get_4xx_naming_the_field() {
     assert_eq!(w["go"], 1);
 }
 
+/// A power cut stops the VM with exit code 6, and only after the client has its
+/// reply: three cuts in a row, each read back in full by `faultvisor inject`.
+#[test]
+fn power_cut_replies_before_the_vm_stops() {
+    if !common::kvm_available("power_cut_replies") {
+        return;
+    }
+    let img = probe().with_file_name("power-cut.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).expect("image");
+    let disk = format!("path={}", img.display());
+    for round in 0..3 {
+        let vm = Vm::start(
+            &format!("power_cut_{round}"),
+            &["--disk", &disk],
+            "opt.watch",
+        )
+        .expect("KVM checked above");
+        vm.wait_for("# watch: ready");
+        let (rc, out, err) = vm.inject(&["power-cut"]);
+        assert_eq!(rc, 0, "round {round}: {err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim())
+            .unwrap_or_else(|e| panic!("round {round}: reply {out:?}: {e}"));
+        assert_eq!(v["result"], "power cut", "{v}");
+        assert_eq!(v["lost_bytes"], 0, "nothing was written: {v}");
+        let mut child = vm.child;
+        let t0 = Instant::now();
+        let code = loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                break st.code();
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "round {round}: the VM did not stop"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(code, Some(6), "round {round}: the power-cut exit code");
+    }
+    let _ = std::fs::remove_file(&img);
+}
+
 #[test]
 fn iommu_faults_need_an_iommu() {
     let Some(vm) = Vm::start(

@@ -66,7 +66,8 @@ JOBS = [
         "--memory 512M --disk path=/tmp/p.img --api-socket /tmp/p.sock --cmdline "
         f"'{BASE} fv.checks=modules,disk-power' > /tmp/p.log 2>&1 & pid=$!; "
         "for i in $(seq 900); do grep -q FV-DISK-READY /tmp/p.log && break; sleep 0.1; done; "
-        "/lab/faultvisor inject --api-socket /tmp/p.sock power-cut; wait $pid; "
+        "/lab/faultvisor inject --api-socket /tmp/p.sock power-cut; echo INJECT-RC=$?; "
+        "wait $pid; "
         "echo PC-RC=$?; cat /tmp/p.log; "
         "echo A-MD5=$(dd if=/tmp/p.img bs=1M skip=8 count=1 2>/dev/null | md5sum | cut -d' ' -f1); "
         "echo B-MD5=$(dd if=/tmp/p.img bs=1M skip=16 count=1 2>/dev/null | md5sum | cut -d' ' -f1); "
@@ -317,10 +318,13 @@ class IntelIommu(unittest.TestCase):
         m = re.search(r"FV-DISK-READY a=(\w+) b=(\w+) arc=(\d+) brc=(\d+)", r.output)
         self.assertIsNotNone(m, r.output)
         self.assertEqual(m.group(3), "0", "the fsynced write succeeded")
-        # The VMM's own account (the inject client's reply can be cut short: the VM,
-        # and with it the API, stops at once).
+        # The VMM's own account, and the client's reply (written before the VM stops).
         lost = re.search(r"power cut \(injected\): (\d+) unflushed bytes lost", r.output)
         self.assertIsNotNone(lost, r.output)
+        self.assertIn("INJECT-RC=0", r.output, "the client got its reply")
+        reply = re.search(r'"lost_bytes":\s*(\d+)', r.output)
+        self.assertIsNotNone(reply, r.output)
+        self.assertEqual(reply.group(1), lost.group(1), "the reply and the log agree")
         self.assertIn("PC-RC=6", r.output, "the VM stopped with the power-cut exit code")
         a = re.search(r"A-MD5=(\w+)", r.output).group(1)
         b = re.search(r"B-MD5=(\w+)", r.output).group(1)

@@ -152,6 +152,9 @@ enum Reply {
     Text(String),
     /// A reply computed on the worker pool.
     Job(Box<dyn FnOnce() -> (u16, Value) + Send>),
+    /// A JSON reply now, and an action once the reply is in the socket (or the
+    /// connection is gone): a power cut stops the VM only after telling the client.
+    JsonThen(u16, Value, Box<dyn FnOnce() + Send>),
 }
 
 impl ApiContext {
@@ -362,14 +365,22 @@ impl ApiContext {
                 for d in &self.disks {
                     lost += devices::sync::lock(&d.image).power_cut();
                 }
-                self.exit.request(
-                    crate::EXIT_POWER_CUT,
-                    format!("power cut (injected): {lost} unflushed bytes lost"),
-                );
-                for p in &self.vcpu_probes {
-                    p.kick();
-                }
-                ok(json!({"result": "power cut", "lost_bytes": lost}))
+                // The disks take no more writes from now on; the VM stops once the
+                // client has its reply (the process exits soon after).
+                let (exit, probes) = (self.exit.clone(), self.vcpu_probes.clone());
+                Ok(Reply::JsonThen(
+                    200,
+                    json!({"result": "power cut", "lost_bytes": lost}),
+                    Box::new(move || {
+                        exit.request(
+                            crate::EXIT_POWER_CUT,
+                            format!("power cut (injected): {lost} unflushed bytes lost"),
+                        );
+                        for p in &probes {
+                            p.kick();
+                        }
+                    }),
+                ))
             }
             Inject::DropIrq { target, count } => self.arm(&target, count, IrqAction::Drop),
             Inject::DelayIrq {
@@ -627,6 +638,48 @@ struct Conn {
     reject: bool,
     /// The request left bytes unread (drain before closing).
     leftover: bool,
+    /// Runs once the reply is written, or when the connection ends first.
+    then: Option<Box<dyn FnOnce() + Send>>,
+}
+
+/// How far [`Conn::write_out`] got.
+#[derive(Debug, PartialEq, Eq)]
+enum Written {
+    /// The whole reply is in the socket (and the `then` action has run).
+    All,
+    /// The socket is full: wait for it to drain.
+    Partly,
+    /// The peer is gone.
+    Failed,
+}
+
+impl Conn {
+    /// Writes what the socket takes of the reply; once all of it is there, runs the
+    /// connection's `then` action (so the client can read the reply even if the action
+    /// ends the process).
+    fn write_out(&mut self) -> Written {
+        while self.written < self.out.len() {
+            match self.stream.write(&self.out[self.written..]) {
+                Ok(0) => return Written::Failed,
+                Ok(n) => self.written += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Written::Partly,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => return Written::Failed,
+            }
+        }
+        if let Some(f) = self.then.take() {
+            f();
+        }
+        Written::All
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let Some(f) = self.then.take() {
+            f();
+        }
+    }
 }
 
 /// The API's event-loop subscriber.
@@ -729,6 +782,7 @@ impl ApiServer {
                 deadline: Instant::now() + IDLE,
                 reject,
                 leftover: false,
+                then: None,
             };
             if reject {
                 c.leftover = true;
@@ -773,14 +827,10 @@ impl ApiServer {
 
     /// Writes what the socket takes; returns false when the connection is finished.
     fn flush(c: &mut Conn, ops: &mut EventOps) -> bool {
-        while c.written < c.out.len() {
-            match c.stream.write(&c.out[c.written..]) {
-                Ok(0) => return false,
-                Ok(n) => c.written += n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(_) => return false,
-            }
+        match c.write_out() {
+            Written::All => {}
+            Written::Partly => return true,
+            Written::Failed => return false,
         }
         if !c.leftover {
             return false;
@@ -821,6 +871,10 @@ impl ApiServer {
                             c.inbuf = Vec::new();
                             match self.ctx.handle(&req.method, &req.path, &req.body) {
                                 Reply::Json(status, v) => {
+                                    Self::reply(c, json_response(status, &v), ops)
+                                }
+                                Reply::JsonThen(status, v, then) => {
+                                    c.then = Some(then);
                                     Self::reply(c, json_response(status, &v), ops)
                                 }
                                 Reply::Text(t) => Self::reply(
@@ -946,5 +1000,87 @@ impl MutEventSubscriber for ApiServer {
         if let Err(e) = ops.add(Events::new(self.done_efd.as_ref(), EventSet::IN)) {
             log::warn!("API completions cannot be polled: {e:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    fn conn(stream: UnixStream, out: &[u8], then: Box<dyn FnOnce() + Send>) -> Conn {
+        Conn {
+            stream,
+            id: 1,
+            inbuf: Vec::new(),
+            out: out.to_vec(),
+            written: 0,
+            state: State::Writing,
+            deadline: Instant::now() + IDLE,
+            reject: false,
+            leftover: false,
+            then: Some(then),
+        }
+    }
+
+    #[test]
+    fn then_runs_once_the_whole_reply_is_readable() {
+        let (server, mut client) = UnixStream::pair().expect("socket pair");
+        server.set_nonblocking(true).expect("nonblocking");
+        client.set_nonblocking(true).expect("nonblocking");
+        let reply = vec![b'x'; 1 << 20];
+        let seen = Arc::new(Mutex::new(None));
+        let s2 = seen.clone();
+        let mut peer = client.try_clone().expect("clone");
+        let mut c = conn(
+            server,
+            &reply,
+            Box::new(move || {
+                // What the client can read at the moment the action runs.
+                let mut got = Vec::new();
+                let _ = peer.read_to_end(&mut got);
+                *s2.lock().expect("seen") = Some(got.len());
+            }),
+        );
+        // A 1 MiB reply does not fit in the socket at once: the action waits.
+        assert_eq!(c.write_out(), Written::Partly);
+        assert!(
+            seen.lock().expect("seen").is_none(),
+            "ran before the reply was out"
+        );
+        let mut read = 0;
+        let mut buf = vec![0u8; 1 << 16];
+        while seen.lock().expect("seen").is_none() {
+            if let Ok(n) = client.read(&mut buf) {
+                read += n;
+            }
+            let _ = c.write_out();
+        }
+        let at_action = seen.lock().expect("seen").expect("ran");
+        assert_eq!(
+            read + at_action,
+            reply.len(),
+            "the whole reply was readable first"
+        );
+    }
+
+    #[test]
+    fn then_runs_when_the_connection_ends_first() {
+        let (server, client) = UnixStream::pair().expect("socket pair");
+        drop(client);
+        let ran = Arc::new(AtomicBool::new(false));
+        let r2 = ran.clone();
+        let mut c = conn(
+            server,
+            b"reply",
+            Box::new(move || r2.store(true, Ordering::SeqCst)),
+        );
+        assert_eq!(c.write_out(), Written::Failed);
+        assert!(!ran.load(Ordering::SeqCst));
+        drop(c);
+        assert!(
+            ran.load(Ordering::SeqCst),
+            "a power cut must not be lost with its client"
+        );
     }
 }
