@@ -437,6 +437,31 @@ fn bad_requests_get_4xx_naming_the_field() {
     assert_eq!(w["go"], 1);
 }
 
+/// Guest RAM is 2 MiB-aligned in the VMM's address space (so KVM can map it with
+/// 2 MiB pages): the 64 MiB mapping of the running VMM, read from /proc/PID/maps.
+#[test]
+fn guest_ram_is_mapped_2m_aligned() {
+    let Some(vm) = Vm::start("ram_alignment", &[], "opt.watch") else {
+        return;
+    };
+    vm.wait_for("# watch: ready");
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", vm.child.id())).expect("maps");
+    let ram: Vec<(u64, u64)> = maps
+        .lines()
+        .filter_map(|l| {
+            let (lo, hi) = l.split_whitespace().next()?.split_once('-')?;
+            let (lo, hi) = (
+                u64::from_str_radix(lo, 16).ok()?,
+                u64::from_str_radix(hi, 16).ok()?,
+            );
+            (hi - lo == 64 << 20).then_some((lo, hi))
+        })
+        .collect();
+    assert_eq!(ram.len(), 1, "one 64 MiB mapping for guest RAM:\n{maps}");
+    assert_eq!(ram[0].0 % (2 << 20), 0, "guest RAM at {:#x}", ram[0].0);
+    vm.finish();
+}
+
 /// A power cut stops the VM with exit code 6, and only after the client has its
 /// reply: three cuts in a row, each read back in full by `faultvisor inject`.
 #[test]

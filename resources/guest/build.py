@@ -5,8 +5,8 @@ What it makes, in the cache directory ($FAULTVISOR_CACHE or ~/.cache/faultvisor)
 under guest/:
   vmlinux            the uncompressed ELF kernel, extracted from the bzImage
   bzImage            the Debian cloud kernel as shipped
-  initramfs.cpio     busybox, the virtio modules, fv-outb, a static e2fsck and
-                     resources/guest/init
+  initramfs.cpio     busybox, the virtio modules, fv-outb, fv-blkbench (blkbench.c,
+                     for ci/bench_blk.py), a static e2fsck and resources/guest/init
   lab-base.cpio      the nested lab's L1 initramfs: busybox, kvm modules, lab init
   rootfs.ext4        the root disk: busybox, every module of the kernel, the same
                      init and fv-outb, in an ext4 image with room to spare (built by
@@ -169,12 +169,15 @@ def add_busybox(cpio, busybox):
         cpio.mkdir(d)
 
 
-def build_initramfs(out, busybox, kver, idx, modules, init_path, outb, e2fsck=None):
+def build_initramfs(out, busybox, kver, idx, modules, init_path, outb, e2fsck=None,
+                    tools=()):
     tmp = out + ".tmp"
     cpio = CpioWriter(tmp)
     add_busybox(cpio, busybox)
     cpio.add_file("init", init_path, 0o755)
     cpio.add_file("bin/fv-outb", outb, 0o755)
+    for tool in tools:
+        cpio.add_file(f"bin/{os.path.basename(tool)}", tool, 0o755)
     if e2fsck:
         cpio.add_file("bin/e2fsck", e2fsck, 0o755)
     kdir = f"lib/modules/{kver}"
@@ -189,7 +192,7 @@ def build_initramfs(out, busybox, kver, idx, modules, init_path, outb, e2fsck=No
     return rels
 
 
-def build_rootfs(out, root, busybox, kver, modules, init_path, outb, e2fsck):
+def build_rootfs(out, root, busybox, kver, modules, init_path, outb, e2fsck, tools=()):
     """The root disk image: a directory tree put into ext4 by mkfs.ext4 -d."""
     tree = out + ".tree"
     if os.path.exists(tree):
@@ -204,8 +207,9 @@ def build_rootfs(out, root, busybox, kver, modules, init_path, outb, e2fsck):
     os.chmod(os.path.join(tree, "init"), 0o755)
     shutil.copyfile(outb, os.path.join(tree, "bin", "fv-outb"))
     os.chmod(os.path.join(tree, "bin", "fv-outb"), 0o755)
-    shutil.copyfile(e2fsck, os.path.join(tree, "bin", "e2fsck"))
-    os.chmod(os.path.join(tree, "bin", "e2fsck"), 0o755)
+    for src, name in [(e2fsck, "e2fsck")] + [(t, os.path.basename(t)) for t in tools]:
+        shutil.copyfile(src, os.path.join(tree, "bin", name))
+        os.chmod(os.path.join(tree, "bin", name), 0o755)
     shutil.copytree(os.path.join(root, "lib", "modules", kver),
                     os.path.join(tree, "lib", "modules", kver), symlinks=True)
     with open(os.path.join(tree, "lib", "modules", "load-order"), "w") as f:
@@ -247,7 +251,8 @@ def main():
         print(out)
         return
     os.makedirs(out, exist_ok=True)
-    inputs = [os.path.join(HERE, f) for f in ("build.py", "cpio.py", "init", "outb.c")]
+    inputs = [os.path.join(HERE, f) for f in ("build.py", "cpio.py", "init", "outb.c",
+                                                 "blkbench.c")]
     inputs.append(os.path.join(os.path.dirname(HERE), "lab", "init"))
 
     for tool, pkg in (("apt-get", "apt"), ("dpkg-deb", "dpkg"), ("lz4", "lz4"),
@@ -316,6 +321,9 @@ def main():
 
     outb = os.path.join(out, "fv-outb")
     run(["gcc", "-static", "-Os", "-s", "-o", outb, os.path.join(HERE, "outb.c")])
+    blkbench = os.path.join(out, "fv-blkbench")
+    run(["gcc", "-static", "-O2", "-s", "-o", blkbench, os.path.join(HERE, "blkbench.c"),
+         "-lpthread"])
     busybox = os.path.join(root, "bin", "busybox")
     idx = module_index(os.path.join(root, "lib", "modules", kver))
 
@@ -325,7 +333,7 @@ def main():
         die(f"{E2FSCK} has no sbin/e2fsck.static")
     mods = build_initramfs(os.path.join(out, "initramfs.cpio"), busybox, kver, idx,
                            module_closure(idx, GUEST_MODULES),
-                           os.path.join(HERE, "init"), outb, e2fsck)
+                           os.path.join(HERE, "init"), outb, e2fsck, [blkbench])
     log("guest modules: " + " ".join(os.path.basename(m) for m in mods))
     log("writing lab-base.cpio (nested lab L1)")
     lab_mods = build_initramfs(os.path.join(out, "lab-base.cpio"), busybox, kver, idx,
@@ -334,7 +342,7 @@ def main():
     log("lab modules: " + " ".join(os.path.basename(m) for m in lab_mods))
     log("writing rootfs.ext4 (root disk)")
     size = build_rootfs(os.path.join(out, "rootfs.ext4"), root, busybox, kver, mods,
-                        os.path.join(HERE, "init"), outb, e2fsck)
+                        os.path.join(HERE, "init"), outb, e2fsck, [blkbench])
     log(f"root disk: {size >> 20} MiB")
 
     versions = (f"kernel {kver}\n{package_version(kdeb)}\n{package_version(bdeb)}\n"

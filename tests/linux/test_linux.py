@@ -42,6 +42,15 @@ JOBS = [
                             "--memory", "512M", "--device", "virtio-rng", "--cmdline",
                             f"{BASE} intel_iommu=on intremap=off "
                             "fv.checks=modules,ir,serial-irq,hwrng"]),
+    # Guest RAM's host mapping while the guest runs: 2 MiB-aligned, backed by THP.
+    lab.Job("ram-alignment", [], timeout=120, raw=(
+        "/lab/faultvisor run --kernel /lab/vmlinux --initrd /lab/initramfs.cpio --vcpus 1 "
+        f"--memory 512M --cmdline '{BASE} fv.checks=pause' > /tmp/ra.log 2>&1 & pid=$!; "
+        "for i in $(seq 600); do grep -q FAULTVISOR-INIT /tmp/ra.log && break; sleep 0.1; done; "
+        "while read -r r _; do lo=0x${{r%-*}}; hi=0x${{r#*-}}; "
+        "[ ${{#hi}} -le 14 ] && [ $((hi - lo)) = 536870912 ] && {{ echo \"RAM-MAP $r\"; "
+        "awk -v r=\"$r\" '$1 == r {{ f = 1 }} f && /AnonHugePages/ {{ print \"RAM-THP \" $2; exit }}' "
+        "/proc/$pid/smaps; }}; done < /proc/$pid/maps; wait $pid; echo RA-RC=$?")),
     # virtio-blk through the VT-d unit: write, flush, read back; the image must hold
     # exactly the flushed pattern afterwards.
     lab.Job("disk", [], timeout=180, raw=(
@@ -210,6 +219,16 @@ class LinuxBoot(unittest.TestCase):
     def test_boot_timer_logs_guest_boot_time(self):
         r = job("one-vcpu")
         self.assertTrue(any("Guest-boot-time = " in l for l in r.lines), r.output)
+
+    def test_guest_ram_is_2m_aligned_and_huge_paged(self):
+        r = job("ram-alignment")
+        self.assertIn("RA-RC=0", r.output)
+        maps = re.findall(r"RAM-MAP ([0-9a-f]+)-", r.output)
+        self.assertEqual(len(maps), 1, r.output)
+        self.assertEqual(int(maps[0], 16) % (2 << 20), 0, "guest RAM 2 MiB-aligned")
+        thp = re.search(r"RAM-THP (\d+)", r.output)
+        self.assertIsNotNone(thp, r.output)
+        self.assertGreater(int(thp.group(1)), 0, "transparent huge pages back guest RAM")
 
     def test_bzimage_boots_and_debug_exit_sets_code(self):
         r = job("bzimage")

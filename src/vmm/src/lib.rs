@@ -13,6 +13,7 @@ pub mod introspect;
 pub mod irq;
 pub mod kvm_vm;
 pub mod metrics;
+pub mod ram;
 pub mod seccomp;
 mod seccomp_names;
 mod stdin;
@@ -397,7 +398,7 @@ impl Vm {
             .iter()
             .map(|(a, s)| (GuestAddress(*a), *s as usize))
             .collect();
-        let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmmError::Memory {
+        let mem = ram::guest_ram(&ranges).map_err(|e| VmmError::Memory {
             size: cfg.mem_size >> 20,
             reason: e.to_string(),
         })?;

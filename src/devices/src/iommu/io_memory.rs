@@ -241,33 +241,53 @@ impl DeviceIommu {
         // Room for every 4 KiB page of the range (larger pages need fewer).
         let pages = (((end.max(iova + 1) - 1) >> 12) - (iova >> 12) + 1) as usize;
         self.reserve(pages);
+        // One walk per leaf table (see Vtd::resolve_range), one IOTLB lock per fill.
+        let mut tlb = self.write_tlb();
+        let mut shadow = vtd.exact().then(|| lock(&self.shadow));
+        let mut added: Result<(), Error> = Ok(());
         let mut at = iova;
-        while at < end {
-            let (m, did) =
-                vtd.resolve(self.sid, at, read, write)
-                    .map_err(|reason| Error::CannotResolve {
-                        iova_range: IovaRange {
-                            base: GuestAddress(iova),
-                            length: len as usize,
-                        },
-                        reason: format!(
-                            "VT-d fault {:#x} ({}) at {at:#x}",
-                            reason as u8,
-                            reason.linux_text()
-                        ),
-                    })?;
+        let walked = vtd.resolve_range(self.sid, iova, end, read, write, |m, did| {
             let size = 1u64 << m.page_shift;
             let page = at & !(size - 1);
+            at = page.saturating_add(size);
             let perm = match (m.read, m.write) {
                 (true, true) => Permissions::ReadWrite,
                 (true, false) => Permissions::Read,
                 (false, true) => Permissions::Write,
                 (false, false) => Permissions::No,
             };
-            self.add_mapping(page, m.gpa_base, size as usize, perm, Some(did))?;
-            at = page.saturating_add(size);
-        }
-        Ok(())
+            self.mappings.fetch_add(1, Ordering::AcqRel);
+            if let Some(sh) = shadow.as_mut() {
+                sh.insert(
+                    page,
+                    Shadow {
+                        did,
+                        shift: m.page_shift,
+                        gpa_base: m.gpa_base,
+                    },
+                );
+            }
+            if added.is_ok() {
+                added = tlb.set_mapping(
+                    GuestAddress(page),
+                    GuestAddress(m.gpa_base),
+                    size as usize,
+                    perm,
+                );
+            }
+        });
+        walked.map_err(|(at, reason)| Error::CannotResolve {
+            iova_range: IovaRange {
+                base: GuestAddress(iova),
+                length: len as usize,
+            },
+            reason: format!(
+                "VT-d fault {:#x} ({}) at {at:#x}",
+                reason as u8,
+                reason.linux_text()
+            ),
+        })?;
+        added
     }
 }
 

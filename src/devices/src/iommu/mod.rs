@@ -864,6 +864,53 @@ impl Vtd {
         Ok((m, ctx.did))
     }
 
+    /// [`Vtd::resolve`] for each page of `[iova, end)` in order, handing each mapping
+    /// (and its domain) to `f`: the context entry is read once, each leaf table is
+    /// reached by one walk from the top, and every further page of it costs one entry
+    /// read. The first page refused records its fault (as `resolve` would) and ends
+    /// the walk with its address and reason.
+    pub(crate) fn resolve_range(
+        &self,
+        sid: u16,
+        iova: u64,
+        end: u64,
+        read: bool,
+        write: bool,
+        mut f: impl FnMut(Mapping, u16),
+    ) -> Result<(), (u64, FaultReason)> {
+        if self.take_context_fault(sid, iova, write) {
+            return Err((iova, FaultReason::ContextInvalid));
+        }
+        let ctx = walk::context_entry(&self.mem, self.root(), sid).map_err(|r| {
+            self.record_fault(sid, iova, !write, r, false);
+            (iova, r)
+        })?;
+        let mut leaf: Option<(u64, walk::LeafTable)> = None;
+        let mut at = iova;
+        while at < end {
+            self.count_walk();
+            let walked = match leaf {
+                Some((base, t)) if at & !(t.region(at).1 - 1) == base => {
+                    walk::walk_from(&self.mem, &ctx, t, at, write)
+                }
+                _ => walk::walk_leaf(&self.mem, &ctx, at, write),
+            };
+            let (m, t) = walked.map_err(|r| {
+                self.record_fault(sid, at, !write, r, ctx.fpd);
+                (at, r)
+            })?;
+            if read && !m.read {
+                self.record_fault(sid, at, true, FaultReason::ReadDenied, ctx.fpd);
+                return Err((at, FaultReason::ReadDenied));
+            }
+            leaf = Some((t.region(at).0, t));
+            let size = 1u64 << m.page_shift;
+            f(m, ctx.did);
+            at = (at & !(size - 1)).saturating_add(size);
+        }
+        Ok(())
+    }
+
     /// A guest invalidation: logged as it is in exact mode, as "everything" in simple
     /// mode.
     fn invalidate(&self, r: &mut Regs, inv: Invalidation) {

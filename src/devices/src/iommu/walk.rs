@@ -171,6 +171,30 @@ pub fn context_entry<M: GuestMemoryBackend>(
     })
 }
 
+/// Where a walk found its leaf: the table holding the leaf entry, its level and the
+/// permissions the levels above granted. Every IOVA of the same [`LeafTable::region`]
+/// has its leaf entry in the same table, so a walk for it may start there
+/// ([`walk_from`]) and reads one entry instead of one per level.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeafTable {
+    /// Guest-physical address of the table.
+    pub table: u64,
+    /// Its level (1: 4 KiB entries).
+    pub level: u32,
+    /// R granted by every level above.
+    pub read: bool,
+    /// W granted by every level above.
+    pub write: bool,
+}
+
+impl LeafTable {
+    /// The IOVA range (base, size) whose leaf entries this table holds, for `iova`.
+    pub fn region(&self, iova: u64) -> (u64, u64) {
+        let size = 1u64 << (12 + 9 * self.level).min(63);
+        (iova & !(size - 1), size)
+    }
+}
+
 /// Walks the second-level tables of `ctx` for `iova`, requiring write (or read)
 /// permission at every level.
 pub fn walk<M: GuestMemoryBackend>(
@@ -179,13 +203,49 @@ pub fn walk<M: GuestMemoryBackend>(
     iova: u64,
     write: bool,
 ) -> Result<Mapping, FaultReason> {
+    walk_leaf(mem, ctx, iova, write).map(|(m, _)| m)
+}
+
+/// [`walk`], also returning where the leaf entry was found.
+pub fn walk_leaf<M: GuestMemoryBackend>(
+    mem: &M,
+    ctx: &Context,
+    iova: u64,
+    write: bool,
+) -> Result<(Mapping, LeafTable), FaultReason> {
     if ctx.width() < 64 && iova >> ctx.width() != 0 {
         return Err(FaultReason::BeyondMgaw);
     }
+    let start = LeafTable {
+        table: ctx.slptptr,
+        level: ctx.levels,
+        read: true,
+        write: true,
+    };
+    walk_from(mem, ctx, start, iova, write)
+}
+
+/// Continues a walk of `ctx` for `iova` at table `from` (the top-level table for a
+/// full walk, or a [`LeafTable`] an earlier walk of the same region returned): the
+/// same checks and fault reasons as a walk from the top whose upper levels were those
+/// already read. The caller keeps `iova` within the width of `ctx`.
+pub fn walk_from<M: GuestMemoryBackend>(
+    mem: &M,
+    ctx: &Context,
+    from: LeafTable,
+    iova: u64,
+    write: bool,
+) -> Result<(Mapping, LeafTable), FaultReason> {
     let need = if write { PTE_W } else { PTE_R };
-    let mut table = ctx.slptptr;
-    let (mut read_ok, mut write_ok) = (true, true);
-    for level in (1..=ctx.levels).rev() {
+    let mut table = from.table;
+    let (mut read_ok, mut write_ok) = (from.read, from.write);
+    for level in (1..=from.level.min(ctx.levels)).rev() {
+        let here = LeafTable {
+            table,
+            level,
+            read: read_ok,
+            write: write_ok,
+        };
         let shift = 12 + 9 * (level - 1);
         let index = (iova >> shift) & 0x1ff;
         let Some(pte) = read_u64(mem, table + index * 8) else {
@@ -217,12 +277,15 @@ pub fn walk<M: GuestMemoryBackend>(
             return Err(FaultReason::PteReserved);
         }
         if leaf {
-            return Ok(Mapping {
-                gpa_base: pte & ADDR_MASK & !((1 << shift) - 1),
-                page_shift: shift,
-                read: read_ok,
-                write: write_ok,
-            });
+            return Ok((
+                Mapping {
+                    gpa_base: pte & ADDR_MASK & !((1 << shift) - 1),
+                    page_shift: shift,
+                    read: read_ok,
+                    write: write_ok,
+                },
+                here,
+            ));
         }
         table = pte & ADDR_MASK;
     }

@@ -1,30 +1,30 @@
 //! virtio-blk (block device, type 2; virtio 1.2 §5.2) on a [`DiskImage`].
 //!
 //! Requests: IN, OUT, FLUSH, GET_ID, DISCARD and WRITE_ZEROES, one queue per vCPU (up
-//! to [`MAX_QUEUES`]), read-only disks (VIRTIO_BLK_F_RO). Requests are parsed with
-//! `virtio-queue`'s descriptor Reader/Writer, so any framing the driver chooses works,
-//! and every buffer is reached through the device's DMA view — the VT-d unit's
-//! translation once the driver accepts VIRTIO_F_ACCESS_PLATFORM, with faults recorded.
+//! to [`MAX_QUEUES`]), read-only disks (VIRTIO_BLK_F_RO). Each descriptor of a chain
+//! is translated once, through the device's DMA view — the VT-d unit's translation
+//! once the driver accepts VIRTIO_F_ACCESS_PLATFORM, with faults recorded — into
+//! slices of guest RAM; the header, data and status are found in them by byte
+//! position, so any framing the driver chooses works.
 //! A hostile request cannot do harm: a missing or short header or status byte, a data
 //! length that is not whole sectors or exceeds [`MAX_DATA`], a sector range past the
 //! end (checked without overflow), more than [`MAX_SEGMENTS`] discard segments, or a
 //! buffer the unit refuses all complete with VIRTIO_BLK_S_IOERR (or UNSUPP for an
-//! unknown type) and write nothing to the image. Data moves through a bounded bounce
-//! buffer, 128 KiB at a time.
+//! unknown type) and write nothing to the image. Data moves between the image file and
+//! those slices by `preadv`/`pwritev` without a bounce copy (see [`Buffers`]).
 //!
 //! Fault injection ([`BlkFaults`], from the API): fail the next N requests or those
 //! touching a sector range with an I/O error, or fault the next N requests' DMA (their
 //! data buffer addresses are moved beyond any address width, so the unit records the
 //! fault and the guest logs it) — in every case the image is not changed.
 
-use std::io::{Read, Write};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestAddress;
+use vm_memory::{GuestAddress, GuestMemory, Permissions, VolatileSlice};
 
-use super::disk::{DiskImage, SECTOR};
+use super::disk::{buffers_len, gather, scatter, Buffers, DiskImage, SECTOR};
 use super::{Processed, VirtioDevice};
 use crate::iommu::DeviceMemory;
 use crate::limits::{hit, Cap};
@@ -48,7 +48,9 @@ pub const MAX_HELD: usize = 256;
 /// Largest descriptor (size_max) and segments per request (seg_max).
 const SIZE_MAX: u32 = 1 << 20;
 const SEG_MAX: u32 = 128;
-const BOUNCE: usize = 128 << 10;
+/// Bytes a direction of a chain may carry beyond [`MAX_DATA`] (header, status, the
+/// discard segments).
+const CHAIN_SLACK: u64 = 4096;
 
 /// Request types.
 pub const T_IN: u32 = 0;
@@ -170,7 +172,6 @@ pub struct Blk {
     id: [u8; 20],
     sizes: Vec<u16>,
     faults: Arc<BlkFaults>,
-    bounce: Vec<u8>,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -209,7 +210,6 @@ impl Blk {
             id: b,
             sizes: vec![QUEUE_SIZE; queues.clamp(1, MAX_QUEUES)],
             faults: Arc::new(BlkFaults::default()),
-            bounce: vec![0u8; BOUNCE],
         }
     }
 
@@ -247,14 +247,9 @@ impl Blk {
     }
 
     /// Runs one request; returns its status and the data bytes written to the guest.
-    fn execute(
-        &mut self,
-        hdr: Header,
-        reader: &mut virtio_queue::Reader<'_>,
-        data_in: usize,
-        writer: &mut virtio_queue::Writer<'_>,
-    ) -> (u8, usize) {
-        let out_len = data_in;
+    /// `data_r` is what the driver gave to read after the header, `data_w` what it gave
+    /// to write before the status byte.
+    fn execute(&mut self, hdr: Header, data_r: &Buffers<'_>, data_w: &Buffers<'_>) -> (u8, usize) {
         let sectors = lock(&self.disk).sectors();
         let ro = lock(&self.disk).readonly();
         let range_ok = |sector: u64, bytes: u64| {
@@ -266,11 +261,8 @@ impl Blk {
         };
         match hdr.ty {
             T_IN | T_OUT => {
-                let bytes = if hdr.ty == T_IN {
-                    out_len as u64
-                } else {
-                    reader.available_bytes() as u64
-                };
+                let data = if hdr.ty == T_IN { data_w } else { data_r };
+                let bytes = buffers_len(data);
                 if bytes > MAX_DATA {
                     hit(Cap::BlkRequest);
                 }
@@ -280,23 +272,17 @@ impl Blk {
                 if self.faults.fail(hdr.sector, bytes / SECTOR) {
                     return (S_IOERR, 0);
                 }
-                let mut done = 0u64;
-                while done < bytes {
-                    let n = ((bytes - done) as usize).min(self.bounce.len());
-                    let at = hdr.sector * SECTOR + done;
-                    let buf = &mut self.bounce[..n];
-                    let ok = if hdr.ty == T_IN {
-                        lock(&self.disk).read(at, buf).is_ok() && writer.write_all(buf).is_ok()
-                    } else {
-                        reader.read_exact(buf).is_ok() && lock(&self.disk).write(at, buf).is_ok()
-                    };
-                    if !ok {
-                        return (S_IOERR, if hdr.ty == T_IN { done as usize } else { 0 });
-                    }
-                    done += n as u64;
+                let at = hdr.sector * SECTOR;
+                let r = if hdr.ty == T_IN {
+                    lock(&self.disk).read_to(at, data)
+                } else {
+                    lock(&self.disk).write_from(at, data)
+                };
+                match (r, hdr.ty) {
+                    (Ok(()), T_IN) => (S_OK, bytes as usize),
+                    (Ok(()), _) => (S_OK, 0),
+                    (Err(_), _) => (S_IOERR, 0),
                 }
-                let written = if hdr.ty == T_IN { bytes as usize } else { 0 };
-                (S_OK, written)
             }
             T_FLUSH => {
                 if self.faults.fail(0, 0) {
@@ -311,8 +297,8 @@ impl Blk {
                 }
             }
             T_GET_ID => {
-                let n = out_len.min(self.id.len());
-                match writer.write_all(&self.id[..n]) {
+                let n = (buffers_len(data_w) as usize).min(self.id.len());
+                match scatter(data_w, 0, &self.id[..n]) {
                     Ok(()) => (S_OK, n),
                     Err(_) => (S_IOERR, 0),
                 }
@@ -321,16 +307,18 @@ impl Blk {
                 if ro {
                     return (S_IOERR, 0);
                 }
+                let len = buffers_len(data_r);
+                if len == 0 || !len.is_multiple_of(16) {
+                    return (S_IOERR, 0);
+                }
+                if len / 16 > u64::from(MAX_SEGMENTS) {
+                    hit(Cap::BlkRequest);
+                    return (S_IOERR, 0);
+                }
                 let mut segs = Vec::new();
-                loop {
+                for i in 0..(len / 16) as usize {
                     let mut raw = [0u8; 16];
-                    match read_full(reader, &mut raw) {
-                        Ok(0) => break,
-                        Ok(16) => {}
-                        _ => return (S_IOERR, 0),
-                    }
-                    if segs.len() as u32 >= MAX_SEGMENTS {
-                        hit(Cap::BlkRequest);
+                    if gather(data_r, i * 16, &mut raw).is_err() {
                         return (S_IOERR, 0);
                     }
                     let s = Segment {
@@ -346,9 +334,6 @@ impl Blk {
                         return (S_IOERR, 0);
                     }
                     segs.push(s);
-                }
-                if segs.is_empty() {
-                    return (S_IOERR, 0);
                 }
                 for s in &segs {
                     if self.faults.fail(s.sector, u64::from(s.num_sectors)) {
@@ -374,16 +359,25 @@ impl Blk {
     }
 }
 
-/// Reads until `buf` is full or the reader ends; returns the bytes read.
-fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
+/// `len` bytes of the concatenation of `bufs` from byte `start` on, as slices.
+fn sub<'a>(bufs: &Buffers<'a>, mut start: usize, mut len: usize) -> Vec<VolatileSlice<'a, ()>> {
+    let mut out = Vec::new();
+    for b in bufs {
+        if len == 0 {
+            break;
         }
+        if start >= b.len() {
+            start -= b.len();
+            continue;
+        }
+        let n = (b.len() - start).min(len);
+        if let Ok(part) = b.subslice(start, n) {
+            out.push(part);
+        }
+        len -= n;
+        start = 0;
     }
-    Ok(n)
+    out
 }
 
 impl VirtioDevice for Blk {
@@ -498,7 +492,6 @@ impl Blk {
             .clone()
             .nth(1)
             .map(|d| (d.addr(), d.len(), d.is_write_only()));
-        let chain_w = chain.clone();
         // Where the status byte goes when the buffers cannot be reached: the driver
         // must still learn that the request failed.
         let status_at = chain
@@ -506,57 +499,77 @@ impl Blk {
             .last()
             .filter(|d| d.is_write_only() && d.len() > 0)
             .map(|d| GuestAddress(d.addr().0.wrapping_add(u64::from(d.len()) - 1)));
-        let fail = |what: &str, e: virtio_queue::Error| {
-            log::warn!("virtio-blk: a request's {what} buffers are unreachable: {e}");
-            match status_at {
-                Some(a) if vm_memory::Bytes::write_obj(mem, S_IOERR, a).is_ok() => {
-                    (Some(S_IOERR), 1)
-                }
-                _ => (None, 0),
+        let fail = |what: &str| match status_at {
+            Some(a) if vm_memory::Bytes::write_obj(mem, S_IOERR, a).is_ok() => (Some(S_IOERR), 1),
+            _ => {
+                log::warn!("virtio-blk: a request's {what} and its status are unreachable");
+                (None, 0)
             }
         };
-        let mut reader = match chain.reader(mem) {
-            Ok(r) => r,
-            Err(e) => return fail("readable", e),
-        };
-        let mut writer = match chain_w.writer(mem) {
-            Ok(w) => w,
-            Err(e) => return fail("writable", e),
-        };
-        let mut hdr = Header::default();
+        // Every descriptor translated once, into guest-RAM slices; no direction may
+        // carry more than a request can use (checked before any translation).
+        let (mut readable, mut writable) = (Vec::new(), Vec::new());
+        let (mut r_len, mut w_len) = (0u64, 0u64);
+        for d in chain {
+            let (list, total, perm) = if d.is_write_only() {
+                (&mut writable, &mut w_len, Permissions::Write)
+            } else {
+                (&mut readable, &mut r_len, Permissions::Read)
+            };
+            *total += u64::from(d.len());
+            if *total > MAX_DATA + CHAIN_SLACK {
+                hit(Cap::BlkRequest);
+                return fail("buffers are too large");
+            }
+            let Ok(slices) = GuestMemory::get_slices(mem, d.addr(), d.len() as usize, perm) else {
+                log::warn!(
+                    "virtio-blk: a request's buffer at {:#x} is unreachable",
+                    d.addr().0
+                );
+                return fail("buffers");
+            };
+            for sl in slices {
+                match sl {
+                    Ok(sl) => list.push(sl),
+                    Err(_) => return fail("buffers"),
+                }
+            }
+        }
         let mut raw = [0u8; 16];
-        if read_full(&mut reader, &mut raw).ok() != Some(16) {
+        if gather(&readable, 0, &mut raw).is_err() {
             return (None, 0);
         }
-        hdr.ty = u32::from_le_bytes(raw[0..4].try_into().unwrap_or_default());
-        hdr.sector = u64::from_le_bytes(raw[8..16].try_into().unwrap_or_default());
+        let mut hdr = Header {
+            ty: u32::from_le_bytes(raw[0..4].try_into().unwrap_or_default()),
+            sector: u64::from_le_bytes(raw[8..16].try_into().unwrap_or_default()),
+            ..Header::default()
+        };
         if BlkFaults::take(&self.faults.corrupt_next) {
             self.faults.injected.fetch_add(1, Ordering::Relaxed);
             hdr.sector ^= 1 << 63;
         }
-        let w = writer.available_bytes();
+        let w = w_len as usize;
         if w == 0 {
             return (None, 0);
         }
-        let Ok(mut status_w) = writer.split_at(w - 1) else {
-            return (None, 0);
-        };
-        let data_in = w - 1;
+        let data_w = sub(&writable, 0, w - 1);
+        let status_w = sub(&writable, w - 1, 1);
+        let data_r = sub(&readable, 16, (r_len as usize).saturating_sub(16));
         let (status, n) = match data_desc {
             Some((addr, len, write)) if dma_fault && matches!(hdr.ty, T_IN | T_OUT) => {
                 self.faults.injected.fetch_add(1, Ordering::Relaxed);
                 let perm = if write {
-                    vm_memory::Permissions::Write
+                    Permissions::Write
                 } else {
-                    vm_memory::Permissions::Read
+                    Permissions::Read
                 };
                 let bad = GuestAddress(addr.0 | super::rng::CORRUPT_ADDRESS_BIT);
-                let _ = vm_memory::GuestMemory::check_range(mem, bad, len.max(1) as usize, perm);
+                let _ = GuestMemory::check_range(mem, bad, len.max(1) as usize, perm);
                 (S_IOERR, 0)
             }
-            _ => self.execute(hdr, &mut reader, data_in, &mut writer),
+            _ => self.execute(hdr, &data_r, &data_w),
         };
-        if status_w.write_all(&[status]).is_err() {
+        if scatter(&status_w, 0, &[status]).is_err() {
             return (None, n);
         }
         (Some(status), n + 1)
@@ -570,6 +583,7 @@ mod tests {
     use super::*;
     use crate::interrupt::RecordingController;
     use crate::pci::{Bdf, PciDevice};
+    use std::io::Write;
     use vm_memory::{Bytes, GuestMemoryMmap};
     use vmm_sys_util::tempfile::TempFile;
 

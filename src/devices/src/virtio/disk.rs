@@ -21,12 +21,140 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use vm_memory::VolatileSlice;
+
 /// Bytes per sector.
 pub const SECTOR: u64 = 512;
 /// The overlay's block size.
 pub const BLOCK: u64 = 4096;
 /// Unflushed bytes the overlay holds before it is written back.
 pub const MAX_DIRTY_BYTES: u64 = 64 << 20;
+/// Buffers one `preadv`/`pwritev` takes at most (Linux's IOV_MAX).
+const IOV_MAX: usize = 1024;
+
+/// The guest buffers of one request, in order: slices of guest RAM as vm-memory hands
+/// them out (after the IOMMU's translation). Data moves between them and the image
+/// file with one `preadv`/`pwritev` per [`IOV_MAX`] buffers, without a bounce copy.
+pub type Buffers<'a> = [VolatileSlice<'a, ()>];
+
+/// Bytes in `bufs`.
+pub fn buffers_len(bufs: &Buffers<'_>) -> u64 {
+    bufs.iter().map(|b| b.len() as u64).sum()
+}
+
+/// Copies `src` into the concatenation of `bufs` from byte `at` on.
+pub fn scatter(bufs: &Buffers<'_>, mut at: usize, mut src: &[u8]) -> io::Result<()> {
+    for b in bufs {
+        if src.is_empty() {
+            return Ok(());
+        }
+        if at >= b.len() {
+            at -= b.len();
+            continue;
+        }
+        let part = b.offset(at).map_err(io::Error::other)?;
+        let n = part.len().min(src.len());
+        part.copy_from(&src[..n]);
+        src = &src[n..];
+        at = 0;
+    }
+    if src.is_empty() {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "buffers too short",
+        ))
+    }
+}
+
+/// Fills `dst` from the concatenation of `bufs` from byte `at` on.
+pub fn gather(bufs: &Buffers<'_>, mut at: usize, mut dst: &mut [u8]) -> io::Result<()> {
+    for b in bufs {
+        if dst.is_empty() {
+            return Ok(());
+        }
+        if at >= b.len() {
+            at -= b.len();
+            continue;
+        }
+        let part = b.offset(at).map_err(io::Error::other)?;
+        let n = part.len().min(dst.len());
+        part.copy_to(&mut dst[..n]);
+        dst = &mut dst[n..];
+        at = 0;
+    }
+    if dst.is_empty() {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "buffers too short",
+        ))
+    }
+}
+
+/// `preadv` (or `pwritev`) of all of `iov` at `offset`, [`IOV_MAX`] buffers per call,
+/// resuming after a short transfer; `iov` is consumed.
+fn vectored(file: &File, mut offset: u64, iov: &mut [libc::iovec], write: bool) -> io::Result<()> {
+    let mut first = 0;
+    while first < iov.len() {
+        if iov[first].iov_len == 0 {
+            first += 1;
+            continue;
+        }
+        let batch = &iov[first..iov.len().min(first + IOV_MAX)];
+        let off = libc::off_t::try_from(offset).map_err(|_| out_of_range())?;
+        // SAFETY: every iovec describes memory that stays mapped and unborrowed by Rust
+        // for this call: guest RAM (the caller holds the slices it came from) or the
+        // overlay's blocks (borrowed by the caller); `batch` is a valid array of
+        // `batch.len()` iovecs, at most IOV_MAX.
+        let n = unsafe {
+            if write {
+                libc::pwritev(file.as_raw_fd(), batch.as_ptr(), batch.len() as i32, off)
+            } else {
+                libc::preadv(file.as_raw_fd(), batch.as_ptr(), batch.len() as i32, off)
+            }
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "short transfer",
+            ));
+        }
+        let mut left = n as usize;
+        offset += left as u64;
+        while left > 0 && first < iov.len() {
+            let v = &mut iov[first];
+            let k = left.min(v.iov_len);
+            // Stays inside the buffer the iovec described.
+            v.iov_base = v.iov_base.cast::<u8>().wrapping_add(k).cast();
+            v.iov_len -= k;
+            left -= k;
+            if v.iov_len == 0 {
+                first += 1;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The iovecs of guest buffers.
+fn iovecs(bufs: &Buffers<'_>) -> Vec<libc::iovec> {
+    bufs.iter()
+        .map(|b| libc::iovec {
+            iov_base: b.ptr_guard_mut().as_ptr().cast(),
+            iov_len: b.len(),
+        })
+        .collect()
+}
 
 /// Where writes go until the guest flushes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -86,6 +214,106 @@ pub struct DiskStats {
     pub lost_bytes: u64,
 }
 
+/// Blocks the overlay holds at most.
+const MAX_BLOCKS: usize = (MAX_DIRTY_BYTES / BLOCK) as usize;
+
+/// The volatile cache: unflushed 4 KiB blocks by block number, kept in one arena of
+/// [`MAX_BLOCKS`] slots allocated at the first write (one lazily zeroed mapping,
+/// advised for huge pages, rather than an allocation and a page fault per block).
+#[derive(Default)]
+struct Overlay {
+    blocks: BTreeMap<u64, u32>,
+    arena: Vec<u8>,
+    free: Vec<u32>,
+}
+
+impl Overlay {
+    fn len(&self) -> usize {
+        self.blocks.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+
+    fn is_full(&self) -> bool {
+        self.blocks.len() >= MAX_BLOCKS
+    }
+
+    fn slot(&self, slot: u32) -> &[u8] {
+        let at = slot as usize * BLOCK as usize;
+        &self.arena[at..at + BLOCK as usize]
+    }
+
+    /// Block `b`, if it is cached.
+    fn get(&self, b: u64) -> Option<&[u8]> {
+        self.blocks.get(&b).map(|&s| self.slot(s))
+    }
+
+    /// Whether a block in `lo..=hi` is cached.
+    fn any_in(&self, lo: u64, hi: u64) -> bool {
+        self.blocks.range(lo..=hi).next().is_some()
+    }
+
+    /// Block `b`'s buffer, taking a free slot (filled by `init`) when it is not cached.
+    /// The caller keeps the overlay below [`MAX_BLOCKS`] before asking for a new block.
+    fn entry(
+        &mut self,
+        b: u64,
+        init: impl FnOnce(&mut [u8]) -> io::Result<()>,
+    ) -> io::Result<&mut [u8]> {
+        let slot = match self.blocks.get(&b) {
+            Some(&s) => s,
+            None => {
+                if self.arena.is_empty() {
+                    self.arena = vec![0u8; MAX_BLOCKS * BLOCK as usize];
+                    let start = self.arena.as_ptr() as usize;
+                    let aligned = start.next_multiple_of(2 << 20);
+                    let end = start + self.arena.len();
+                    if aligned < end {
+                        // SAFETY: advice on a range inside the arena's allocation; it
+                        // changes no contents.
+                        unsafe {
+                            libc::madvise(
+                                aligned as *mut libc::c_void,
+                                (end - aligned) & !((2 << 20) - 1),
+                                libc::MADV_HUGEPAGE,
+                            );
+                        }
+                    }
+                    self.free = (0..MAX_BLOCKS as u32).rev().collect();
+                }
+                let s = self
+                    .free
+                    .pop()
+                    .ok_or_else(|| io::Error::other("the disk cache is full"))?;
+                let at = s as usize * BLOCK as usize;
+                init(&mut self.arena[at..at + BLOCK as usize])?;
+                self.blocks.insert(b, s);
+                s
+            }
+        };
+        let at = slot as usize * BLOCK as usize;
+        Ok(&mut self.arena[at..at + BLOCK as usize])
+    }
+
+    fn remove(&mut self, b: u64) {
+        if let Some(s) = self.blocks.remove(&b) {
+            self.free.push(s);
+        }
+    }
+
+    fn first(&self) -> Option<u64> {
+        self.blocks.keys().next().copied()
+    }
+
+    fn clear(&mut self) {
+        let slots: Vec<u32> = self.blocks.values().copied().collect();
+        self.free.extend(slots);
+        self.blocks.clear();
+    }
+}
+
 /// A raw image file.
 pub struct DiskImage {
     file: File,
@@ -93,7 +321,7 @@ pub struct DiskImage {
     size: u64,
     readonly: bool,
     cache: CacheMode,
-    overlay: BTreeMap<u64, Box<[u8]>>,
+    overlay: Overlay,
     stats: DiskStats,
     /// After a power cut nothing reaches the file any more.
     dead: bool,
@@ -156,7 +384,7 @@ impl DiskImage {
             size,
             readonly,
             cache,
-            overlay: BTreeMap::new(),
+            overlay: Overlay::default(),
             stats: DiskStats::default(),
             dead: false,
         })
@@ -205,16 +433,30 @@ impl DiskImage {
         }
     }
 
-    /// One block's current contents (overlay, else the file).
-    fn block(&self, b: u64) -> io::Result<Box<[u8]>> {
-        if let Some(d) = self.overlay.get(&b) {
-            return Ok(d.clone());
-        }
-        let mut v = vec![0u8; BLOCK as usize].into_boxed_slice();
+    /// Block `b` of the file into `buf` (the last block of an image may be partial).
+    fn file_block(file: &File, size: u64, b: u64, buf: &mut [u8]) -> io::Result<()> {
         let start = b * BLOCK;
-        let n = (self.size - start).min(BLOCK) as usize;
-        self.file.read_exact_at(&mut v[..n], start)?;
-        Ok(v)
+        let n = (size - start).min(BLOCK) as usize;
+        buf[n..].fill(0);
+        file.read_exact_at(&mut buf[..n], start)
+    }
+
+    /// The overlay's buffer for block `b`, cached from the file unless the caller
+    /// overwrites it whole; a full cache is written back first (and counted).
+    fn cache_block(&mut self, b: u64, whole: bool) -> io::Result<&mut [u8]> {
+        if self.overlay.get(b).is_none() && self.overlay.is_full() {
+            self.stats.writebacks += 1;
+            crate::limits::hit(crate::limits::Cap::DiskCache);
+            self.write_back()?;
+        }
+        let (file, size) = (&self.file, self.size);
+        self.overlay.entry(b, |buf| {
+            if whole {
+                Ok(())
+            } else {
+                Self::file_block(file, size, b, buf)
+            }
+        })
     }
 
     /// Reads `buf.len()` bytes at `offset`.
@@ -229,7 +471,7 @@ impl DiskImage {
                 let b = at / BLOCK;
                 let within = (at % BLOCK) as usize;
                 let n = (BLOCK as usize - within).min(buf.len() - done);
-                match self.overlay.get(&b) {
+                match self.overlay.get(b) {
                     Some(d) => buf[done..done + n].copy_from_slice(&d[within..within + n]),
                     None => self.file.read_exact_at(&mut buf[done..done + n], at)?,
                 }
@@ -237,6 +479,68 @@ impl DiskImage {
             }
         }
         self.stats.read_bytes += buf.len() as u64;
+        Ok(())
+    }
+
+    /// Reads into guest buffers `bufs` at `offset`: one `preadv` per [`IOV_MAX`]
+    /// buffers unless unflushed blocks of the overlay lie in the range.
+    pub fn read_to(&mut self, offset: u64, bufs: &Buffers<'_>) -> io::Result<()> {
+        let len = buffers_len(bufs);
+        self.check(offset, len)?;
+        let cached = len > 0
+            && self
+                .overlay
+                .any_in(offset / BLOCK, (offset + len - 1) / BLOCK);
+        if !cached {
+            vectored(&self.file, offset, &mut iovecs(bufs), false)?;
+        } else {
+            let mut blk = [0u8; BLOCK as usize];
+            let mut done = 0u64;
+            while done < len {
+                let at = offset + done;
+                let within = (at % BLOCK) as usize;
+                let n = (BLOCK - at % BLOCK).min(len - done) as usize;
+                match self.overlay.get(at / BLOCK) {
+                    Some(d) => scatter(bufs, done as usize, &d[within..within + n])?,
+                    None => {
+                        self.file.read_exact_at(&mut blk[..n], at)?;
+                        scatter(bufs, done as usize, &blk[..n])?;
+                    }
+                }
+                done += n as u64;
+            }
+        }
+        self.stats.read_bytes += len;
+        Ok(())
+    }
+
+    /// Writes guest buffers `bufs` at `offset`: to the file with one `pwritev` per
+    /// [`IOV_MAX`] buffers (host cache), or copied into the overlay (volatile cache).
+    pub fn write_from(&mut self, offset: u64, bufs: &Buffers<'_>) -> io::Result<()> {
+        if self.readonly {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "read-only disk",
+            ));
+        }
+        let len = buffers_len(bufs);
+        self.check(offset, len)?;
+        match self.cache {
+            CacheMode::Host => vectored(&self.file, offset, &mut iovecs(bufs), true)?,
+            CacheMode::Volatile => {
+                let mut done = 0u64;
+                while done < len {
+                    let at = offset + done;
+                    let b = at / BLOCK;
+                    let within = (at % BLOCK) as usize;
+                    let n = (BLOCK - at % BLOCK).min(len - done) as usize;
+                    let blk = self.cache_block(b, n == BLOCK as usize)?;
+                    gather(bufs, done as usize, &mut blk[within..within + n])?;
+                    done += n as u64;
+                }
+            }
+        }
+        self.stats.written_bytes += len;
         Ok(())
     }
 
@@ -258,19 +562,9 @@ impl DiskImage {
                     let b = at / BLOCK;
                     let within = (at % BLOCK) as usize;
                     let n = (BLOCK as usize - within).min(data.len() - done);
-                    let mut blk = if n == BLOCK as usize {
-                        vec![0u8; BLOCK as usize].into_boxed_slice()
-                    } else {
-                        self.block(b)?
-                    };
+                    let blk = self.cache_block(b, n == BLOCK as usize)?;
                     blk[within..within + n].copy_from_slice(&data[done..done + n]);
-                    self.overlay.insert(b, blk);
                     done += n;
-                }
-                if self.dirty_bytes() > MAX_DIRTY_BYTES {
-                    self.stats.writebacks += 1;
-                    crate::limits::hit(crate::limits::Cap::DiskCache);
-                    self.write_back()?;
                 }
             }
         }
@@ -278,15 +572,28 @@ impl DiskImage {
         Ok(())
     }
 
-    /// Writes the overlay to the file and syncs it.
+    /// Writes the overlay to the file, one `pwritev` per run of consecutive blocks
+    /// (at most [`IOV_MAX`]), and syncs it.
     fn write_back(&mut self) -> io::Result<()> {
-        while let Some((&b, _)) = self.overlay.first_key_value() {
-            let start = b * BLOCK;
-            let n = (self.size - start).min(BLOCK) as usize;
-            if let Some(d) = self.overlay.get(&b) {
-                self.file.write_all_at(&d[..n], start)?;
+        while let Some(first) = self.overlay.first() {
+            let mut iov = Vec::new();
+            let mut next = first;
+            while iov.len() < IOV_MAX {
+                let Some(d) = self.overlay.get(next) else {
+                    break;
+                };
+                let n = (self.size - next * BLOCK).min(BLOCK) as usize;
+                iov.push(libc::iovec {
+                    // pwritev only reads it.
+                    iov_base: d.as_ptr() as *mut libc::c_void,
+                    iov_len: n,
+                });
+                next += 1;
             }
-            self.overlay.remove(&b);
+            vectored(&self.file, first * BLOCK, &mut iov, true)?;
+            for b in first..next {
+                self.overlay.remove(b);
+            }
         }
         self.file.sync_data()
     }
@@ -498,10 +805,46 @@ mod model_tests {
     /// across the cache's write-back cap.
     #[test]
     fn matches_a_byte_model() {
+        byte_model(CacheMode::Volatile);
+        byte_model(CacheMode::Host);
+    }
+
+    /// Scattered guest buffers for `len` bytes: pieces of random size (sometimes 512
+    /// bytes each, so that one transfer needs more than IOV_MAX of them) at random gaps.
+    fn scattered<'a>(
+        mem: &'a vm_memory::GuestMemoryMmap,
+        len: usize,
+        next: &mut impl FnMut() -> u64,
+    ) -> Vec<VolatileSlice<'a, ()>> {
+        use vm_memory::{GuestAddress, GuestMemory, Permissions};
+        let small = next() % 4 == 0;
+        let (mut at, mut left, mut out) = (0u64, len, Vec::new());
+        while left > 0 {
+            let n = if small {
+                512
+            } else {
+                1 + (next() % 9000) as usize
+            }
+            .min(left);
+            at += next() % 64;
+            for sl in GuestMemory::get_slices(mem, GuestAddress(at), n, Permissions::ReadWrite)
+                .expect("slices")
+            {
+                out.push(sl.expect("slice"));
+            }
+            at += n as u64;
+            left -= n;
+        }
+        out
+    }
+
+    fn byte_model(cache: CacheMode) {
         const SIZE: u64 = 80 << 20;
         let f = TempFile::new().expect("tmp");
         f.as_file().set_len(SIZE).expect("len");
-        let mut d = DiskImage::open(f.as_path(), false, CacheMode::Volatile).expect("open");
+        let mut d = DiskImage::open(f.as_path(), false, cache).expect("open");
+        let mem = vm_memory::GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), 4 << 20)])
+            .expect("guest memory");
         let mut model = vec![0u8; SIZE as usize];
         let mut x = 0x2545_f491_4f6c_dd1du64;
         let mut next = move || {
@@ -518,15 +861,27 @@ mod model_tests {
                 0..=5 => {
                     let byte = (i % 251) as u8;
                     let data: Vec<u8> = (0..len).map(|k| byte ^ (k as u8)).collect();
-                    d.write(off, &data).expect("write");
+                    if i % 2 == 0 {
+                        d.write(off, &data).expect("write");
+                    } else {
+                        let bufs = scattered(&mem, len, &mut next);
+                        scatter(&bufs, 0, &data).expect("fill");
+                        d.write_from(off, &bufs).expect("write from guest buffers");
+                    }
                     model[off as usize..off as usize + len].copy_from_slice(&data);
                 }
                 6 | 7 => {
                     let mut b = vec![0u8; len];
-                    d.read(off, &mut b).expect("read");
+                    if i % 2 == 0 {
+                        d.read(off, &mut b).expect("read");
+                    } else {
+                        let bufs = scattered(&mem, len, &mut next);
+                        d.read_to(off, &bufs).expect("read to guest buffers");
+                        gather(&bufs, 0, &mut b).expect("collect");
+                    }
                     assert!(
                         b == model[off as usize..off as usize + len],
-                        "read {i} at {off:#x}+{len}"
+                        "read {i} at {off:#x}+{len} ({cache:?})"
                     );
                 }
                 8 => d.flush().expect("flush"),
