@@ -13,6 +13,8 @@ command -v gcc >/dev/null || need_pkgs+=(gcc libc6-dev)
 command -v make >/dev/null || need_pkgs+=(make)
 command -v mkfs.ext4 >/dev/null || need_pkgs+=(e2fsprogs)
 command -v objdump >/dev/null || need_pkgs+=(binutils)
+# The campaign's HTML report is checked in a real headless browser.
+command -v chromium >/dev/null || need_pkgs+=(chromium)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
         echo "[test] installing ${need_pkgs[*]}"
@@ -22,6 +24,8 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
         echo "[test] missing ${need_pkgs[*]}; install them (apt-get install ${need_pkgs[*]}) or the Linux tier skips"
     fi
 fi
+# Where the browser could be installed, its test must not skip.
+command -v chromium >/dev/null && export FAULTVISOR_REQUIRE_BROWSER=1
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
 # The probe guest is a freestanding kernel (src/probe); src/cli/build.rs builds it.
 rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-none \

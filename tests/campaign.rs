@@ -54,6 +54,7 @@ count = 2
 [[experiment.fault]]
 inject = "spurious-irq"
 vector = 0xee
+stimulus = true
 cpu = 0
 [experiment.expect]
 exit_code = 0
@@ -73,6 +74,7 @@ length = 4
 [[experiment.fault]]
 inject = "spurious-irq"
 vector = 0xee
+stimulus = true
 cpu = 0
 [experiment.expect]
 exit_code = 0
@@ -107,23 +109,103 @@ fn example_probe_campaign_passes() {
         "at least 30 experiments, got {}",
         res.len()
     );
-    assert!(res.iter().all(|l| l["verdict"] == "pass"));
+    let golden = res.iter().filter(|l| l["golden"] == true).count();
+    assert!(golden >= 1, "golden runs for the fault experiments");
+    assert!(res
+        .iter()
+        .all(|l| l["verdict"] == if l["golden"] == true { "none" } else { "pass" }));
     // Plain progress lines when stderr is not a terminal.
     assert!(
-        stderr.contains(&format!("[{0}/{0}] PASS", res.len())),
+        stderr.contains(&format!("[{0}/{0}] ", res.len())),
         "{stderr}"
     );
-    assert!(report.contains(&format!(
-        "{} experiments: **{} passed, 0 failed**",
-        res.len(),
-        res.len()
-    )));
+    assert!(
+        report.contains(&format!(
+            "{} runs ({golden} golden): **{} passed, 0 failed**",
+            res.len(),
+            res.len() - golden
+        )),
+        "{report}"
+    );
     for col in [
-        "| experiment | fault | expected | observed | verdict | latency |",
+        "## Outcomes per configuration",
+        "| run | fault | expected | observed | verdict | outcome | latency |",
         "fault at",
     ] {
         assert!(report.contains(col), "{report}");
     }
+    // No golden run may hang: every faulty run has one to be classified against.
+    assert!(!report.contains("no usable golden run"), "{report}");
+    assert!(std::fs::read_to_string(out.join("junit.xml"))
+        .expect("junit.xml")
+        .contains("<testsuites name=\"probe-faults\""));
+}
+
+/// Golden runs and outcome classes on the probe: dropped MSIs the guest cannot notice
+/// are silent data corruption, a DMA fault it records is detected; `--only` replays
+/// one run with its golden run, the same fault plan drawn again.
+#[test]
+fn outcomes_are_classified_against_golden_runs() {
+    let _one_at_a_time = serial();
+    if !common::kvm_available("outcomes") {
+        return;
+    }
+    let dir = tmp("outcomes");
+    let file = write(&dir, SMALL);
+    let out = dir.join("out");
+    let r = common::run(&[
+        "campaign",
+        file.to_str().expect("utf-8"),
+        "--out",
+        out.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(
+        r.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let res = results(&out);
+    assert_eq!(res.len(), 3);
+    assert_eq!(
+        (res[0]["run"].as_str(), res[0]["golden"].as_bool()),
+        (Some("golden-0"), Some(true))
+    );
+    let junit = std::fs::read_to_string(out.join("junit.xml")).expect("junit");
+    for (run, outcome) in [("drop two", "sdc"), ("random DMA", "detected")] {
+        let at = junit.find(&format!("name=\"{run}\"")).expect(run);
+        assert!(
+            junit[at..]
+                .split("</testcase>")
+                .next()
+                .unwrap_or("")
+                .contains(&format!("value=\"{outcome}\"")),
+            "{run} should be {outcome}: {junit}"
+        );
+    }
+    let report = std::fs::read_to_string(out.join("report.md")).expect("report");
+    assert!(report.contains("1: 50 % (9–91)"), "{report}");
+    let replay = dir.join("replay");
+    let r = common::run(&[
+        "campaign",
+        file.to_str().expect("utf-8"),
+        "--only",
+        "random DMA",
+        "--out",
+        replay.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(
+        r.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let again = results(&replay);
+    assert_eq!(again.len(), 2, "the run and its golden run");
+    assert_eq!(again[1]["plan"], res[2]["plan"], "the same fault plan");
+    let r = common::run(&["campaign", file.to_str().expect("utf-8"), "--only", "nope"]);
+    assert_eq!(r.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("no run 'nope'"));
 }
 
 #[test]
@@ -144,9 +226,13 @@ fn a_failed_expectation_fails_the_campaign_and_shows_in_the_report() {
     ]);
     assert_eq!(r.status.code(), Some(1));
     let res = results(&out);
-    assert_eq!(res[0]["verdict"], "fail");
-    assert_eq!(res[1]["verdict"], "pass");
-    let failed: Vec<_> = res[0]["checks"]
+    assert_eq!(
+        res[0]["verdict"], "none",
+        "the golden run has no expectations"
+    );
+    assert_eq!(res[1]["verdict"], "fail");
+    assert_eq!(res[2]["verdict"], "pass");
+    let failed: Vec<_> = res[1]["checks"]
         .as_array()
         .expect("checks")
         .iter()
@@ -222,7 +308,8 @@ fn shards_merge_and_seeds_reproduce() {
             "{}",
             String::from_utf8_lossy(&r.stderr)
         );
-        assert_eq!(results(&o).len(), 1);
+        // Three runs: the golden run and "random DMA" in shard 0, "drop two" in 1.
+        assert_eq!(results(&o).len(), if i == 0 { 2 } else { 1 });
         outs.push(o);
     }
     let merged = dir.join("all");
@@ -234,32 +321,195 @@ fn shards_merge_and_seeds_reproduce() {
         outs[1].to_str().expect("utf-8"),
     ]);
     assert_eq!(r.status.code(), Some(0));
-    assert_eq!(results(&merged).len(), 2);
-    assert!(std::fs::read_to_string(merged.join("report.md"))
-        .expect("report")
-        .contains("2 passed, 0 failed"));
+    assert_eq!(results(&merged).len(), 3);
+    let merged_report = std::fs::read_to_string(merged.join("report.md")).expect("report");
+    assert!(
+        merged_report.contains("2 passed, 0 failed"),
+        "{merged_report}"
+    );
+    // The outcome table of the merged shards is exactly that of one unsharded run.
+    let whole = dir.join("whole");
+    common::run(&["campaign", f, "--out", whole.to_str().expect("utf-8")]);
+    let outcomes = |r: &str| {
+        r.split("## Outcomes per configuration")
+            .nth(1)
+            .and_then(|t| t.split("\n## ").next())
+            .map(String::from)
+    };
+    let whole_report = std::fs::read_to_string(whole.join("report.md")).expect("report");
+    assert!(outcomes(&whole_report).is_some(), "{whole_report}");
+    assert_eq!(outcomes(&merged_report), outcomes(&whole_report));
     // The random IOVA comes from the seed: same seed, same IOVA; another seed, another.
-    let iova = |o: &Path| results(o)[0]["injected"][0]["fault"]["iova"].clone();
+    let iova = |o: &Path| {
+        results(o)
+            .into_iter()
+            .find(|l| l["run"] == "random DMA")
+            .map(|l| l["injected"][0]["fault"]["iova"].clone())
+            .expect("random DMA ran")
+    };
     let again = dir.join("again");
     common::run(&[
         "campaign",
         f,
         "--shard",
-        "1/2",
+        "0/2",
         "--out",
         again.to_str().expect("utf-8"),
     ]);
-    assert_eq!(iova(&outs[1]), iova(&again));
+    assert_eq!(iova(&outs[0]), iova(&again));
     let other = dir.join("other");
     common::run(&[
         "campaign",
         f,
         "--shard",
-        "1/2",
+        "0/2",
         "--seed",
         "99",
         "--out",
         other.to_str().expect("utf-8"),
     ]);
-    assert_ne!(iova(&outs[1]), iova(&other));
+    assert_ne!(iova(&outs[0]), iova(&other));
+}
+
+/// The example sweep: count × vector × timing for lost, delayed and duplicated MSIs,
+/// at least 200 runs, every one classified against the golden run. Faults aimed at a
+/// vector nothing uses are masked; lost MSIs on the live vector are silent data
+/// corruption (the guest cannot tell).
+#[test]
+fn example_sweep_expands_and_classifies_every_run() {
+    let _one_at_a_time = serial();
+    if !common::kvm_available("example_sweep") {
+        return;
+    }
+    let out = tmp("sweep");
+    let file = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/resources/campaigns/probe-sweep.toml"
+    );
+    let r = common::run(&[
+        "campaign",
+        file,
+        "--jobs",
+        "2",
+        "--out",
+        out.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(
+        r.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let res = results(&out);
+    let faulty: Vec<_> = res.iter().filter(|l| l["golden"] == false).collect();
+    assert!(faulty.len() >= 200, "{} runs", faulty.len());
+    assert_eq!(
+        res.len() - faulty.len(),
+        1,
+        "one configuration, one golden run"
+    );
+    let ids: std::collections::HashSet<_> = res.iter().map(|l| l["run"].as_str()).collect();
+    assert_eq!(ids.len(), res.len(), "run IDs are unique");
+    let report = std::fs::read_to_string(out.join("report.md")).expect("report");
+    assert!(!report.contains("no usable golden run"), "{report}");
+    let row = |label: &str| {
+        report
+            .lines()
+            .find(|l| l.starts_with(&format!("| {label} |")))
+            .unwrap_or_else(|| panic!("no row {label}: {report}"))
+            .to_string()
+    };
+    // 36 runs each: every count and timing, three repetitions.
+    assert!(
+        row("lost · fault.2.vector=114").contains("| 36 | 36: 100 %"),
+        "{report}"
+    );
+    assert!(
+        row("lost · fault.2.vector=113").contains(" 36: 100 % (90–100) | 0 | 0 |"),
+        "{report}"
+    );
+    assert!(
+        row("duplicated · fault.2.vector=114").contains("| 54 | 54: 100 %"),
+        "{report}"
+    );
+}
+
+/// The HTML report in a real headless browser (Debian's Chromium): the screenshot
+/// must show the outcome bars in the colours of the classes the campaign found.
+#[test]
+fn html_report_renders_in_a_headless_browser() {
+    let _one_at_a_time = serial();
+    if !common::kvm_available("html_report") {
+        return;
+    }
+    let browser = ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|b| {
+            std::process::Command::new(b)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+    let Some(browser) = browser else {
+        assert!(
+            std::env::var_os("FAULTVISOR_REQUIRE_BROWSER").is_none(),
+            "FAULTVISOR_REQUIRE_BROWSER is set but no chromium is installed"
+        );
+        eprintln!("SKIP html_report_renders_in_a_headless_browser: no chromium (apt-get install chromium)");
+        return;
+    };
+    let dir = tmp("html");
+    let file = write(&dir, SMALL);
+    let out = dir.join("out");
+    let r = common::run(&[
+        "campaign",
+        file.to_str().expect("utf-8"),
+        "--out",
+        out.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(
+        r.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let html = out.join("report.html");
+    let shot = dir.join("shot.png");
+    let b = std::process::Command::new(browser)
+        .args([
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+        ])
+        .arg(format!("--screenshot={}", shot.display()))
+        .args(["--window-size=1280,1400"])
+        .arg(format!("file://{}", html.display()))
+        .output()
+        .expect("run the browser");
+    assert!(
+        shot.exists(),
+        "no screenshot: {}",
+        String::from_utf8_lossy(&b.stderr)
+    );
+    let decoder = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(&shot).expect("png"),
+    ));
+    let mut reader = decoder.read_info().expect("png header");
+    let mut buf = vec![0u8; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).expect("png frame");
+    let px = info.color_type.samples();
+    let count = |rgb: [u8; 3]| {
+        buf[..info.buffer_size()]
+            .chunks(px)
+            .filter(|p| p.len() >= 3 && (0..3).all(|i| p[i].abs_diff(rgb[i]) <= 6))
+            .count()
+    };
+    // SMALL: one SDC run (dropped MSIs) and one detected run (a recorded DMA fault).
+    let sdc = count([0xc6, 0x28, 0x28]);
+    let detected = count([0x6a, 0x1b, 0x9a]);
+    assert!(
+        sdc > 2000 && detected > 2000,
+        "bars not drawn: sdc {sdc} px, detected {detected} px"
+    );
 }

@@ -1,8 +1,9 @@
-//! `faultvisor campaign FILE.toml`: many short VMs, each with a fault plan and
-//! expectations, run in parallel (one VMM process each, a timeout each); results as JSON
-//! Lines and a Markdown report (each failed experiment links its VM's event trace,
-//! `trace.json`, which opens in Perfetto); `faultvisor merge` joins the outputs of
-//! shards.
+//! `faultvisor campaign FILE.toml`: many short VMs, each with a fault plan, run in
+//! parallel (one VMM process each, a timeout each); sweeps expanded into runs, a
+//! fault-free golden run per guest configuration, every faulty run classified against
+//! it (the engine is the `campaign` crate); results as JSON Lines, a Markdown report,
+//! JUnit XML and a self-contained HTML report (each run's event trace, `trace.json`,
+//! opens in Perfetto); `faultvisor merge` joins the outputs of shards.
 //!
 //! A campaign file (see resources/campaigns/):
 //!
@@ -10,7 +11,8 @@
 //! [campaign]
 //! name = "probe-faults"
 //! seed = 42            # for "rand:LO..HI" values; --seed overrides
-//! timeout_s = 20       # per experiment
+//! timeout_s = 20       # per run
+//! golden = true        # a fault-free golden run per configuration (default)
 //!
 //! [defaults]           # any experiment field
 //! guest = "probe"
@@ -18,14 +20,26 @@
 //! disks = ["path={rootfs},snapshot=on"]   # {rootfs}: the default guest's root disk
 //!
 //! [[experiment]]
-//! name = "drop-3-msis"
+//! name = "drop-msis"
 //! probe_tests = "opt.watch"
+//! repeat = 3                     # runs per sweep point
+//! [experiment.sweep]             # lists or "range:LO..HI[:STEP]"; cross product
+//! vcpus = [1, 2]
+//! "fault.1.count" = "range:1..4"
 //! [[experiment.fault]]
 //! at = "# watch: ready"          # wait for this console text, or after_ms / after_dmas
 //! inject = "drop-irq"            # then the API's fields, as `faultvisor inject` sends
 //! device = "00:01.0"
 //! count = 3
-//! [experiment.expect]
+//! [[experiment.fault]]
+//! inject = "spurious-irq"        # the scenario's "go": part of the workload, so the
+//! vector = 0xee                  # golden run sends it too
+//! cpu = 0
+//! stimulus = true
+//! [experiment.outcome]           # added to the guest's default classification rules
+//! detected = ["my-driver: retry"]
+//! hang_s = 5
+//! [experiment.expect]            # optional expectations on top of the outcome
 //! exit_code = 0
 //! log_contains = ["msi_received=7"]
 //! log_absent = ["not ok"]
@@ -74,6 +88,10 @@ pub struct CampaignArgs {
     /// Seed for the random values ("rand:LO..HI"); overrides the file's.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Replay one run by its ID (the `run` field of results.jsonl), with its
+    /// configuration's golden run so that its outcome can be classified.
+    #[arg(long, value_name = "RUN-ID")]
+    pub only: Option<String>,
 }
 
 /// Arguments of `faultvisor merge`.
@@ -107,6 +125,9 @@ struct Meta {
     timeout_s: Option<u64>,
     #[serde(default)]
     description: Option<String>,
+    /// One fault-free golden run per configuration (default true).
+    #[serde(default)]
+    golden: Option<bool>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -142,19 +163,43 @@ struct Experiment {
     faults: Vec<toml::Spanned<FaultStep>>,
     #[serde(default)]
     expect: Option<Expect>,
+    /// Swept parameters: key → list or "range:LO..HI[:STEP]".
+    #[serde(default)]
+    sweep: Option<BTreeMap<String, toml::Value>>,
+    /// Outcome rules added to the guest's defaults.
+    #[serde(default)]
+    outcome: Option<::campaign::outcome::RuleSpec>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
 struct FaultStep {
     #[serde(default)]
     at: Option<String>,
+    /// Milliseconds after the previous step: a number or "rand:LO..HI" (uniform).
     #[serde(default)]
-    after_ms: Option<u64>,
+    after_ms: Option<toml::Value>,
     #[serde(default)]
     after_dmas: Option<u64>,
     inject: String,
+    /// Part of the workload (e.g. the watch scenario's "go" interrupt): the golden
+    /// run sends it too.
+    #[serde(default)]
+    stimulus: bool,
     #[serde(flatten)]
     params: BTreeMap<String, toml::Value>,
+}
+
+/// One step of a run's plan, every value drawn.
+#[derive(Clone, Debug)]
+struct Step {
+    at: Option<String>,
+    after_ms: Option<u64>,
+    after_dmas: Option<u64>,
+    inject: String,
+    stimulus: bool,
+    /// False for a fault step of a golden run: its condition is waited for (so that
+    /// the stimuli after it keep their timing), nothing is injected.
+    injects: bool,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -172,15 +217,23 @@ struct Expect {
     alive: Option<bool>,
 }
 
-/// One experiment ready to run.
+/// One run ready to go.
 #[derive(Clone, Debug)]
 struct Plan {
     index: usize,
+    /// The run ID (`--only`).
     name: String,
+    experiment: String,
+    /// The configuration key (runs with the same one share a golden run).
+    config: String,
+    golden: bool,
+    /// The sweep point's values.
+    point: Vec<(String, Value)>,
     guest: String,
     args: Vec<String>,
-    faults: Vec<(FaultStep, Value)>,
+    faults: Vec<(Step, Value)>,
     expect: Expect,
+    rules: ::campaign::outcome::Rules,
     timeout: Duration,
     seed: u64,
 }
@@ -258,7 +311,39 @@ fn merged(d: &Experiment, e: &Experiment) -> Experiment {
             e.faults.clone()
         },
         expect: e.expect.clone().or_else(|| d.expect.clone()),
+        sweep: e.sweep.clone().or_else(|| d.sweep.clone()),
+        outcome: e.outcome.clone().or_else(|| d.outcome.clone()),
     }
+}
+
+/// Guest-configuration keys a sweep may vary (the rest are `fault.N.FIELD`).
+const CONFIG_KEYS: [&str; 5] = ["vcpus", "memory", "iommu", "cmdline", "probe_tests"];
+
+/// `e` with the guest-configuration values of a sweep point.
+fn with_point(e: &Experiment, point: &[(String, Value)]) -> Result<Experiment, String> {
+    let mut e = e.clone();
+    for (k, v) in point {
+        let text = || match v {
+            Value::String(s) => Ok(s.clone()),
+            Value::Number(n) => Ok(n.to_string()),
+            other => Err(format!("sweep '{k}': {other} is not a string or number")),
+        };
+        match k.as_str() {
+            "vcpus" => {
+                e.vcpus = Some(
+                    v.as_u64()
+                        .and_then(|n| u32::try_from(n).ok())
+                        .ok_or_else(|| format!("sweep 'vcpus': {v} is not a count"))?,
+                )
+            }
+            "memory" => e.memory = Some(text()?),
+            "iommu" => e.iommu = Some(text()?),
+            "cmdline" => e.cmdline = Some(text()?),
+            "probe_tests" => e.probe_tests = Some(text()?),
+            _ => {}
+        }
+    }
+    Ok(e)
 }
 
 /// Reads and checks a campaign file; returns (name, plans) for `seed`.
@@ -309,6 +394,8 @@ fn parse(
     let default_timeout = file.campaign.timeout_s.unwrap_or(30);
     let mut plans = Vec::new();
     let mut names = std::collections::HashSet::new();
+    // Configurations that have their golden run, in order.
+    let mut golden_configs: Vec<String> = Vec::new();
     for spanned in &file.experiments {
         let line = line_of(&text, spanned.span().start);
         let e = merged(&file.defaults, spanned.get_ref());
@@ -338,143 +425,317 @@ fn parse(
                 ),
             ));
         }
-        let guest = e.guest.clone().unwrap_or_else(|| "probe".into());
-        let mut args: Vec<String> = Vec::new();
-        match guest.as_str() {
-            "probe" => {
-                args.extend(["--kernel".into(), probe.display().to_string()]);
-                let tests = e
-                    .probe_tests
-                    .clone()
-                    .ok_or_else(|| err("probe_tests", "a probe guest needs probe_tests".into()))?;
-                let mut c = format!("probe.tests={tests}");
-                if let Some(extra) = &e.cmdline {
-                    c.push(' ');
-                    c.push_str(extra);
-                }
-                args.extend(["--cmdline".into(), c]);
-            }
-            "linux" => {
-                let dir = crate::default_guest_dir();
-                let kernel = e
-                    .kernel
-                    .clone()
-                    .unwrap_or_else(|| dir.join("vmlinux").display().to_string());
-                let initrd = e
-                    .initrd
-                    .clone()
-                    .unwrap_or_else(|| dir.join("initramfs.cpio").display().to_string());
-                args.extend(["--kernel".into(), kernel, "--initrd".into(), initrd]);
-                let c = e
-                    .cmdline
-                    .clone()
-                    .ok_or_else(|| err("cmdline", "a linux guest needs a cmdline".into()))?;
-                args.extend(["--cmdline".into(), c]);
-            }
-            other => {
+        let repeat = e.repeat.unwrap_or(1).clamp(1, 1000);
+        // The sweep's axes: guest configuration keys, or fault.N.FIELD.
+        let mut axes = Vec::new();
+        for (k, v) in e.sweep.clone().unwrap_or_default() {
+            if v.is_table() {
                 return Err(err(
-                    "guest",
-                    format!("'{other}' is not a guest (probe or linux)"),
-                ))
-            }
-        }
-        for d in e.devices.clone().unwrap_or_default() {
-            d.parse::<vmm::DeviceSpec>()
-                .map_err(|m| err("devices", m))?;
-            args.extend(["--device".into(), d]);
-        }
-        // Disks after the devices; {rootfs} is the default guest's root disk.
-        for d in e.disks.clone().unwrap_or_default() {
-            let rootfs = crate::default_guest_dir().join("rootfs.ext4");
-            let d = d.replace("{rootfs}", &rootfs.display().to_string());
-            d.parse::<vmm::DiskSpec>().map_err(|m| err("disks", m))?;
-            args.extend(["--disk".into(), d]);
-        }
-        if let Some(v) = e.vcpus {
-            if v == 0 || v > vmm::MAX_VCPUS {
-                return Err(err(
-                    "vcpus",
-                    format!("{v} is not between 1 and {}", vmm::MAX_VCPUS),
+                    &format!("sweep.{k}"),
+                    format!("a dotted sweep key must be quoted: \"{k}.N.FIELD\" = [...]"),
                 ));
             }
-            args.extend(["--vcpus".into(), v.to_string()]);
-        }
-        args.extend([
-            "--memory".into(),
-            e.memory.clone().unwrap_or_else(|| {
-                if guest == "probe" {
-                    "64M".into()
-                } else {
-                    "512M".into()
-                }
-            }),
-        ]);
-        if let Some(i) = &e.iommu {
-            i.parse::<vmm::IommuConfig>().map_err(|m| err("iommu", m))?;
-            args.extend(["--iommu".into(), i.clone()]);
-        }
-        let repeat = e.repeat.unwrap_or(1).clamp(1, 1000);
-        if plans.len() + repeat as usize > MAX_RUNS {
-            return Err(err(
-                "repeat",
-                format!("the campaign expands to more than {MAX_RUNS} runs"),
-            ));
-        }
-        for r in 0..repeat {
-            let exp_seed = seed ^ (plans.len() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-            let mut rng = Rng(exp_seed);
-            let mut faults = Vec::new();
-            for (k, step) in e.faults.iter().enumerate() {
-                let sline = line_of(&text, step.span().start);
-                let s = step.get_ref();
-                let serr = |field: &str, msg: String| {
-                    file_err(
-                        path,
-                        sline,
-                        format!("experiment '{name}' fault {} field '{field}': {msg}", k + 1),
+            let key_ok = CONFIG_KEYS.contains(&k.as_str())
+                || k.strip_prefix("fault.")
+                    .and_then(|r| r.split_once('.'))
+                    .and_then(|(n, f)| n.parse::<usize>().ok().map(|n| (n, f)))
+                    .is_some_and(|(n, f)| n >= 1 && n <= e.faults.len() && !f.is_empty());
+            if !key_ok {
+                return Err(err(
+                    &format!("sweep.{k}"),
+                    format!(
+                        "not a sweep key: use one of {} or fault.N.FIELD (N = 1..{} counts this experiment's fault steps)",
+                        CONFIG_KEYS.join(", "),
+                        e.faults.len()
+                    ),
+                ));
+            }
+            let json = toml_json(&v).map_err(|m| err(&format!("sweep.{k}"), m))?;
+            let values = ::campaign::sweep::values(&json)
+                .map_err(|m| err(&format!("sweep.{k}"), m.to_string()))?
+                .ok_or_else(|| {
+                    err(
+                        &format!("sweep.{k}"),
+                        "a swept value is a list or \"range:LO..HI[:STEP]\"".into(),
                     )
-                };
-                let mut body = json!({ "fault": s.inject });
-                for (key, v) in &s.params {
-                    body[key] = to_json(v, &mut rng).map_err(|m| serr(key, m))?;
-                }
-                vmm::api::validate_inject(&body)
-                    .map_err(|(f, m)| serr(if f == "fault" { "inject" } else { &f }, m))?;
-                if [s.at.is_some(), s.after_ms.is_some(), s.after_dmas.is_some()]
-                    .iter()
-                    .filter(|b| **b)
-                    .count()
-                    > 1
-                {
-                    return Err(serr(
-                        "at",
-                        "use at most one of at, after_ms, after_dmas".into(),
-                    ));
-                }
-                faults.push((s.clone(), body));
+                })?;
+            axes.push(::campaign::sweep::Axis { key: k, values });
+        }
+        let points = ::campaign::sweep::expand(&axes).map_err(|m| err("sweep", m.to_string()))?;
+        let swept = !axes.is_empty();
+        let want_golden =
+            file.campaign.golden.unwrap_or(true) && e.faults.iter().any(|f| !f.get_ref().stimulus);
+        for (pi, point) in points.iter().enumerate() {
+            let e = with_point(&e, point).map_err(|m| err("sweep", m))?;
+            let (guest, args) = guest_args(&e, probe, &err)?;
+            let config = config_key(&guest, &args);
+            let rules =
+                ::campaign::outcome::Rules::new(&guest, &e.outcome.clone().unwrap_or_default())
+                    .map_err(|m| err("outcome", m.to_string()))?;
+            let timeout =
+                Duration::from_secs(e.timeout_s.unwrap_or(default_timeout).clamp(1, 3600));
+            let mut runs: Vec<(String, bool)> = Vec::new();
+            if want_golden && !golden_configs.contains(&config) {
+                runs.push((format!("golden-{}", golden_configs.len()), true));
+                golden_configs.push(config.clone());
             }
-            let expect = e.expect.clone().unwrap_or_default();
-            for (k, v) in &expect.stats {
-                parse_cmp(v).map_err(|m| err(&format!("expect.stats.{k}"), m))?;
+            for r in 0..repeat {
+                let mut id = name.clone();
+                if swept {
+                    id.push_str(&format!("@p{pi}"));
+                }
+                if repeat > 1 {
+                    id.push_str(&format!("#{r}"));
+                }
+                runs.push((id, false));
             }
-            plans.push(Plan {
-                index: plans.len(),
-                name: if repeat > 1 {
-                    format!("{name}#{r}")
+            if plans.len() + runs.len() > MAX_RUNS {
+                return Err(err(
+                    "repeat",
+                    format!("the campaign expands to more than {MAX_RUNS} runs"),
+                ));
+            }
+            for (id, golden) in runs {
+                let exp_seed = seed ^ (plans.len() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                let mut rng = Rng(exp_seed);
+                let faults = steps(&e, point, golden, &mut rng, &text, path, &name)?;
+                let expect = if golden {
+                    Expect::default()
                 } else {
-                    name.clone()
-                },
-                guest: guest.clone(),
-                args: args.clone(),
-                faults,
-                expect,
-                timeout: Duration::from_secs(e.timeout_s.unwrap_or(default_timeout).clamp(1, 3600)),
-                seed: exp_seed,
-            });
+                    e.expect.clone().unwrap_or_default()
+                };
+                for (k, v) in &expect.stats {
+                    parse_cmp(v).map_err(|m| err(&format!("expect.stats.{k}"), m))?;
+                }
+                plans.push(Plan {
+                    index: plans.len(),
+                    name: id,
+                    experiment: if golden {
+                        "golden".into()
+                    } else {
+                        name.clone()
+                    },
+                    config: config.clone(),
+                    golden,
+                    point: point.clone(),
+                    guest: guest.clone(),
+                    args: args.clone(),
+                    faults,
+                    expect,
+                    rules: rules.clone(),
+                    timeout,
+                    seed: exp_seed,
+                });
+            }
         }
     }
     let _ = &file.campaign.description;
     Ok((file.campaign.name, plans, seed))
+}
+
+/// The `faultvisor run` options of experiment `e` (its guest kind first).
+fn guest_args(
+    e: &Experiment,
+    probe: &Path,
+    err: &dyn Fn(&str, String) -> CliError,
+) -> Result<(String, Vec<String>), CliError> {
+    let guest = e.guest.clone().unwrap_or_else(|| "probe".into());
+    let mut args: Vec<String> = Vec::new();
+    match guest.as_str() {
+        "probe" => {
+            args.extend(["--kernel".into(), probe.display().to_string()]);
+            let tests = e
+                .probe_tests
+                .clone()
+                .ok_or_else(|| err("probe_tests", "a probe guest needs probe_tests".into()))?;
+            let mut c = format!("probe.tests={tests}");
+            if let Some(extra) = &e.cmdline {
+                c.push(' ');
+                c.push_str(extra);
+            }
+            args.extend(["--cmdline".into(), c]);
+        }
+        "linux" => {
+            let dir = crate::default_guest_dir();
+            let kernel = e
+                .kernel
+                .clone()
+                .unwrap_or_else(|| dir.join("vmlinux").display().to_string());
+            let initrd = e
+                .initrd
+                .clone()
+                .unwrap_or_else(|| dir.join("initramfs.cpio").display().to_string());
+            args.extend(["--kernel".into(), kernel, "--initrd".into(), initrd]);
+            let c = e
+                .cmdline
+                .clone()
+                .ok_or_else(|| err("cmdline", "a linux guest needs a cmdline".into()))?;
+            args.extend(["--cmdline".into(), c]);
+        }
+        other => {
+            return Err(err(
+                "guest",
+                format!("'{other}' is not a guest (probe or linux)"),
+            ))
+        }
+    }
+    for d in e.devices.clone().unwrap_or_default() {
+        d.parse::<vmm::DeviceSpec>()
+            .map_err(|m| err("devices", m))?;
+        args.extend(["--device".into(), d]);
+    }
+    // Disks after the devices; {rootfs} is the default guest's root disk.
+    for d in e.disks.clone().unwrap_or_default() {
+        let rootfs = crate::default_guest_dir().join("rootfs.ext4");
+        let d = d.replace("{rootfs}", &rootfs.display().to_string());
+        d.parse::<vmm::DiskSpec>().map_err(|m| err("disks", m))?;
+        args.extend(["--disk".into(), d]);
+    }
+    if let Some(v) = e.vcpus {
+        if v == 0 || v > vmm::MAX_VCPUS {
+            return Err(err(
+                "vcpus",
+                format!("{v} is not between 1 and {}", vmm::MAX_VCPUS),
+            ));
+        }
+        args.extend(["--vcpus".into(), v.to_string()]);
+    }
+    args.extend([
+        "--memory".into(),
+        e.memory.clone().unwrap_or_else(|| {
+            if guest == "probe" {
+                "64M".into()
+            } else {
+                "512M".into()
+            }
+        }),
+    ]);
+    if let Some(i) = &e.iommu {
+        i.parse::<vmm::IommuConfig>().map_err(|m| err("iommu", m))?;
+        args.extend(["--iommu".into(), i.clone()]);
+    }
+    Ok((guest, args))
+}
+
+/// A TOML value as JSON, unchanged (lists kept).
+fn toml_json(v: &toml::Value) -> Result<Value, String> {
+    Ok(match v {
+        toml::Value::String(s) => json!(s),
+        toml::Value::Integer(i) => json!(i),
+        toml::Value::Float(f) => json!(f),
+        toml::Value::Boolean(b) => json!(b),
+        toml::Value::Array(a) => Value::Array(a.iter().map(toml_json).collect::<Result<_, _>>()?),
+        other => return Err(format!("{other} is not a number, string, boolean or list")),
+    })
+}
+
+/// A configuration's key: the guest's `faultvisor run` options without the kernel and
+/// initrd paths (every run with the same key shares one golden run).
+fn config_key(guest: &str, args: &[String]) -> String {
+    let mut parts = vec![guest.to_string()];
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--kernel" || a == "--initrd" {
+            it.next();
+            continue;
+        }
+        parts.push(a.clone());
+    }
+    parts.join(" ")
+}
+
+/// The fault plan of one run: `e`'s steps with the sweep point's `fault.N.FIELD`
+/// values, random values drawn from `rng`; a golden run keeps only the stimuli.
+fn steps(
+    e: &Experiment,
+    point: &[(String, Value)],
+    golden: bool,
+    rng: &mut Rng,
+    text: &str,
+    path: &Path,
+    name: &str,
+) -> Result<Vec<(Step, Value)>, CliError> {
+    let mut out = Vec::new();
+    for (k, step) in e.faults.iter().enumerate() {
+        let sline = line_of(text, step.span().start);
+        let s = step.get_ref();
+        let serr = |field: &str, msg: String| {
+            file_err(
+                path,
+                sline,
+                format!("experiment '{name}' fault {} field '{field}': {msg}", k + 1),
+            )
+        };
+        let mut params: BTreeMap<String, toml::Value> = s.params.clone();
+        let mut step_out = Step {
+            at: s.at.clone(),
+            after_ms: None,
+            after_dmas: s.after_dmas,
+            inject: s.inject.clone(),
+            stimulus: s.stimulus,
+            injects: !golden || s.stimulus,
+        };
+        let mut after = s.after_ms.clone();
+        let prefix = format!("fault.{}.", k + 1);
+        for (key, v) in point {
+            let Some(field) = key.strip_prefix(&prefix) else {
+                continue;
+            };
+            let tv = match v {
+                Value::String(x) => toml::Value::String(x.clone()),
+                Value::Bool(b) => toml::Value::Boolean(*b),
+                Value::Number(n) => match n.as_i64() {
+                    Some(i) => toml::Value::Integer(i),
+                    None => toml::Value::Float(n.as_f64().unwrap_or(0.0)),
+                },
+                other => return Err(serr(field, format!("{other} cannot be swept"))),
+            };
+            match (field, &tv) {
+                ("inject", toml::Value::String(x)) => step_out.inject = x.clone(),
+                ("at", toml::Value::String(x)) => step_out.at = Some(x.clone()),
+                ("after_ms", _) => after = Some(tv.clone()),
+                ("after_dmas", toml::Value::Integer(n)) if *n >= 0 => {
+                    step_out.after_dmas = Some(*n as u64)
+                }
+                ("inject" | "at" | "after_dmas", _) => {
+                    return Err(serr(field, format!("{tv} is not a valid value")))
+                }
+                _ => {
+                    params.insert(field.to_string(), tv);
+                }
+            }
+        }
+        if let Some(a) = &after {
+            let j = to_json(a, rng).map_err(|m| serr("after_ms", m))?;
+            step_out.after_ms =
+                Some(j.as_u64().ok_or_else(|| {
+                    serr("after_ms", format!("{a} is not a number of milliseconds"))
+                })?);
+        }
+        let mut body = json!({ "fault": step_out.inject });
+        for (key, v) in &params {
+            body[key] = to_json(v, rng).map_err(|m| serr(key, m))?;
+        }
+        vmm::api::validate_inject(&body)
+            .map_err(|(f, m)| serr(if f == "fault" { "inject" } else { &f }, m))?;
+        if [
+            step_out.at.is_some(),
+            step_out.after_ms.is_some(),
+            step_out.after_dmas.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count()
+            > 1
+        {
+            return Err(serr(
+                "at",
+                "use at most one of at, after_ms, after_dmas".into(),
+            ));
+        }
+        out.push((step_out, body));
+    }
+    Ok(out)
 }
 
 /// Parses "OP N" with OP one of ==, !=, >=, <=, >, < (a bare number means ==).
@@ -517,6 +778,7 @@ struct Outcome {
     fault_at_ms: Option<u128>,
     duration_ms: u128,
     error: Option<String>,
+    facts: ::campaign::outcome::Facts,
 }
 
 fn lookup(v: &Value, dotted: &str) -> Option<f64> {
@@ -643,14 +905,19 @@ fn run_one(p: &Plan, out: &Path) -> Outcome {
                 fault_at_ms: None,
                 duration_ms: 0,
                 error: Some(format!("cannot start faultvisor: {e}")),
+                facts: ::campaign::outcome::Facts::default(),
             }
         }
     };
     let console = Arc::new(Mutex::new(BoundedOutput::new()));
     let vmm_log = Arc::new(Mutex::new(BoundedOutput::new()));
+    let watcher = Arc::new(Mutex::new(::campaign::outcome::Watcher::new(
+        p.rules.clone(),
+    )));
     let mut readers = Vec::new();
-    for (pipe, sink) in [
+    for (is_console, pipe, sink) in [
         (
+            true,
             child
                 .stdout
                 .take()
@@ -658,6 +925,7 @@ fn run_one(p: &Plan, out: &Path) -> Outcome {
             console.clone(),
         ),
         (
+            false,
             child
                 .stderr
                 .take()
@@ -666,6 +934,7 @@ fn run_one(p: &Plan, out: &Path) -> Outcome {
         ),
     ] {
         if let Some(pipe) = pipe {
+            let watcher = watcher.clone();
             readers.push(std::thread::spawn(move || {
                 // Chunks, not lines: a line without end must not grow a buffer.
                 let mut pipe = pipe;
@@ -673,7 +942,13 @@ fn run_one(p: &Plan, out: &Path) -> Outcome {
                 loop {
                     match pipe.read(&mut chunk) {
                         Ok(0) | Err(_) => break,
-                        Ok(n) => crate::lock_or_recover(&sink).push(&chunk[..n]),
+                        Ok(n) => {
+                            crate::lock_or_recover(&sink).push(&chunk[..n]);
+                            if is_console {
+                                let at = t0.elapsed().as_millis() as u64;
+                                crate::lock_or_recover(&watcher).feed(&chunk[..n], at);
+                            }
+                        }
                     }
                 }
             }));
@@ -724,6 +999,10 @@ fn run_one(p: &Plan, out: &Path) -> Outcome {
                 ));
                 break;
             }
+            if !step.injects {
+                step_start = Instant::now();
+                continue;
+            }
             match client::request(&sock, "POST", "/v1/inject", Some(body)) {
                 Ok((200, r)) => {
                     fault_at_ms.get_or_insert(t0.elapsed().as_millis());
@@ -753,12 +1032,20 @@ fn run_one(p: &Plan, out: &Path) -> Outcome {
             ));
         }
     }
-    // Keep the counters fresh until the guest ends it, or time runs out.
+    // Keep the counters fresh until the guest ends it, time runs out, or it stops
+    // making progress.
+    let mut killed = None;
     let exit_code = loop {
         if let Ok(Some(st)) = child.try_wait() {
             break st.code();
         }
-        if Instant::now() >= deadline {
+        let stalled = crate::lock_or_recover(&watcher).stalled(t0.elapsed().as_millis() as u64);
+        if Instant::now() >= deadline || stalled {
+            killed = Some(if stalled {
+                ::campaign::outcome::Killed::NoProgress
+            } else {
+                ::campaign::outcome::Killed::Timeout
+            });
             let _ = child.kill();
             let _ = child.wait();
             break None;
@@ -777,7 +1064,21 @@ fn run_one(p: &Plan, out: &Path) -> Outcome {
     vtd_from_log(&vmm_log, &mut stats);
     let _ = std::fs::write(dir.join("console.log"), &console);
     let _ = std::fs::write(dir.join("vmm.log"), &vmm_log);
+    let duration_ms = t0.elapsed().as_millis();
+    let watcher = match Arc::try_unwrap(watcher) {
+        Ok(m) => m.into_inner().unwrap_or_else(|p| p.into_inner()),
+        Err(shared) => {
+            // A reader thread that did not end: classify from a copy of what it saw.
+            let rules = p.rules.clone();
+            let mut w = ::campaign::outcome::Watcher::new(rules);
+            w.feed(console.as_bytes(), duration_ms as u64);
+            drop(shared);
+            w
+        }
+    };
+    let facts = watcher.finish(exit_code, killed, duration_ms as u64);
     Outcome {
+        facts,
         exit_code,
         console,
         vmm_log,
@@ -785,7 +1086,7 @@ fn run_one(p: &Plan, out: &Path) -> Outcome {
         alive,
         injected,
         fault_at_ms,
-        duration_ms: t0.elapsed().as_millis(),
+        duration_ms,
         error,
     }
 }
@@ -880,35 +1181,114 @@ impl BoundedOutput {
 
 fn result_line(campaign: &str, p: &Plan, o: &Outcome) -> Value {
     let cs = checks(p, o);
-    let pass = cs.iter().all(|c| c.3) && (o.exit_code.is_some() || p.expect.exit_code.is_some());
-    let faults: Vec<String> = p.faults.iter().map(|(s, _)| s.inject.clone()).collect();
+    let verdict = if cs.is_empty() {
+        "none"
+    } else if cs.iter().all(|c| c.3) && (o.exit_code.is_some() || p.expect.exit_code.is_some()) {
+        "pass"
+    } else {
+        "fail"
+    };
+    let mut failed: Vec<String> = cs
+        .iter()
+        .filter(|c| !c.3)
+        .map(|(w, e, g, _)| format!("{w}: expected {e}, observed {g}"))
+        .collect();
+    if verdict == "fail" && failed.is_empty() {
+        failed.push("the VM did not finish".into());
+    }
+    let faults: Vec<String> = p
+        .faults
+        .iter()
+        .filter(|(s, _)| s.injects && !s.stimulus)
+        .map(|(s, _)| s.inject.clone())
+        .collect();
+    let plan: Vec<Value> = p
+        .faults
+        .iter()
+        .map(|(s, body)| {
+            json!({
+                "at": s.at, "after_ms": s.after_ms, "after_dmas": s.after_dmas,
+                "stimulus": s.stimulus, "injected": s.injects, "body": body,
+            })
+        })
+        .collect();
+    let point: serde_json::Map<String, Value> = p.point.iter().cloned().collect();
     json!({
         "campaign": campaign,
-        "experiment": p.name,
+        "index": p.index,
+        "run": p.name,
+        "experiment": p.experiment,
+        "config": p.config,
+        "golden": p.golden,
+        "point": point,
         "guest": p.guest,
         "seed": p.seed,
         "faults": faults,
+        "plan": plan,
         "injected": o.injected,
         "checks": cs.iter().map(|(w, e, g, ok)| json!({"check": w, "expected": e, "observed": g, "ok": ok})).collect::<Vec<_>>(),
-        "verdict": if pass { "pass" } else { "fail" },
+        "verdict": verdict,
+        "failed_checks": failed,
         "exit_code": o.exit_code,
-        "fault_at_ms": o.fault_at_ms,
+        "fault_at_ms": o.fault_at_ms.map(|t| t as u64),
         "duration_ms": o.duration_ms as u64,
+        "facts": o.facts,
+        "degraded_factor": p.rules.degraded_factor,
         "stats": o.stats,
         "vmm_log_tail": o.vmm_log.lines().rev().take(3).collect::<Vec<_>>(),
         "trace": format!("{}/trace.json", sanitize(&p.name)),
     })
 }
 
-/// Writes report.md for `results`; returns (passed, failed).
-fn write_report(out: &Path, title: &str, results: &[Value]) -> Result<(usize, usize), CliError> {
+/// Writes report.md, report.html and junit.xml for `results` (sorted by run index
+/// first); run traces are looked for under `trace_dirs`. Returns (passed, failed).
+fn write_report(
+    out: &Path,
+    title: &str,
+    results: &mut [Value],
+    trace_dirs: &[PathBuf],
+) -> Result<(usize, usize), CliError> {
+    results.sort_by_key(|r| r["index"].as_u64().unwrap_or(u64::MAX));
     let pass = results.iter().filter(|r| r["verdict"] == "pass").count();
-    let fail = results.len() - pass;
+    let fail = results.iter().filter(|r| r["verdict"] == "fail").count();
+    let golden = results.iter().filter(|r| r["golden"] == true).count();
+    let mut records: Vec<::campaign::report::RunRecord> = results
+        .iter()
+        .filter_map(|r| serde_json::from_value(r.clone()).ok())
+        .collect();
+    let classified = ::campaign::report::classify_all(&mut records);
+    let summaries = ::campaign::report::summarize(&records, &classified);
+    let outcome_of: BTreeMap<usize, &'static str> = classified
+        .iter()
+        .map(|c| {
+            (
+                records[c.record].index,
+                c.outcome.map_or("unclassified", |o| o.name()),
+            )
+        })
+        .collect();
     let mut md = format!(
-        "# Campaign {title}\n\n{} experiments: **{pass} passed, {fail} failed**.\n\n| experiment | fault | expected | observed | verdict | latency |\n|---|---|---|---|---|---|\n",
+        "# Campaign {title}\n\n{} runs ({golden} golden): **{pass} passed, {fail} failed** \
+         their expectations.\n\n",
         results.len()
     );
-    for r in results {
+    if !summaries.is_empty() {
+        md.push_str(&::campaign::report::markdown(&summaries));
+        md.push('\n');
+        let parts = ::campaign::report::breakdown(&records, &classified);
+        if parts.len() > 1 {
+            md.push_str(&::campaign::report::breakdown_markdown(&parts));
+            md.push('\n');
+        }
+        if summaries.iter().any(|s| !s.reactions.is_empty()) {
+            md.push_str(&::campaign::report::latency_markdown(&summaries));
+            md.push('\n');
+        }
+    }
+    md.push_str(
+        "## Runs\n\n| run | fault | expected | observed | verdict | outcome | latency |\n|---|---|---|---|---|---|---|\n",
+    );
+    for r in results.iter() {
         let checks = r["checks"].as_array().cloned().unwrap_or_default();
         let expected: Vec<String> = checks
             .iter()
@@ -939,9 +1319,17 @@ fn write_report(out: &Path, title: &str, results: &[Value]) -> Result<(usize, us
             Some(f) => format!("fault at {f} ms, {} ms total", r["duration_ms"]),
             None => format!("{} ms total", r["duration_ms"]),
         };
+        let outcome = if r["golden"] == true {
+            "golden"
+        } else {
+            r["index"]
+                .as_u64()
+                .and_then(|i| outcome_of.get(&(i as usize)).copied())
+                .unwrap_or("–")
+        };
         md.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {latency} |\n",
-            r["experiment"].as_str().unwrap_or("?"),
+            "| {} | {} | {} | {} | {} | {outcome} | {latency} |\n",
+            r["run"].as_str().unwrap_or("?"),
             if faults.is_empty() {
                 "none".into()
             } else {
@@ -949,16 +1337,92 @@ fn write_report(out: &Path, title: &str, results: &[Value]) -> Result<(usize, us
             },
             expected.join("; ").replace('|', "\\|"),
             observed.join("; ").replace('|', "\\|"),
-            if r["verdict"] == "pass" {
-                "PASS"
-            } else {
-                "**FAIL**"
+            match r["verdict"].as_str() {
+                Some("pass") => "PASS",
+                Some("fail") => "**FAIL**",
+                _ => "–",
             },
         ));
     }
     let path = out.join("report.md");
     std::fs::write(&path, md).map_err(|e| CliError::File {
         what: "report",
+        path,
+        reason: e.to_string(),
+    })?;
+    // The HTML report: the same tables as plots, and the timelines of runs that went
+    // wrong (failed expectations first, then hang, crash, SDC, detected).
+    let mut wrong: Vec<(u8, &Value, String)> = Vec::new();
+    for r in results.iter() {
+        let o = r["index"]
+            .as_u64()
+            .and_then(|i| outcome_of.get(&(i as usize)).copied())
+            .unwrap_or("");
+        let rank = if r["verdict"] == "fail" {
+            0
+        } else {
+            match o {
+                "hang" => 1,
+                "crash" => 2,
+                "sdc" => 3,
+                "detected" => 4,
+                _ => continue,
+            }
+        };
+        let shown = if r["verdict"] == "fail" {
+            "failed its expectations"
+        } else {
+            o
+        };
+        wrong.push((rank, r, shown.to_string()));
+    }
+    wrong.sort_by_key(|w| w.0);
+    let mut timelines = Vec::new();
+    for (_, r, shown) in wrong.iter().take(::campaign::html::MAX_TIMELINES) {
+        let rel = r["trace"].as_str().unwrap_or("");
+        // Only a relative path below an output directory (a results file is input).
+        if rel.is_empty() || rel.starts_with('/') || rel.split('/').any(|c| c == "..") {
+            continue;
+        }
+        let trace = trace_dirs
+            .iter()
+            .map(|d| d.join(rel))
+            .find(|p| p.exists())
+            .and_then(|p| std::fs::read(p).ok())
+            .filter(|b| b.len() <= 64 << 20)
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+        if let Some(t) = trace {
+            timelines.push(::campaign::html::timeline(
+                r["run"].as_str().unwrap_or("?"),
+                shown,
+                &t,
+            ));
+        }
+    }
+    let parts = ::campaign::report::breakdown(&records, &classified);
+    let page = ::campaign::html::html(
+        title,
+        &format!(
+            "{} runs ({golden} golden): {pass} passed, {fail} failed their expectations.",
+            results.len()
+        ),
+        &summaries,
+        &parts,
+        &timelines,
+    );
+    let path = out.join("report.html");
+    std::fs::write(&path, page).map_err(|e| CliError::File {
+        what: "HTML report",
+        path,
+        reason: e.to_string(),
+    })?;
+    let path = out.join("junit.xml");
+    std::fs::write(
+        &path,
+        ::campaign::report::junit(title, &records, &classified),
+    )
+    .map_err(|e| CliError::File {
+        what: "JUnit report",
         path,
         reason: e.to_string(),
     })?;
@@ -1003,6 +1467,25 @@ pub fn run(a: &CampaignArgs) -> Result<i32, CliError> {
     if let Some((i, n)) = shard {
         plans.retain(|p| p.index % n == i);
     }
+    if let Some(id) = &a.only {
+        if shard.is_some() {
+            return Err(CliError::Usage(
+                "--only and --shard exclude each other".into(),
+            ));
+        }
+        let Some(want) = plans.iter().find(|p| &p.name == id).cloned() else {
+            let mut ids: Vec<&str> = plans.iter().map(|p| p.name.as_str()).take(5).collect();
+            if plans.len() > 5 {
+                ids.push("...");
+            }
+            return Err(CliError::Usage(format!(
+                "no run '{id}' in {} (run IDs: {})",
+                a.file.display(),
+                ids.join(", ")
+            )));
+        };
+        plans.retain(|p| p.index == want.index || (p.golden && p.config == want.config));
+    }
     let jobs = a
         .jobs
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
@@ -1018,44 +1501,48 @@ pub fn run(a: &CampaignArgs) -> Result<i32, CliError> {
     let results = Arc::new(Mutex::new(Vec::new()));
     let done = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicUsize::new(0));
-    let tty = std::io::stderr().is_terminal();
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new(total as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} runs  {elapsed_precise} (eta {eta})  {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    });
     let mut workers = Vec::new();
     for _ in 0..jobs {
         let (queue, results, done, failed) =
             (queue.clone(), results.clone(), done.clone(), failed.clone());
-        let (out, name) = (a.out.clone(), name.clone());
+        let (out, name, bar) = (a.out.clone(), name.clone(), bar.clone());
         workers.push(std::thread::spawn(move || loop {
             let Some(p) = crate::lock_or_recover(&queue).pop_front() else {
                 return;
             };
             let o = run_one(&p, &out);
             let line = result_line(&name, &p, &o);
-            let pass = line["verdict"] == "pass";
-            if !pass {
+            let verdict = line["verdict"].as_str().unwrap_or("none").to_string();
+            if verdict == "fail" {
                 failed.fetch_add(1, Ordering::SeqCst);
             }
             let n = done.fetch_add(1, Ordering::SeqCst) + 1;
             let f = failed.load(Ordering::SeqCst);
-            if tty {
-                let width = 30;
-                let filled = n * width / total.max(1);
-                eprint!(
-                    "\r[{}{}] {n}/{total}  {} passed, {f} failed  {:<30}",
-                    "#".repeat(filled),
-                    ".".repeat(width - filled),
-                    n - f,
-                    p.name.chars().take(30).collect::<String>()
-                );
-                if n == total {
-                    eprintln!();
+            let shown = match verdict.as_str() {
+                "pass" => "PASS",
+                "fail" => "FAIL",
+                _ if p.golden => "GOLDEN",
+                _ => "DONE",
+            };
+            match &bar {
+                Some(b) => {
+                    b.inc(1);
+                    b.set_message(format!(
+                        "{f} failed  {}",
+                        p.name.chars().take(40).collect::<String>()
+                    ));
                 }
-            } else {
-                eprintln!(
-                    "[{n}/{total}] {} {} ({} ms)",
-                    if pass { "PASS" } else { "FAIL" },
-                    p.name,
-                    o.duration_ms
-                );
+                None => eprintln!("[{n}/{total}] {shown} {} ({} ms)", p.name, o.duration_ms),
             }
             crate::lock_or_recover(&results).push((p.index, line));
         }));
@@ -1063,11 +1550,14 @@ pub fn run(a: &CampaignArgs) -> Result<i32, CliError> {
     for w in workers {
         let _ = w.join();
     }
+    if let Some(b) = &bar {
+        b.finish();
+    }
     let mut results = std::mem::take(&mut *crate::lock_or_recover(&results));
     results.sort_by_key(|(i, _)| *i);
-    let lines: Vec<Value> = results.into_iter().map(|(_, l)| l).collect();
+    let mut lines: Vec<Value> = results.into_iter().map(|(_, l)| l).collect();
     write_results(&a.out, &lines)?;
-    let (pass, fail) = write_report(&a.out, &name, &lines)?;
+    let (pass, fail) = write_report(&a.out, &name, &mut lines, std::slice::from_ref(&a.out))?;
     println!(
         "campaign {name}: {pass} passed, {fail} failed; report {}",
         a.out.join("report.md").display()
@@ -1127,8 +1617,9 @@ pub fn merge(a: &MergeArgs) -> Result<i32, CliError> {
         .and_then(|l| l["campaign"].as_str())
         .unwrap_or("merged")
         .to_string();
+    lines.sort_by_key(|r| r["index"].as_u64().unwrap_or(u64::MAX));
     write_results(&a.out, &lines)?;
-    let (pass, fail) = write_report(&a.out, &title, &lines)?;
+    let (pass, fail) = write_report(&a.out, &title, &mut lines, &a.shards)?;
     println!(
         "merged {} shard(s): {pass} passed, {fail} failed",
         a.shards.len()
@@ -1220,7 +1711,14 @@ mod tests {
         );
         let a = load_str(&text).expect("load");
         let b = load_str(&text).expect("load");
-        assert_eq!(a.len(), 3);
+        assert_eq!(a.len(), 4, "a golden run and three repetitions");
+        assert!(a[0].golden && a[0].name == "golden-0");
+        assert!(
+            a[0].faults.iter().all(|(s, _)| !s.injects),
+            "a golden run injects nothing"
+        );
+        let a: Vec<Plan> = a.into_iter().filter(|p| !p.golden).collect();
+        let b: Vec<Plan> = b.into_iter().filter(|p| !p.golden).collect();
         assert_eq!(a[2].name, "r#2");
         let bodies = |p: &[Plan]| {
             p.iter()
@@ -1235,6 +1733,80 @@ mod tests {
         assert!(
             parse_shard("3/3").is_err() && parse_shard("x").is_err() && parse_shard("0/0").is_err()
         );
+    }
+
+    #[test]
+    fn sweeps_expand_with_golden_runs_per_configuration() {
+        let text = format!(
+            "{HEAD}[[experiment]]\nname = \"s\"\nprobe_tests = \"opt.watch\"\nrepeat = 2\n\
+             [experiment.sweep]\nvcpus = [1, 2]\n\"fault.1.count\" = \"range:1..3\"\n\
+             \"fault.1.device\" = [\"00:01.0\", \"00:02.0\"]\n\
+             [[experiment.fault]]\nat = \"# watch: ready\"\ninject = \"drop-irq\"\ndevice = \"00:01.0\"\ncount = 1\n\
+             [[experiment.fault]]\ninject = \"spurious-irq\"\nvector = 0xee\ncpu = 0\nstimulus = true\n\
+             [[experiment]]\nname = \"t\"\nprobe_tests = \"opt.watch\"\nvcpus = 2\n\
+             [[experiment.fault]]\nat = \"# watch: ready\"\ninject = \"drop-irq\"\ndevice = \"00:01.0\"\ncount = 5\n"
+        );
+        let plans = load_str(&text).expect("load");
+        let golden: Vec<&Plan> = plans.iter().filter(|p| p.golden).collect();
+        // 2 vCPU counts × 3 counts × 2 devices × 2 repetitions, and one golden run per
+        // vCPU count; experiment t shares the 2-vCPU configuration's golden run.
+        assert_eq!(plans.len(), 24 + 2 + 1);
+        assert_eq!(
+            golden.len(),
+            2,
+            "{:?}",
+            golden.iter().map(|g| &g.config).collect::<Vec<_>>()
+        );
+        for g in &golden {
+            // The fault's condition is still waited for; only the stimulus is sent.
+            let sent: Vec<&str> = g
+                .faults
+                .iter()
+                .filter(|(s, _)| s.injects)
+                .map(|(s, _)| s.inject.as_str())
+                .collect();
+            assert_eq!(sent, ["spurious-irq"]);
+            assert_eq!(g.faults[0].0.at.as_deref(), Some("# watch: ready"));
+        }
+        let ids: Vec<&str> = plans.iter().map(|p| p.name.as_str()).collect();
+        // Axes in key order, the last (vcpus) varying fastest.
+        assert_eq!(
+            &ids[..5],
+            &["golden-0", "s@p0#0", "s@p0#1", "golden-1", "s@p1#0"]
+        );
+        let p11 = plans
+            .iter()
+            .find(|p| p.name == "s@p11#1")
+            .expect("last point");
+        assert_eq!(p11.faults[0].1["device"], "00:02.0");
+        assert_eq!(p11.faults[0].1["count"], 3);
+        assert!(p11.args.contains(&"2".to_string()), "{:?}", p11.args);
+        let t = plans.iter().find(|p| p.name == "t").expect("t");
+        let s2 = plans.iter().find(|p| p.name == "s@p1#0").expect("vcpus=2");
+        assert_eq!(t.config, s2.config, "same guest configuration");
+        assert_ne!(t.config, plans[1].config);
+        // Bad sweeps name their key.
+        for (bad, want) in [
+            (
+                "[experiment.sweep]\n\"fault.9.count\" = [1]\n",
+                "sweep.fault.9.count",
+            ),
+            (
+                "[experiment.sweep]\nfault.1.count = [1]\n",
+                "must be quoted",
+            ),
+            ("[experiment.sweep]\nvcpu = [1]\n", "sweep.vcpu"),
+            ("[experiment.sweep]\nvcpus = 4\n", "a swept value is a list"),
+            ("[experiment.sweep]\nvcpus = \"range:3..1\"\n", "range:3..1"),
+            (
+                "[experiment.outcome]\ndetected = [\"(\"]\n",
+                "field 'outcome'",
+            ),
+        ] {
+            let t = format!("{HEAD}[[experiment]]\nname = \"a\"\nprobe_tests = \"x\"\n{bad}");
+            let e = load_str(&t).expect_err(bad);
+            assert!(e.contains(want), "{bad}: {e}");
+        }
     }
 
     #[test]

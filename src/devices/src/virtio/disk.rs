@@ -30,7 +30,7 @@ pub const BLOCK: u64 = 4096;
 /// Unflushed bytes the overlay holds before it is written back.
 pub const MAX_DIRTY_BYTES: u64 = 64 << 20;
 /// Buffers one `preadv`/`pwritev` takes at most (Linux's IOV_MAX).
-const IOV_MAX: usize = 1024;
+pub const IOV_MAX: usize = 1024;
 
 /// The guest buffers of one request, in order: slices of guest RAM as vm-memory hands
 /// them out (after the IOMMU's translation). Data moves between them and the image
