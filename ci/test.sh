@@ -15,6 +15,11 @@ command -v mkfs.ext4 >/dev/null || need_pkgs+=(e2fsprogs)
 command -v objdump >/dev/null || need_pkgs+=(binutils)
 # The campaign's HTML report is checked in a real headless browser.
 command -v chromium >/dev/null || need_pkgs+=(chromium)
+# A real single-node Slurm cluster for the campaign's array-job test, and PyYAML for
+# the Kubernetes manifest's.
+command -v slurmctld >/dev/null || need_pkgs+=(slurm-wlm)
+command -v munged >/dev/null || need_pkgs+=(munge)
+python3 -c 'import yaml' 2>/dev/null || need_pkgs+=(python3-yaml)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
         echo "[test] installing ${need_pkgs[*]}"
@@ -26,6 +31,7 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
 fi
 # Where the browser could be installed, its test must not skip.
 command -v chromium >/dev/null && export FAULTVISOR_REQUIRE_BROWSER=1
+command -v slurmctld >/dev/null && [ "$(id -u)" = 0 ] && export FAULTVISOR_REQUIRE_SLURM=1
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
 # The probe guest is a freestanding kernel (src/probe); src/cli/build.rs builds it.
 rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-none \
