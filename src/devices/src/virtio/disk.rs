@@ -817,7 +817,7 @@ mod model_tests {
         next: &mut impl FnMut() -> u64,
     ) -> Vec<VolatileSlice<'a, ()>> {
         use vm_memory::{GuestAddress, GuestMemory, Permissions};
-        let small = next() % 4 == 0;
+        let small = next().is_multiple_of(4);
         let (mut at, mut left, mut out) = (0u64, len, Vec::new());
         while left > 0 {
             let n = if small {
