@@ -225,8 +225,8 @@ def _run_nested(jobs, echo, extra_files=None):
         if any("{rootfs}" in " ".join(j.args) + (j.raw or "") for j in jobs):
             w.add_file("lab/rootfs.ext4", os.path.join(gdir, "rootfs.ext4"), 0o644)
         w.add_file("lab/probe.elf", probe, 0o644)
-        w.add_file("lab/linux.toml", os.path.join(ROOT, "resources", "campaigns", "linux.toml"),
-                   0o644)
+        for toml in ("linux.toml", "linux-outcomes.toml"):
+            w.add_file(f"lab/{toml}", os.path.join(ROOT, "resources", "campaigns", toml), 0o644)
         for name, src in (extra_files or {}).items():
             w.add_file(f"lab/{name}", src, 0o755)
         w.add_bytes("lab/job.sh", _job_script(jobs, files).encode(), 0o755)

@@ -114,6 +114,13 @@ JOBS = [
         "FAULTVISOR_CACHE=/tmp/fvc /lab/faultvisor campaign /lab/linux.toml --jobs 1 "
         "--out /tmp/lc; rc=$?; cat /tmp/lc/report.md; "
         "for f in /tmp/lc/*/console.log; do echo \"== $f\"; cat \"$f\"; done; exit $rc")),
+    # Outcome classes against golden runs (resources/campaigns/linux-outcomes.toml).
+    lab.Job("linux-outcomes", [], timeout=600, raw=(
+        "mkdir -p /tmp/fvo/guest && ln -sf /lab/vmlinux /tmp/fvo/guest/vmlinux && "
+        "ln -sf /lab/initramfs.cpio /tmp/fvo/guest/initramfs.cpio && "
+        "FAULTVISOR_CACHE=/tmp/fvo /lab/faultvisor campaign /lab/linux-outcomes.toml "
+        "--jobs 1 --out /tmp/lo; rc=$?; cat /tmp/lo/report.md; "
+        "echo JUNIT-BEGIN; cat /tmp/lo/junit.xml; echo JUNIT-END; exit $rc")),
     lab.Job("idt-linux", [], timeout=120, raw=(
         "/lab/faultvisor run --kernel /lab/vmlinux --initrd /lab/initramfs.cpio --vcpus 2 "
         "--memory 512M --api-socket /tmp/idt.sock --cmdline "
@@ -444,8 +451,29 @@ class LinuxCampaign(unittest.TestCase):
 
     def test_every_expectation_holds(self):
         r = job("linux-campaign")
-        self.assertIn("7 experiments: **7 passed, 0 failed**", r.output, r.output)
+        self.assertIn("7 runs (0 golden): **7 passed, 0 failed**", r.output, r.output)
         self.assertEqual(r.rc, 0, r.output)
+
+    def test_outcomes_are_classified_against_golden_runs(self):
+        r = job("linux-outcomes")
+        self.assertEqual(r.rc, 0, r.output)
+        out = r.output
+        self.assertIn("## Outcomes per configuration", out, out)
+        self.assertNotIn("no usable golden run", out, out)
+
+        def outcome(run):
+            m = re.search(r'name="' + re.escape(run) + r'"[^>]*><properties><property '
+                          r'name="outcome" value="(\w+)"', out)
+            self.assertIsNotNone(m, f"{run}: {out}")
+            return m.group(1)
+
+        # The guest prints a DMAR line for each refused write and carries on.
+        for run in ("edu DMA faults@p0#0", "edu DMA faults@p1#1"):
+            self.assertEqual(outcome(run), "recovered")
+        # Interrupt remapping fault: the INTR-REMAP line, and /dev/hwrng left waiting.
+        self.assertEqual(outcome("IRTE fault for virtio-rng"), "detected")
+        # A lost COM1 interrupt stalls the tty without a word: silent.
+        self.assertIn(outcome("lost COM1 interrupts@p0"), ("sdc", "hang"))
 
     def test_report_shows_the_guest_reactions(self):
         r = job("linux-campaign")
