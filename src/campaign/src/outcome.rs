@@ -561,11 +561,27 @@ mod tests {
             result: Some(r"^FV-CHECK hwrng current=(\S*) .*bytes=(none)?".into()),
             ..RuleSpec::default()
         };
-        let a = watch("linux", &spec, "FV-CHECK hwrng current=virtio_rng.0 x=1 bytes=a1b2\n");
-        let b = watch("linux", &spec, "FV-CHECK hwrng current=virtio_rng.0 x=1 bytes=ffee\n");
-        let none = watch("linux", &spec, "FV-CHECK hwrng current=virtio_rng.0 x=1 bytes=none\n");
+        let a = watch(
+            "linux",
+            &spec,
+            "FV-CHECK hwrng current=virtio_rng.0 x=1 bytes=a1b2\n",
+        );
+        let b = watch(
+            "linux",
+            &spec,
+            "FV-CHECK hwrng current=virtio_rng.0 x=1 bytes=ffee\n",
+        );
+        let none = watch(
+            "linux",
+            &spec,
+            "FV-CHECK hwrng current=virtio_rng.0 x=1 bytes=none\n",
+        );
         assert_eq!(a.result, ["virtio_rng.0 "]);
-        assert_eq!(classify(&a, &b, 2.0), Outcome::Masked, "random bytes are not compared");
+        assert_eq!(
+            classify(&a, &b, 2.0),
+            Outcome::Masked,
+            "random bytes are not compared"
+        );
         assert_eq!(classify(&a, &none, 2.0), Outcome::Sdc);
     }
 

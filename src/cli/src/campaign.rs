@@ -1272,7 +1272,8 @@ fn write_report(
          their expectations.\n\n",
         results.len()
     );
-    if !summaries.is_empty() {
+    // Without golden runs (`golden = false`) there is nothing to classify against.
+    if golden > 0 && !summaries.is_empty() {
         md.push_str(&::campaign::report::markdown(&summaries));
         md.push('\n');
         let parts = ::campaign::report::breakdown(&records, &classified);
@@ -1501,7 +1502,10 @@ pub fn run(a: &CampaignArgs) -> Result<i32, CliError> {
     let results = Arc::new(Mutex::new(Vec::new()));
     let done = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicUsize::new(0));
-    let bar = std::io::stderr().is_terminal().then(|| {
+    // A bar on a terminal that can draw one; plain lines otherwise (CI logs, serial
+    // consoles without TERM, TERM=dumb).
+    let term_ok = std::env::var("TERM").is_ok_and(|t| !t.is_empty() && t != "dumb");
+    let bar = (std::io::stderr().is_terminal() && term_ok).then(|| {
         let b = indicatif::ProgressBar::new(total as u64);
         b.set_style(
             indicatif::ProgressStyle::with_template(

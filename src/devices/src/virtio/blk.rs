@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemory, Permissions, VolatileSlice};
 
-use super::disk::{buffers_len, gather, scatter, Buffers, DiskImage, SECTOR};
+use super::disk::{buffers_len, gather, pieces, scatter, Buffers, DiskImage, SECTOR};
 use super::{Processed, VirtioDevice};
 use crate::iommu::DeviceMemory;
 use crate::limits::{hit, Cap};
@@ -359,24 +359,11 @@ impl Blk {
     }
 }
 
-/// `len` bytes of the concatenation of `bufs` from byte `start` on, as slices.
-fn sub<'a>(bufs: &Buffers<'a>, mut start: usize, mut len: usize) -> Vec<VolatileSlice<'a, ()>> {
+/// `len` bytes of the concatenation of `bufs` from byte `start` on, as slices (fewer
+/// when the buffers end first).
+fn sub<'a>(bufs: &Buffers<'a>, start: usize, len: usize) -> Vec<VolatileSlice<'a, ()>> {
     let mut out = Vec::new();
-    for b in bufs {
-        if len == 0 {
-            break;
-        }
-        if start >= b.len() {
-            start -= b.len();
-            continue;
-        }
-        let n = (b.len() - start).min(len);
-        if let Ok(part) = b.subslice(start, n) {
-            out.push(part);
-        }
-        len -= n;
-        start = 0;
-    }
+    let _ = pieces(bufs, start, len, |p, _| out.push(p));
     out
 }
 

@@ -42,23 +42,30 @@ pub fn buffers_len(bufs: &Buffers<'_>) -> u64 {
     bufs.iter().map(|b| b.len() as u64).sum()
 }
 
-/// Copies `src` into the concatenation of `bufs` from byte `at` on.
-pub fn scatter(bufs: &Buffers<'_>, mut at: usize, mut src: &[u8]) -> io::Result<()> {
+/// Calls `f(piece, done)` for the pieces of `bufs` that make up `len` bytes from byte
+/// `at` of their concatenation on (`done`: bytes before the piece); fails when the
+/// buffers end first.
+pub fn pieces<'a>(
+    bufs: &Buffers<'a>,
+    mut at: usize,
+    len: usize,
+    mut f: impl FnMut(VolatileSlice<'a, ()>, usize),
+) -> io::Result<()> {
+    let mut done = 0;
     for b in bufs {
-        if src.is_empty() {
-            return Ok(());
+        if done == len {
+            break;
         }
         if at >= b.len() {
             at -= b.len();
             continue;
         }
-        let part = b.offset(at).map_err(io::Error::other)?;
-        let n = part.len().min(src.len());
-        part.copy_from(&src[..n]);
-        src = &src[n..];
+        let n = (b.len() - at).min(len - done);
+        f(b.subslice(at, n).map_err(io::Error::other)?, done);
+        done += n;
         at = 0;
     }
-    if src.is_empty() {
+    if done == len {
         Ok(())
     } else {
         Err(io::Error::new(
@@ -68,30 +75,18 @@ pub fn scatter(bufs: &Buffers<'_>, mut at: usize, mut src: &[u8]) -> io::Result<
     }
 }
 
+/// Copies `src` into the concatenation of `bufs` from byte `at` on.
+pub fn scatter(bufs: &Buffers<'_>, at: usize, src: &[u8]) -> io::Result<()> {
+    pieces(bufs, at, src.len(), |p, done| {
+        p.copy_from(&src[done..done + p.len()]);
+    })
+}
+
 /// Fills `dst` from the concatenation of `bufs` from byte `at` on.
-pub fn gather(bufs: &Buffers<'_>, mut at: usize, mut dst: &mut [u8]) -> io::Result<()> {
-    for b in bufs {
-        if dst.is_empty() {
-            return Ok(());
-        }
-        if at >= b.len() {
-            at -= b.len();
-            continue;
-        }
-        let part = b.offset(at).map_err(io::Error::other)?;
-        let n = part.len().min(dst.len());
-        part.copy_to(&mut dst[..n]);
-        dst = &mut dst[n..];
-        at = 0;
-    }
-    if dst.is_empty() {
-        Ok(())
-    } else {
-        Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "buffers too short",
-        ))
-    }
+pub fn gather(bufs: &Buffers<'_>, at: usize, dst: &mut [u8]) -> io::Result<()> {
+    pieces(bufs, at, dst.len(), |p, done| {
+        p.copy_to(&mut dst[done..done + p.len()]);
+    })
 }
 
 /// `preadv` (or `pwritev`) of all of `iov` at `offset`, [`IOV_MAX`] buffers per call,
