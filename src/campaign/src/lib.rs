@@ -1,6 +1,8 @@
 //! faultvisor's campaign engine, as a library: what a fault-injection campaign needs
 //! besides running VMs.
 //!
+//! - [`run`]: the campaign file format and the runner (each run one `faultvisor run`
+//!   process, its fault plan driven through the control API), `merge` of shards;
 //! - [`sweep`]: parameter lists and ranges expanded into the cross product of runs,
 //!   each with a stable run ID;
 //! - [`outcome`]: the facts a run's console yields ([`outcome::Watcher`], fed as the
@@ -15,10 +17,11 @@
 //!
 //! Classification happens when the report is written, from the recorded facts of every
 //! run: a sharded campaign merged afterwards gets exactly the report of an unsharded
-//! one. `faultvisor campaign` (the `cli` crate) is the thin runner over it.
+//! one. `faultvisor campaign` (the `cli` crate) is a thin command line over it.
 
 pub mod html;
 pub mod outcome;
 pub mod report;
+pub mod run;
 pub mod stats;
 pub mod sweep;

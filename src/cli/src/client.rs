@@ -1,9 +1,6 @@
 //! `faultvisor inject` and `faultvisor stats`: clients of a running VMM's API socket.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
@@ -262,30 +259,8 @@ pub fn request(
     path: &str,
     body: Option<&serde_json::Value>,
 ) -> Result<(u16, serde_json::Value), CliError> {
-    let unreachable = |e: std::io::Error| {
-        CliError::Unreachable(format!("cannot reach the VMM at {}: {e}", socket.display()))
-    };
-    let mut s = UnixStream::connect(socket).map_err(unreachable)?;
-    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-    let text = body.map(|b| b.to_string()).unwrap_or_default();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
-        text.len()
-    );
-    s.write_all(req.as_bytes()).map_err(unreachable)?;
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp).map_err(unreachable)?;
-    let resp = String::from_utf8_lossy(&resp);
-    let (head, body) = resp
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| CliError::Unreachable("the VMM sent a malformed response".into()))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse::<u16>().ok())
-        .ok_or_else(|| CliError::Unreachable("the VMM sent a malformed status line".into()))?;
-    let json = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
-    Ok((status, json))
+    vmm::api::client::request(socket, method, path, body)
+        .map_err(|e| CliError::Unreachable(e.to_string()))
 }
 
 /// `faultvisor inject`.

@@ -84,12 +84,6 @@ pub enum Command {
     Idt(client::IdtArgs),
 }
 
-/// Locks a mutex, taking over a poisoned one (a panicked reader thread must not stop
-/// the report).
-pub(crate) fn lock_or_recover<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// Arguments of `faultvisor run`.
 #[derive(Debug, Args, Clone)]
 pub struct RunArgs {

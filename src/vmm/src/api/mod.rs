@@ -20,6 +20,7 @@
 //! a client gets a JSON 503. Every request is answered `Connection: close`. A request
 //! that is not understood gets a 4xx with `{"error": "...", "field": "..."}`.
 
+pub mod client;
 pub mod http;
 pub mod inject;
 
