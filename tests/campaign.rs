@@ -513,3 +513,75 @@ fn html_report_renders_in_a_headless_browser() {
         "bars not drawn: sdc {sdc} px, detected {detected} px"
     );
 }
+
+/// A power cut, then a second boot on the run's own copy of the disk: the cut VM ends
+/// with the power-cut status, the second boot runs on the same copy, and the copy is
+/// gone afterwards (the original image untouched).
+#[test]
+fn a_second_boot_follows_a_power_cut_on_the_runs_disk_copy() {
+    let _one_at_a_time = serial();
+    if !common::kvm_available("second_boot") {
+        return;
+    }
+    let dir = tmp("after");
+    let img = dir.join("disk.img");
+    std::fs::write(&img, vec![0x5au8; 1 << 20]).expect("image");
+    let text = format!(
+        r##"
+[campaign]
+name = "after"
+golden = false
+[[experiment]]
+name = "cut and boot again"
+guest = "probe"
+probe_tests = "opt.watch"
+devices = ["test"]
+disks = ["path={{copy:{}}}"]
+[[experiment.fault]]
+at = "# watch: ready"
+after_ms = 20
+inject = "power-cut"
+[experiment.after]
+cmdline = "boot.smp"
+timeout_s = 20
+[experiment.expect]
+exit_code = 6
+"##,
+        img.display()
+    );
+    let text = text.replace(
+        "cmdline = \"boot.smp\"",
+        "cmdline = \"probe.tests=boot.smp\"",
+    );
+    let file = write(&dir, &text);
+    let out = dir.join("out");
+    let r = common::run(&[
+        "campaign",
+        file.to_str().expect("utf-8"),
+        "--out",
+        out.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(
+        r.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let res = results(&out);
+    assert_eq!(res.len(), 1);
+    assert_eq!(res[0]["exit_code"], 6, "{}", res[0]);
+    assert_eq!(
+        res[0]["after_exit_code"], 0,
+        "the second boot passed: {}",
+        res[0]
+    );
+    let run_dir = out.join("cut_and_boot_again");
+    let console = std::fs::read_to_string(run_dir.join("console.log")).expect("console");
+    assert!(console.contains("second boot, exit code 0"), "{console}");
+    assert!(console.contains("boot.smp"), "{console}");
+    assert!(
+        !run_dir.join("disk0.img").exists(),
+        "the run's disk copy is removed"
+    );
+    assert_eq!(std::fs::read(&img).expect("image"), vec![0x5au8; 1 << 20]);
+}

@@ -451,7 +451,10 @@ class LinuxCampaign(unittest.TestCase):
 
     def test_every_expectation_holds(self):
         r = job("linux-campaign")
-        self.assertIn("7 runs (0 golden): **7 passed, 0 failed**", r.output, r.output)
+        self.assertIn("10 runs (0 golden): **10 passed, 0 failed**", r.output, r.output)
+        # The power-cut runs' second boots checked the filesystem.
+        self.assertEqual(r.output.count("[faultvisor campaign: second boot, exit code 0]"), 3,
+                         r.output)
         self.assertEqual(r.rc, 0, r.output)
 
     def test_outcomes_are_classified_against_golden_runs(self):

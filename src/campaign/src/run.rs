@@ -31,7 +31,7 @@
 //! inject = "drop-irq"            # then the API's fields, as `faultvisor inject` sends
 //! device = "00:01.0"
 //! count = 3
-//! [[experiment.fault]]
+//! [[experiment.fault]]           # at + after_ms: the delay runs from the marker
 //! inject = "spurious-irq"        # the scenario's "go": part of the workload, so the
 //! vector = 0xee                  # golden run sends it too
 //! cpu = 0
@@ -39,6 +39,9 @@
 //! [experiment.outcome]           # added to the guest's default classification rules
 //! detected = ["my-driver: retry"]
 //! hang_s = 5
+//! [experiment.after]             # a second boot once the VM has ended (same guest
+//! cmdline = "probe.tests=boot.*" # and disks; a disk "path={copy:IMG}" is the run's
+//!                                # own copy of IMG, shared by both boots)
 //! [experiment.expect]            # optional expectations on top of the outcome
 //! exit_code = 0
 //! log_contains = ["msi_received=7"]
@@ -170,6 +173,24 @@ struct Experiment {
     /// Outcome rules added to the guest's defaults.
     #[serde(default)]
     outcome: Option<crate::outcome::RuleSpec>,
+    /// A second boot of the same guest and disks once the first VM has ended (e.g.
+    /// to check a filesystem after a power cut); its console joins the run's.
+    #[serde(default)]
+    after: Option<After>,
+    /// Overrides the campaign's `golden` for this experiment.
+    #[serde(default)]
+    golden: Option<bool>,
+}
+
+/// `[experiment.after]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct After {
+    /// The second boot's kernel command line.
+    cmdline: String,
+    /// Its own timeout (default: the experiment's).
+    #[serde(default)]
+    timeout_s: Option<u64>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -237,6 +258,8 @@ struct Plan {
     rules: crate::outcome::Rules,
     timeout: Duration,
     seed: u64,
+    /// The second boot: its `faultvisor run` options and timeout.
+    after: Option<(Vec<String>, Duration)>,
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -314,6 +337,8 @@ fn merged(d: &Experiment, e: &Experiment) -> Experiment {
         expect: e.expect.clone().or_else(|| d.expect.clone()),
         sweep: e.sweep.clone().or_else(|| d.sweep.clone()),
         outcome: e.outcome.clone().or_else(|| d.outcome.clone()),
+        after: e.after.clone().or_else(|| d.after.clone()),
+        golden: e.golden.or(d.golden),
     }
 }
 
@@ -472,8 +497,8 @@ fn parse(
         }
         let points = crate::sweep::expand(&axes).map_err(|m| err("sweep", m.to_string()))?;
         let swept = !axes.is_empty();
-        let want_golden =
-            file.campaign.golden.unwrap_or(true) && e.faults.iter().any(|f| !f.get_ref().stimulus);
+        let want_golden = e.golden.or(file.campaign.golden).unwrap_or(true)
+            && e.faults.iter().any(|f| !f.get_ref().stimulus);
         for (pi, point) in points.iter().enumerate() {
             let e = with_point(&e, point).map_err(|m| err("sweep", m))?;
             let (guest, args) = guest_args(&e, paths, &err)?;
@@ -482,6 +507,18 @@ fn parse(
                 .map_err(|m| err("outcome", m.to_string()))?;
             let timeout =
                 Duration::from_secs(e.timeout_s.unwrap_or(default_timeout).clamp(1, 3600));
+            let after = e.after.as_ref().map(|a| {
+                let mut second = args.clone();
+                if let Some(i) = second.iter().position(|x| x == "--cmdline") {
+                    if let Some(c) = second.get_mut(i + 1) {
+                        *c = a.cmdline.clone();
+                    }
+                }
+                let t = a
+                    .timeout_s
+                    .map_or(timeout, |t| Duration::from_secs(t.clamp(1, 3600)));
+                (second, t)
+            });
             let mut runs: Vec<(String, bool)> = Vec::new();
             if want_golden && !golden_configs.contains(&config) {
                 runs.push((format!("golden-{}", golden_configs.len()), true));
@@ -533,6 +570,7 @@ fn parse(
                     rules: rules.clone(),
                     timeout,
                     seed: exp_seed,
+                    after: after.clone(),
                 });
             }
         }
@@ -596,7 +634,11 @@ fn guest_args(
     for d in e.disks.clone().unwrap_or_default() {
         let rootfs = paths.guest_dir.join("rootfs.ext4");
         let d = d.replace("{rootfs}", &rootfs.display().to_string());
-        d.parse::<vmm::DiskSpec>().map_err(|m| err("disks", m))?;
+        // {copy:PATH}: the run gets its own copy of PATH (see run_one).
+        let (plain, _) = copy_placeholder(&d);
+        plain
+            .parse::<vmm::DiskSpec>()
+            .map_err(|m| err("disks", m))?;
         args.extend(["--disk".into(), d]);
     }
     if let Some(v) = e.vcpus {
@@ -635,6 +677,22 @@ fn toml_json(v: &toml::Value) -> Result<Value, String> {
         toml::Value::Array(a) => Value::Array(a.iter().map(toml_json).collect::<Result<_, _>>()?),
         other => return Err(format!("{other} is not a number, string, boolean or list")),
     })
+}
+
+/// A disk spec with `{copy:PATH}` replaced by PATH, and PATH (None without one).
+fn copy_placeholder(spec: &str) -> (String, Option<String>) {
+    let Some(start) = spec.find("{copy:") else {
+        return (spec.to_string(), None);
+    };
+    let rest = &spec[start + 6..];
+    let Some(end) = rest.find('}') else {
+        return (spec.to_string(), None);
+    };
+    let path = &rest[..end];
+    (
+        format!("{}{path}{}", &spec[..start], &rest[end + 1..]),
+        Some(path.to_string()),
+    )
 }
 
 /// A configuration's key: the guest's `faultvisor run` options without the kernel and
@@ -726,19 +784,11 @@ fn steps(
         }
         vmm::api::validate_inject(&body)
             .map_err(|(f, m)| serr(if f == "fault" { "inject" } else { &f }, m))?;
-        if [
-            step_out.at.is_some(),
-            step_out.after_ms.is_some(),
-            step_out.after_dmas.is_some(),
-        ]
-        .iter()
-        .filter(|b| **b)
-        .count()
-            > 1
-        {
+        // at + after_ms: the delay runs from the marker.
+        if step_out.after_dmas.is_some() && (step_out.at.is_some() || step_out.after_ms.is_some()) {
             return Err(serr(
-                "at",
-                "use at most one of at, after_ms, after_dmas".into(),
+                "after_dmas",
+                "after_dmas goes alone (at and after_ms may be combined)".into(),
             ));
         }
         out.push((step_out, body));
@@ -787,6 +837,8 @@ struct Outcome {
     duration_ms: u128,
     error: Option<String>,
     facts: crate::outcome::Facts,
+    /// The second boot's exit status.
+    after_exit_code: Option<i32>,
 }
 
 fn lookup(v: &Value, dotted: &str) -> Option<f64> {
@@ -889,9 +941,58 @@ fn run_one(p: &Plan, out: &Path, vmm: &Path) -> Outcome {
     let _ = std::fs::create_dir_all(&dir);
     let sock = socket_path(p.index);
     let exe = vmm;
+    // Disks written {copy:PATH}: this run's own copy of PATH (shared with its second
+    // boot), removed when the run is over.
+    let mut copies: Vec<PathBuf> = Vec::new();
+    let mut copy_err = None;
+    let mut localize = |args: &[String], make: bool| -> Vec<String> {
+        let mut k = 0;
+        let mut out = Vec::with_capacity(args.len());
+        for (i, a) in args.iter().enumerate() {
+            let is_disk = i > 0 && args[i - 1] == "--disk";
+            match (is_disk, copy_placeholder(a)) {
+                (true, (plain, Some(src))) => {
+                    let dst = dir.join(format!("disk{k}.img"));
+                    if make {
+                        if let Err(e) = std::fs::copy(&src, &dst) {
+                            copy_err = Some(format!("cannot copy the disk {src}: {e}"));
+                        }
+                        copies.push(dst.clone());
+                    }
+                    k += 1;
+                    out.push(plain.replace(&src, &dst.display().to_string()));
+                }
+                _ => out.push(a.clone()),
+            }
+        }
+        out
+    };
+    let args = localize(&p.args, true);
+    let after_args = p.after.as_ref().map(|(a, t)| (localize(a, false), *t));
+    let cleanup = |copies: &[PathBuf]| {
+        for c in copies {
+            let _ = std::fs::remove_file(c);
+        }
+    };
+    if let Some(e) = copy_err {
+        cleanup(&copies);
+        return Outcome {
+            exit_code: None,
+            console: String::new(),
+            vmm_log: String::new(),
+            stats: json!({}),
+            alive: None,
+            injected: Vec::new(),
+            fault_at_ms: None,
+            duration_ms: 0,
+            error: Some(e),
+            facts: crate::outcome::Facts::default(),
+            after_exit_code: None,
+        };
+    }
     let spawned = Command::new(exe)
         .arg("run")
-        .args(&p.args)
+        .args(&args)
         .args(["--serial", "stdio", "--log-level", "info", "--api-socket"])
         .arg(&sock)
         .arg("--trace-file")
@@ -914,6 +1015,7 @@ fn run_one(p: &Plan, out: &Path, vmm: &Path) -> Outcome {
                 duration_ms: 0,
                 error: Some(format!("cannot start faultvisor: {e}")),
                 facts: crate::outcome::Facts::default(),
+                after_exit_code: None,
             }
         }
     };
@@ -979,9 +1081,16 @@ fn run_one(p: &Plan, out: &Path, vmm: &Path) -> Outcome {
                 ended
             };
             let ready = if let Some(pat) = &step.at {
-                wait(deadline, || {
+                let seen = wait(deadline, || {
                     lock_or_recover(&console).contains(pat.as_str()) || gone()
-                })
+                });
+                match step.after_ms {
+                    Some(ms) if seen => {
+                        let due = Instant::now() + Duration::from_millis(ms);
+                        wait(deadline, || Instant::now() >= due || gone())
+                    }
+                    _ => seen,
+                }
             } else if let Some(ms) = step.after_ms {
                 let due = step_start + Duration::from_millis(ms);
                 wait(deadline, || Instant::now() >= due || gone())
@@ -1065,8 +1174,24 @@ fn run_one(p: &Plan, out: &Path, vmm: &Path) -> Outcome {
         let _ = r.join();
     }
     let _ = std::fs::remove_file(&sock);
-    let console = lock_or_recover(&console).text();
-    let vmm_log = lock_or_recover(&vmm_log).text();
+    let mut console = lock_or_recover(&console).text();
+    let mut vmm_log = lock_or_recover(&vmm_log).text();
+    // The second boot, on the same disks.
+    let mut after_exit_code = None;
+    if let Some((a, timeout)) = &after_args {
+        let (code, c, l) = boot(exe, a, *timeout);
+        after_exit_code = code;
+        lock_or_recover(&watcher).feed(c.as_bytes(), t0.elapsed().as_millis() as u64);
+        let mark = format!(
+            "\n[faultvisor campaign: second boot, exit code {}]\n",
+            code.map_or("none (timeout)".to_string(), |c| c.to_string())
+        );
+        console.push_str(&mark);
+        console.push_str(&c);
+        vmm_log.push_str(&mark);
+        vmm_log.push_str(&l);
+    }
+    cleanup(&copies);
     vtd_from_log(&vmm_log, &mut stats);
     let _ = std::fs::write(dir.join("console.log"), &console);
     let _ = std::fs::write(dir.join("vmm.log"), &vmm_log);
@@ -1084,6 +1209,7 @@ fn run_one(p: &Plan, out: &Path, vmm: &Path) -> Outcome {
     };
     let facts = watcher.finish(exit_code, killed, duration_ms as u64);
     Outcome {
+        after_exit_code,
         facts,
         exit_code,
         console,
@@ -1095,6 +1221,66 @@ fn run_one(p: &Plan, out: &Path, vmm: &Path) -> Outcome {
         duration_ms,
         error,
     }
+}
+
+/// One plain VM (`faultvisor run ARGS`, console on stdout) until it ends or `timeout`
+/// passes; returns its exit status (None: killed) and its bounded console and log.
+fn boot(exe: &Path, args: &[String], timeout: Duration) -> (Option<i32>, String, String) {
+    let spawned = Command::new(exe)
+        .arg("run")
+        .args(args)
+        .args(["--serial", "stdio", "--log-level", "info"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match spawned {
+        Ok(c) => c,
+        Err(e) => return (None, String::new(), format!("cannot start faultvisor: {e}")),
+    };
+    let mut readers = Vec::new();
+    let sinks = [
+        Arc::new(Mutex::new(BoundedOutput::new())),
+        Arc::new(Mutex::new(BoundedOutput::new())),
+    ];
+    let pipes: [Option<Box<dyn Read + Send>>; 2] = [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    ];
+    for (pipe, sink) in pipes.into_iter().zip(sinks.iter().cloned()) {
+        if let Some(mut pipe) = pipe {
+            readers.push(std::thread::spawn(move || {
+                let mut chunk = [0u8; 8192];
+                while let Ok(n @ 1..) = pipe.read(&mut chunk) {
+                    lock_or_recover(&sink).push(&chunk[..n]);
+                }
+            }));
+        }
+    }
+    let deadline = Instant::now() + timeout;
+    let code = loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            break st.code();
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    for r in readers {
+        let _ = r.join();
+    }
+    let [c, l] = sinks;
+    let out = (lock_or_recover(&c).text(), lock_or_recover(&l).text());
+    (code, out.0, out.1)
 }
 
 fn wait(deadline: Instant, mut cond: impl FnMut() -> bool) -> bool {
@@ -1236,6 +1422,7 @@ fn result_line(campaign: &str, p: &Plan, o: &Outcome) -> Value {
         "verdict": verdict,
         "failed_checks": failed,
         "exit_code": o.exit_code,
+        "after_exit_code": o.after_exit_code,
         "fault_at_ms": o.fault_at_ms.map(|t| t as u64),
         "duration_ms": o.duration_ms as u64,
         "facts": o.facts,
@@ -1825,6 +2012,45 @@ mod tests {
             let e = load_str(&t).expect_err(bad);
             assert!(e.contains(want), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn second_boots_disk_copies_and_marker_delays() {
+        let text = format!(
+            "{HEAD}[[experiment]]\nname = \"p\"\nguest = \"linux\"\ncmdline = \"a\"\n\
+             disks = [\"path={{copy:/img}},serial=x\"]\n\
+             [[experiment.fault]]\nat = \"M\"\nafter_ms = \"rand:10..20\"\ninject = \"power-cut\"\n\
+             [experiment.after]\ncmdline = \"b\"\ntimeout_s = 7\n"
+        );
+        let plans = load_str(&text).expect("load");
+        let p = plans.iter().find(|p| !p.golden).expect("run");
+        let (second, t) = p.after.clone().expect("a second boot");
+        assert_eq!(t, Duration::from_secs(7));
+        let at = |a: &[String], k: &str| a.iter().position(|x| x == k).map(|i| a[i + 1].clone());
+        assert_eq!(at(&p.args, "--cmdline").as_deref(), Some("a"));
+        assert_eq!(at(&second, "--cmdline").as_deref(), Some("b"));
+        assert_eq!(
+            at(&second, "--disk").as_deref(),
+            Some("path={copy:/img},serial=x")
+        );
+        let step = &p.faults[0].0;
+        assert_eq!(step.at.as_deref(), Some("M"));
+        assert!((10..=20).contains(&step.after_ms.unwrap_or(0)), "{step:?}");
+        assert_eq!(
+            copy_placeholder("path={copy:/a/b.img},readonly=on"),
+            (
+                "path=/a/b.img,readonly=on".to_string(),
+                Some("/a/b.img".to_string())
+            )
+        );
+        assert_eq!(copy_placeholder("path=/x"), ("path=/x".to_string(), None));
+        let bad = format!(
+            "{HEAD}[[experiment]]\nname = \"q\"\nprobe_tests = \"x\"\n[[experiment.fault]]\n\
+             at = \"M\"\nafter_dmas = 3\ninject = \"drop-irq\"\nvector = 0x40\ncount = 1\n"
+        );
+        assert!(load_str(&bad)
+            .expect_err("after_dmas with at")
+            .contains("after_dmas goes alone"));
     }
 
     #[test]
