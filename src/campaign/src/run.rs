@@ -841,6 +841,41 @@ struct Outcome {
     after_exit_code: Option<i32>,
 }
 
+impl Outcome {
+    /// A run whose VM never started, for `why`.
+    fn not_started(why: String) -> Self {
+        Self {
+            exit_code: None,
+            console: String::new(),
+            vmm_log: String::new(),
+            stats: json!({}),
+            alive: None,
+            injected: Vec::new(),
+            fault_at_ms: None,
+            duration_ms: 0,
+            error: Some(why),
+            facts: crate::outcome::Facts::default(),
+            after_exit_code: None,
+        }
+    }
+}
+
+/// A thread that copies `pipe` into `sink` chunk by chunk (not by lines: a line
+/// without end must not grow a buffer), handing each chunk to `also` too.
+fn drain(
+    mut pipe: Box<dyn Read + Send>,
+    sink: Arc<Mutex<BoundedOutput>>,
+    mut also: impl FnMut(&[u8]) + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut chunk = [0u8; 8192];
+        while let Ok(n @ 1..) = pipe.read(&mut chunk) {
+            lock_or_recover(&sink).push(&chunk[..n]);
+            also(&chunk[..n]);
+        }
+    })
+}
+
 fn lookup(v: &Value, dotted: &str) -> Option<f64> {
     let mut cur = v;
     for part in dotted.split('.') {
@@ -976,19 +1011,7 @@ fn run_one(p: &Plan, out: &Path, vmm: &Path) -> Outcome {
     };
     if let Some(e) = copy_err {
         cleanup(&copies);
-        return Outcome {
-            exit_code: None,
-            console: String::new(),
-            vmm_log: String::new(),
-            stats: json!({}),
-            alive: None,
-            injected: Vec::new(),
-            fault_at_ms: None,
-            duration_ms: 0,
-            error: Some(e),
-            facts: crate::outcome::Facts::default(),
-            after_exit_code: None,
-        };
+        return Outcome::not_started(e);
     }
     let spawned = Command::new(exe)
         .arg("run")
@@ -1004,19 +1027,8 @@ fn run_one(p: &Plan, out: &Path, vmm: &Path) -> Outcome {
     let mut child: Child = match spawned {
         Ok(c) => c,
         Err(e) => {
-            return Outcome {
-                exit_code: None,
-                console: String::new(),
-                vmm_log: String::new(),
-                stats: json!({}),
-                alive: None,
-                injected: Vec::new(),
-                fault_at_ms: None,
-                duration_ms: 0,
-                error: Some(format!("cannot start faultvisor: {e}")),
-                facts: crate::outcome::Facts::default(),
-                after_exit_code: None,
-            }
+            cleanup(&copies);
+            return Outcome::not_started(format!("cannot start faultvisor: {e}"));
         }
     };
     let console = Arc::new(Mutex::new(BoundedOutput::new()));
@@ -1043,21 +1055,10 @@ fn run_one(p: &Plan, out: &Path, vmm: &Path) -> Outcome {
     ] {
         if let Some(pipe) = pipe {
             let watcher = watcher.clone();
-            readers.push(std::thread::spawn(move || {
-                // Chunks, not lines: a line without end must not grow a buffer.
-                let mut pipe = pipe;
-                let mut chunk = [0u8; 8192];
-                loop {
-                    match pipe.read(&mut chunk) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            lock_or_recover(&sink).push(&chunk[..n]);
-                            if is_console {
-                                let at = t0.elapsed().as_millis() as u64;
-                                lock_or_recover(&watcher).feed(&chunk[..n], at);
-                            }
-                        }
-                    }
+            readers.push(drain(pipe, sink, move |bytes| {
+                if is_console {
+                    let at = t0.elapsed().as_millis() as u64;
+                    lock_or_recover(&watcher).feed(bytes, at);
                 }
             }));
         }
@@ -1254,13 +1255,8 @@ fn boot(exe: &Path, args: &[String], timeout: Duration) -> (Option<i32>, String,
             .map(|s| Box::new(s) as Box<dyn Read + Send>),
     ];
     for (pipe, sink) in pipes.into_iter().zip(sinks.iter().cloned()) {
-        if let Some(mut pipe) = pipe {
-            readers.push(std::thread::spawn(move || {
-                let mut chunk = [0u8; 8192];
-                while let Ok(n @ 1..) = pipe.read(&mut chunk) {
-                    lock_or_recover(&sink).push(&chunk[..n]);
-                }
-            }));
+        if let Some(pipe) = pipe {
+            readers.push(drain(pipe, sink, |_| {}));
         }
     }
     let deadline = Instant::now() + timeout;
