@@ -639,6 +639,15 @@ impl Vm {
         // that automatic ones take the slots left over).
         let mut placed: Vec<(Bdf, DeviceKind)> = Vec::new();
         let mut virtio_corruption = Vec::new();
+        // What every virtio device is attached with (the filter is built per device,
+        // only where there is one).
+        let virtio_ctx = |filter| VirtioCtx {
+            mem: &mem,
+            vtd: &vtd,
+            irqc: &irqc,
+            vm: &vm,
+            filter,
+        };
         let mmio64 = mem_layout.pci_mmio64();
         let mut root = PciRoot::new();
         root.add(Bdf::new(0), Arc::new(Mutex::new(HostBridge::new())))
@@ -705,14 +714,10 @@ impl Vm {
                     let line = IoapicLine::new(ioapic.clone(), pin);
                     let rng = Rng::new();
                     virtio_corruption.push((bdf, rng.corruption()));
-                    let filter = seccomp::thread_filter(cfg.seccomp, seccomp::ThreadKind::Worker)?;
-                    let vctx = VirtioCtx {
-                        mem: &mem,
-                        vtd: &vtd,
-                        irqc: &irqc,
-                        vm: &vm,
-                        filter,
-                    };
+                    let vctx = virtio_ctx(seccomp::thread_filter(
+                        cfg.seccomp,
+                        seccomp::ThreadKind::Worker,
+                    )?);
                     attach_virtio(rng, bdf, bar0, line, &vctx, &mut root, "fv-virtio")
                         .map_err(dev_err)?;
                     log::info!(
@@ -752,14 +757,10 @@ impl Vm {
                 image: image.clone(),
                 faults: blk.faults(),
             });
-            let filter = seccomp::thread_filter(cfg.seccomp, seccomp::ThreadKind::Worker)?;
-            let vctx = VirtioCtx {
-                mem: &mem,
-                vtd: &vtd,
-                irqc: &irqc,
-                vm: &vm,
-                filter,
-            };
+            let vctx = virtio_ctx(seccomp::thread_filter(
+                cfg.seccomp,
+                seccomp::ThreadKind::Worker,
+            )?);
             attach_virtio(blk, bdf, bar0, line, &vctx, &mut root, "fv-blk").map_err(disk_err)?;
             placed.push((bdf, DeviceKind::VirtioBlk));
             log::info!(
