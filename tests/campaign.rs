@@ -185,6 +185,18 @@ fn outcomes_are_classified_against_golden_runs() {
     }
     let report = std::fs::read_to_string(out.join("report.md")).expect("report");
     assert!(report.contains("1: 50 % (9–91)"), "{report}");
+    // The guest's fault handler acknowledged the DMA fault: the trace times it; a
+    // dropped MSI leaves nothing to acknowledge.
+    let acked = res[2]["trace_reaction_us"]
+        .as_u64()
+        .expect("trace reaction");
+    assert!(acked < 10_000_000, "{acked} µs");
+    assert!(res[1]["trace_reaction_us"].is_null(), "{}", res[1]);
+    assert!(report.contains("| trace | 1 |"), "{report}");
+    assert!(
+        report.contains(&format!("acknowledged after {acked} µs")),
+        "{report}"
+    );
     let replay = dir.join("replay");
     let r = common::run(&[
         "campaign",

@@ -157,17 +157,26 @@ fn bars(md: &mut String, title: &str, rows: &[ConfigSummary]) {
     md.push_str("</svg>\n");
 }
 
-fn cdf(md: &mut String, rows: &[ConfigSummary]) {
-    let rows: Vec<&ConfigSummary> = rows.iter().filter(|r| !r.reactions.is_empty()).collect();
+/// A latency CDF per configuration of the samples `pick` chooses (ms), under `title`.
+fn cdf(
+    md: &mut String,
+    rows: &[ConfigSummary],
+    title: &str,
+    pick: fn(&ConfigSummary) -> &Vec<f64>,
+) {
+    let rows: Vec<&ConfigSummary> = rows.iter().filter(|r| !pick(r).is_empty()).collect();
     if rows.is_empty() {
         return;
     }
-    let max = rows
+    let top = rows
         .iter()
-        .flat_map(|r| r.reactions.iter().copied())
-        .fold(1.0f64, f64::max);
+        .flat_map(|r| pick(r).iter().copied())
+        .fold(0.0f64, f64::max);
+    // Sub-millisecond samples (the trace's) keep their scale.
+    let max = if top < 1.0 { top.max(0.001) } else { top };
+    let digits = if max < 10.0 { 3 } else { 0 };
     let (x0, y0, w, h) = (60.0, 20.0, 620.0, 240.0);
-    md.push_str("<h2>Fault → first reaction (CDF)</h2>\n");
+    let _ = writeln!(md, "<h2>{}</h2>", escape(title));
     let _ = writeln!(
         md,
         "<svg class=\"cdf\" width=\"{}\" height=\"{}\" xmlns=\"http://www.w3.org/2000/svg\" font-family=\"sans-serif\" font-size=\"12\">",
@@ -184,7 +193,7 @@ fn cdf(md: &mut String, rows: &[ConfigSummary]) {
     );
     let _ = writeln!(
         md,
-        "<text x=\"{x0}\" y=\"{}\">0</text><text x=\"{}\" y=\"{}\" text-anchor=\"end\">{max:.0} ms</text><text x=\"{}\" y=\"{}\" text-anchor=\"end\">1.0</text>",
+        "<text x=\"{x0}\" y=\"{}\">0</text><text x=\"{}\" y=\"{}\" text-anchor=\"end\">{max:.digits$} ms</text><text x=\"{}\" y=\"{}\" text-anchor=\"end\">1.0</text>",
         y0 + h + 16.0,
         x0 + w,
         y0 + h + 16.0,
@@ -195,7 +204,7 @@ fn cdf(md: &mut String, rows: &[ConfigSummary]) {
         "#1565c0", "#c62828", "#2e7d32", "#6a1b9a", "#ef6c00", "#00838f",
     ];
     for (i, r) in rows.iter().enumerate() {
-        let mut v = r.reactions.clone();
+        let mut v = pick(r).clone();
         v.sort_by(f64::total_cmp);
         let mut pts = format!("{x0},{}", y0 + h);
         for (k, ms) in v.iter().enumerate() {
@@ -313,7 +322,18 @@ pub fn html(
             breakdown,
         );
     }
-    cdf(&mut md, configs);
+    cdf(
+        &mut md,
+        configs,
+        "Fault → first reaction on the console (CDF)",
+        |r| &r.reactions,
+    );
+    cdf(
+        &mut md,
+        configs,
+        "Fault → fault record acknowledged, from the trace (CDF)",
+        |r| &r.trace_reactions,
+    );
     timelines(&mut md, tls);
     md.push_str("</body></html>\n");
     md
@@ -331,6 +351,7 @@ mod tests {
             unclassified: 0,
             counts,
             reactions,
+            trace_reactions: Vec::new(),
         }
     }
 
@@ -353,7 +374,11 @@ mod tests {
         );
         assert_eq!(tl.lanes, ["interrupts", "thread 2"]);
         assert_eq!(tl.events[1], (0, 2.5, "interrupt dropped".into()));
+        let mut s = s;
+        s[0].trace_reactions = vec![0.25, 0.5];
         let h = html("t", "6 runs", &s, &[], &[tl]);
+        assert_eq!(h.matches("class=\"cdf\"").count(), 2, "console and trace");
+        assert!(h.contains(">0.500 ms<"), "sub-ms scale kept");
         for o in [Outcome::Masked, Outcome::Detected, Outcome::Sdc] {
             assert!(h.contains(&format!("fill=\"{}\"", colour(o))), "{o:?}");
         }

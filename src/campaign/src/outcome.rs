@@ -439,6 +439,24 @@ pub fn reaction_ms(golden: &Facts, run: &Facts, fault_at_ms: u64) -> Option<u64>
     }
 }
 
+/// Microseconds from the injection of the run's first fault to the guest's first
+/// acknowledgement of a fault record after it, in a VMM trace (Chrome trace JSON from
+/// `--trace-file`); `first_fault` is how many injections (stimuli) came before the
+/// fault's. None if the trace has neither.
+pub fn trace_reaction_us(trace: &serde_json::Value, first_fault: usize) -> Option<u64> {
+    use devices::timeline::{FAULT_CLEARED, INJECTED};
+    let events = trace["traceEvents"].as_array()?;
+    let named = |name: &'static str| {
+        events
+            .iter()
+            .filter(move |e| e["ph"] == "i" && e["name"] == name)
+            .filter_map(|e| e["ts"].as_u64())
+    };
+    let fault = named(INJECTED).nth(first_fault)?;
+    let ack = named(FAULT_CLEARED).filter(|&t| t >= fault).min()?;
+    Some(ack - fault)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -600,5 +618,25 @@ mod tests {
         assert!(Rules::new("probe", &spec).is_err());
         assert_eq!(Outcome::parse("sdc"), Some(Outcome::Sdc));
         assert_eq!(Outcome::parse("fine"), None);
+    }
+
+    #[test]
+    fn trace_reaction_counts_from_the_fault_not_the_stimulus() {
+        let ev = |name: &str, ts: u64| serde_json::json!({"ph": "i", "name": name, "ts": ts});
+        let t = serde_json::json!({"traceEvents": [
+            {"ph": "M", "name": "thread_name"},
+            ev("injected", 100),
+            ev("fault record cleared", 150),
+            ev("injected", 1000),
+            ev("fault record cleared", 900),
+            ev("fault record cleared", 1240),
+            ev("fault record cleared", 1800),
+        ]});
+        assert_eq!(trace_reaction_us(&t, 0), Some(50));
+        assert_eq!(trace_reaction_us(&t, 1), Some(240), "after the stimulus");
+        assert_eq!(trace_reaction_us(&t, 2), None, "no such injection");
+        let quiet = serde_json::json!({"traceEvents": [ev("injected", 5)]});
+        assert_eq!(trace_reaction_us(&quiet, 0), None, "no acknowledgement");
+        assert_eq!(trace_reaction_us(&serde_json::json!([1]), 0), None);
     }
 }

@@ -33,6 +33,10 @@ pub struct RunRecord {
     /// When the first fault was injected (ms after the start).
     #[serde(default)]
     pub fault_at_ms: Option<u64>,
+    /// Fault → the guest's first acknowledgement of a fault record, from the VMM's
+    /// trace (µs).
+    #[serde(default)]
+    pub trace_reaction_us: Option<u64>,
     /// What the run showed.
     pub facts: Facts,
     /// The degraded threshold of its rules.
@@ -54,8 +58,10 @@ pub struct Classified {
     pub record: usize,
     /// The outcome.
     pub outcome: Option<Outcome>,
-    /// Fault → first guest reaction, ms.
+    /// Fault → first guest reaction, ms (console).
     pub reaction_ms: Option<u64>,
+    /// Fault → the guest's first fault-record acknowledgement, µs (trace).
+    pub trace_reaction_us: Option<u64>,
 }
 
 /// Classifies every faulty run of `records` (sorted by index first).
@@ -82,6 +88,7 @@ pub fn classify_all(records: &mut [RunRecord]) -> Vec<Classified> {
                     r.fault_at_ms
                         .and_then(|at| reaction_ms(&g.facts, &r.facts, at))
                 }),
+                trace_reaction_us: r.trace_reaction_us,
             }
         })
         .collect()
@@ -98,8 +105,10 @@ pub struct ConfigSummary {
     pub unclassified: u64,
     /// Count per outcome, in [`Outcome::ALL`] order.
     pub counts: [u64; 7],
-    /// Reaction latencies (ms).
+    /// Reaction latencies from console lines (ms).
     pub reactions: Vec<f64>,
+    /// Reaction latencies from the trace (ms).
+    pub trace_reactions: Vec<f64>,
 }
 
 /// Per-configuration summaries, in the order configurations first appear.
@@ -187,6 +196,9 @@ fn add(s: &mut ConfigSummary, c: &Classified) {
         if let Some(ms) = c.reaction_ms {
             s.reactions.push(ms as f64);
         }
+        if let Some(us) = c.trace_reaction_us {
+            s.trace_reactions.push(us as f64 / 1000.0);
+        }
     }
 }
 
@@ -256,26 +268,37 @@ fn table(head: &str, summaries: &[ConfigSummary]) -> String {
     md
 }
 
-/// The Markdown latency section: fault → first guest reaction per configuration (a
-/// timing, so apart from the outcome table, which a rerun with the same seed
-/// reproduces exactly).
+/// The Markdown latency section: fault → first guest reaction per configuration, from
+/// the console (a new detection or crash line) and from the VMM's trace (the guest's
+/// fault handler clearing a fault record). A timing, so apart from the outcome table,
+/// which a rerun with the same seed reproduces exactly.
 pub fn latency_markdown(summaries: &[ConfigSummary]) -> String {
     let mut md = String::from(
-        "## Reaction latency\n\nFrom the first injected fault to the guest's first new \
-         detection or crash line (console timestamps).\n\n| configuration | reactions | p50 ms | p90 ms | p99 ms | max ms |\n|---|---:|---:|---:|---:|---:|\n",
+        "## Reaction latency\n\nFrom the first injected fault to the guest's first reaction: \
+         on the console, its first new detection or crash line (console timestamps, ms \
+         resolution); in the trace, its fault handler clearing a fault record (VMM \
+         timestamps, µs resolution).\n\n| configuration | source | reactions | p50 ms | p90 ms | p99 ms | max ms |\n|---|---|---:|---:|---:|---:|---:|\n",
     );
-    for s in summaries.iter().filter(|s| !s.reactions.is_empty()) {
-        let p = |q| percentile(&s.reactions, q).map_or("–".to_string(), |v| format!("{v:.0}"));
-        let _ = writeln!(
-            md,
-            "| {} | {} | {} | {} | {} | {} |",
-            s.config.replace('|', "\\|"),
-            s.reactions.len(),
-            p(50.0),
-            p(90.0),
-            p(99.0),
-            p(100.0)
-        );
+    for s in summaries {
+        for (source, v, digits) in [
+            ("console", &s.reactions, 0),
+            ("trace", &s.trace_reactions, 3),
+        ] {
+            if v.is_empty() {
+                continue;
+            }
+            let p = |q| percentile(v, q).map_or("–".to_string(), |x| format!("{x:.digits$}"));
+            let _ = writeln!(
+                md,
+                "| {} | {source} | {} | {} | {} | {} | {} |",
+                s.config.replace('|', "\\|"),
+                v.len(),
+                p(50.0),
+                p(90.0),
+                p(99.0),
+                p(100.0)
+            );
+        }
     }
     md
 }
@@ -368,6 +391,7 @@ mod tests {
                 vec!["drop-irq".into()]
             },
             fault_at_ms: Some(10),
+            trace_reaction_us: None,
             facts: Facts {
                 exit_code: exit,
                 result: vec![result.into()],
@@ -417,6 +441,27 @@ mod tests {
         let md = markdown(&s);
         assert!(md.contains("| a | 3 | 1: 33 % (6–79) |"), "{md}");
         assert!(md.contains("b (no usable golden run)"), "{md}");
+    }
+
+    #[test]
+    fn latency_from_console_and_trace() {
+        let mut r = vec![rec(0, "a", true, "x", Some(0))];
+        for (i, us) in [(1, Some(250)), (2, Some(1750)), (3, None)] {
+            let mut f = rec(i, "a", false, "x", Some(0));
+            f.trace_reaction_us = us;
+            r.push(f);
+        }
+        r[0].trace_reaction_us = Some(5);
+        let c = classify_all(&mut r);
+        let s = summarize(&r, &c);
+        assert_eq!(
+            s[0].trace_reactions,
+            vec![0.25, 1.75],
+            "golden runs not counted"
+        );
+        let md = latency_markdown(&s);
+        assert!(md.contains("| a | trace | 2 | 0.250 | 1.750 |"), "{md}");
+        assert!(!md.contains("| console |"), "no console reactions: {md}");
     }
 
     #[test]

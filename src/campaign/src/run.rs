@@ -398,6 +398,25 @@ fn load(
 /// Runs one campaign may expand to, at most.
 pub const MAX_RUNS: usize = 100_000;
 
+/// The largest trace file a campaign reads back (the VMM's timeline is bounded well
+/// below this; a results directory is input, though).
+const MAX_TRACE_BYTES: u64 = 64 << 20;
+
+/// A run's `trace.json`, if it exists, is at most [`MAX_TRACE_BYTES`] and parses.
+fn read_trace(path: &Path) -> Option<Value> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .ok()?
+        .take(MAX_TRACE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    if bytes.len() as u64 > MAX_TRACE_BYTES {
+        return None;
+    }
+    serde_json::from_slice(&bytes).ok()
+}
+
 /// Checks the text of a campaign file the way `faultvisor campaign` does (for fuzzing
 /// and tools); returns the number of experiments it expands to, or the one-line error.
 pub fn check_text(text: &str, seed: Option<u64>) -> Result<usize, String> {
@@ -834,6 +853,8 @@ struct Outcome {
     alive: Option<bool>,
     injected: Vec<Value>,
     fault_at_ms: Option<u128>,
+    /// Fault → the guest's first acknowledgement in the trace, µs.
+    trace_reaction_us: Option<u64>,
     duration_ms: u128,
     error: Option<String>,
     facts: crate::outcome::Facts,
@@ -852,6 +873,7 @@ impl Outcome {
             alive: None,
             injected: Vec::new(),
             fault_at_ms: None,
+            trace_reaction_us: None,
             duration_ms: 0,
             error: Some(why),
             facts: crate::outcome::Facts::default(),
@@ -1013,13 +1035,16 @@ fn run_one(p: &Plan, out: &Path, vmm: &Path) -> Outcome {
         cleanup(&copies);
         return Outcome::not_started(e);
     }
+    // A trace left by an earlier campaign in this directory is not this run's.
+    let trace_path = dir.join("trace.json");
+    let _ = std::fs::remove_file(&trace_path);
     let spawned = Command::new(exe)
         .arg("run")
         .args(&args)
         .args(["--serial", "stdio", "--log-level", "info", "--api-socket"])
         .arg(&sock)
         .arg("--trace-file")
-        .arg(dir.join("trace.json"))
+        .arg(&trace_path)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -1068,6 +1093,8 @@ fn run_one(p: &Plan, out: &Path, vmm: &Path) -> Outcome {
     let mut injected = Vec::new();
     let mut error = None;
     let mut fault_at_ms = None;
+    // How many injections (stimuli) the trace shows before the first fault's.
+    let mut first_fault_injection = None;
     let mut alive = None;
     // The API socket appears once the VM is built.
     let up = wait(deadline, || {
@@ -1121,7 +1148,11 @@ fn run_one(p: &Plan, out: &Path, vmm: &Path) -> Outcome {
             }
             match client::request(&sock, "POST", "/v1/inject", Some(body)) {
                 Ok((200, r)) => {
-                    fault_at_ms.get_or_insert(t0.elapsed().as_millis());
+                    // A stimulus is workload, not the fault whose effect is measured.
+                    if !step.stimulus && fault_at_ms.is_none() {
+                        fault_at_ms = Some(t0.elapsed().as_millis());
+                        first_fault_injection = Some(injected.len());
+                    }
                     injected.push(json!({"fault": body, "response": r}));
                 }
                 Ok((st, r)) => {
@@ -1194,6 +1225,9 @@ fn run_one(p: &Plan, out: &Path, vmm: &Path) -> Outcome {
     }
     cleanup(&copies);
     vtd_from_log(&vmm_log, &mut stats);
+    // The VMM writes its trace as it exits (not when it is killed).
+    let trace_reaction_us = first_fault_injection
+        .and_then(|k| crate::outcome::trace_reaction_us(&read_trace(&trace_path)?, k));
     let _ = std::fs::write(dir.join("console.log"), &console);
     let _ = std::fs::write(dir.join("vmm.log"), &vmm_log);
     let duration_ms = t0.elapsed().as_millis();
@@ -1219,6 +1253,7 @@ fn run_one(p: &Plan, out: &Path, vmm: &Path) -> Outcome {
         alive,
         injected,
         fault_at_ms,
+        trace_reaction_us,
         duration_ms,
         error,
     }
@@ -1420,6 +1455,7 @@ fn result_line(campaign: &str, p: &Plan, o: &Outcome) -> Value {
         "exit_code": o.exit_code,
         "after_exit_code": o.after_exit_code,
         "fault_at_ms": o.fault_at_ms.map(|t| t as u64),
+        "trace_reaction_us": o.trace_reaction_us,
         "duration_ms": o.duration_ms as u64,
         "facts": o.facts,
         "degraded_factor": p.rules.degraded_factor,
@@ -1470,7 +1506,10 @@ fn write_report(
             md.push_str(&crate::report::breakdown_markdown(&parts));
             md.push('\n');
         }
-        if summaries.iter().any(|s| !s.reactions.is_empty()) {
+        if summaries
+            .iter()
+            .any(|s| !s.reactions.is_empty() || !s.trace_reactions.is_empty())
+        {
             md.push_str(&crate::report::latency_markdown(&summaries));
             md.push('\n');
         }
@@ -1505,8 +1544,11 @@ fn write_report(
                     .collect()
             })
             .unwrap_or_default();
+        let acked = r["trace_reaction_us"]
+            .as_u64()
+            .map_or(String::new(), |us| format!(", acknowledged after {us} µs"));
         let latency = match r["fault_at_ms"].as_u64() {
-            Some(f) => format!("fault at {f} ms, {} ms total", r["duration_ms"]),
+            Some(f) => format!("fault at {f} ms{acked}, {} ms total", r["duration_ms"]),
             None => format!("{} ms total", r["duration_ms"]),
         };
         let outcome = if r["golden"] == true {
@@ -1578,9 +1620,7 @@ fn write_report(
             .iter()
             .map(|d| d.join(rel))
             .find(|p| p.exists())
-            .and_then(|p| std::fs::read(p).ok())
-            .filter(|b| b.len() <= 64 << 20)
-            .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+            .and_then(|p| read_trace(&p));
         if let Some(t) = trace {
             timelines.push(crate::html::timeline(
                 r["run"].as_str().unwrap_or("?"),

@@ -69,12 +69,24 @@ pub enum EventKind {
         /// The invalidation that was missing.
         missing: String,
     },
+    /// The guest cleared a pending fault record (its fault handler acknowledged a
+    /// DMA-remapping or interrupt-remapping fault).
+    FaultCleared {
+        /// The fault record's index.
+        record: u8,
+    },
     /// A fault injected through the API.
     Injection {
         /// The request body.
         what: String,
     },
 }
+
+/// The Chrome-trace name of [`EventKind::FaultCleared`] (campaigns look for it).
+pub const FAULT_CLEARED: &str = "fault record cleared";
+
+/// The Chrome-trace name of [`EventKind::Injection`].
+pub const INJECTED: &str = "injected";
 
 /// One event.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -219,12 +231,15 @@ impl Timeline {
                     format!("stale {cache} entry"),
                     json!({"sid": sid, "at": format!("{at:#x}"), "missing": missing}),
                 ),
-                EventKind::Injection { what } => (
-                    4,
-                    "inject",
-                    "injected".to_string(),
-                    json!({"request": what}),
+                EventKind::FaultCleared { record } => (
+                    3,
+                    "fault",
+                    FAULT_CLEARED.to_string(),
+                    json!({"record": record}),
                 ),
+                EventKind::Injection { what } => {
+                    (4, "inject", INJECTED.to_string(), json!({"request": what}))
+                }
             };
             out.push(
                 json!({"ph": "i", "s": "t", "pid": 1, "tid": tid, "ts": e.ts_us,

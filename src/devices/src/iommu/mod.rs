@@ -1436,8 +1436,9 @@ impl Vtd {
                 (8, 8) => v & (1 << 63) != 0,
                 _ => false,
             };
-            if f_hit {
+            if f_hit && r.frcd[i].pending {
                 r.frcd[i].pending = false;
+                self.trace(|| crate::timeline::EventKind::FaultCleared { record: i as u8 });
             }
             return;
         }

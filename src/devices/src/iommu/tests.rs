@@ -368,6 +368,17 @@ fn a_faulting_dma_moves_no_byte() {
 fn fault_ring_fri_overflow_and_wrap() {
     let mut r = Rig::new();
     r.attach(0x20, 3);
+    let timeline = Arc::new(crate::timeline::Timeline::new(1024));
+    timeline.enable();
+    r.vtd.attach_timeline(timeline.clone());
+    let cleared = || {
+        timeline
+            .events()
+            .0
+            .iter()
+            .filter(|e| matches!(e.kind, crate::timeline::EventKind::FaultCleared { .. }))
+            .count()
+    };
     wr32(&r.vtd, reg::FEDATA, 0x41);
     wr32(&r.vtd, reg::FEADDR, 0xfee0_0000);
     wr32(&r.vtd, reg::FECTL, 0);
@@ -405,6 +416,17 @@ fn fault_ring_fri_overflow_and_wrap() {
     }
     wr32(&r.vtd, reg::FSTS, fsts::PFO | fsts::PPF);
     assert_eq!(rd32(&r.vtd, reg::FSTS) & 3, 0);
+    assert_eq!(
+        cleared(),
+        NUM_FAULT_RECORDS,
+        "each acknowledgement is traced"
+    );
+    wr32(&r.vtd, reg::FRCD + 12, 1 << 31);
+    assert_eq!(
+        cleared(),
+        NUM_FAULT_RECORDS,
+        "clearing a free record is not"
+    );
     assert!(h.read(0x30_0000, &mut [0]).is_err());
     let fsts = rd32(&r.vtd, reg::FSTS);
     assert_eq!(fsts & 3, fsts::PPF);
