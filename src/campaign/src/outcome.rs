@@ -391,6 +391,19 @@ impl Watcher {
 /// The VMM's exit status for a guest crash (triple fault, shutdown without reset).
 pub const EXIT_GUEST_CRASH: i32 = 4;
 
+/// The VMM's exit status when it could not build or run the VM (bad options, a
+/// missing file) and for an internal error.
+pub const EXIT_VMM_ERRORS: [i32; 2] = [vmm::EXIT_VMM_ERROR, vmm::seccomp::EXIT_SECCOMP];
+
+/// Whether a golden run with facts `g` can serve as the reference: it ended by itself
+/// (not killed), and either printed a result or the VMM did not fail to start (a VM
+/// that never ran says nothing about the guest).
+pub fn usable_golden(g: &Facts) -> bool {
+    g.killed.is_none()
+        && g.exit_code
+            .is_some_and(|c| !g.result.is_empty() || !EXIT_VMM_ERRORS.contains(&c))
+}
+
 /// The outcome of a faulty run with `run` facts, against the golden run's.
 pub fn classify(golden: &Facts, run: &Facts, degraded_factor: f64) -> Outcome {
     if run.killed.is_some() || run.exit_code.is_none() {

@@ -80,7 +80,7 @@ pub fn classify_all(records: &mut [RunRecord]) -> Vec<Classified> {
         .map(|(i, r)| {
             let g = golden
                 .get(r.config.as_str())
-                .filter(|g| g.facts.exit_code.is_some() && g.facts.killed.is_none());
+                .filter(|g| crate::outcome::usable_golden(&g.facts));
             Classified {
                 record: i,
                 outcome: g.map(|g| classify(&g.facts, &r.facts, r.degraded_factor)),
@@ -420,6 +420,20 @@ mod tests {
         ];
         let c = classify_all(&mut r);
         assert_eq!(r[0].index, 0, "sorted by index");
+        // A golden run whose VM never started (the VMM's error status, no result
+        // line) classifies nothing.
+        let mut broken = vec![
+            rec(0, "a", true, "", Some(2)),
+            rec(1, "a", false, "", Some(2)),
+        ];
+        broken[0].facts.result.clear();
+        broken[1].facts.result.clear();
+        assert_eq!(classify_all(&mut broken)[0].outcome, None);
+        broken[0].facts.exit_code = Some(0);
+        assert!(
+            classify_all(&mut broken)[0].outcome.is_some(),
+            "exit 0 is a result"
+        );
         let out: Vec<_> = c.iter().map(|c| (r[c.record].index, c.outcome)).collect();
         assert_eq!(
             out,

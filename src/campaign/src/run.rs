@@ -1912,6 +1912,24 @@ mod tests {
         assert!(o.contains("end marker"));
     }
 
+    /// Every shipped example parses and expands (the Linux ones run only in the lab).
+    #[test]
+    fn example_files_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../resources/campaigns");
+        let mut seen = 0;
+        for e in std::fs::read_dir(&dir).expect("resources/campaigns") {
+            let path = e.expect("entry").path();
+            if path.extension().is_some_and(|x| x == "toml") {
+                let text = std::fs::read_to_string(&path).expect("read");
+                let runs =
+                    check_text(&text, None).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                assert!(runs > 0, "{}", path.display());
+                seen += 1;
+            }
+        }
+        assert!(seen >= 4, "examples found: {seen}");
+    }
+
     #[test]
     fn errors_name_line_and_field() {
         let cases = [
