@@ -10,7 +10,7 @@
 //! unit: an aligned dword write there is an interrupt request (the MSI it describes is
 //! sent), anything else touching the range is blocked and moves nothing.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::interrupt::{InterruptController, MsiMessage, MsiSource};
@@ -128,6 +128,65 @@ impl Cache {
     }
 }
 
+/// The last translation a handle used, readable without the cache's lock: a seqlock
+/// whose writers hold the cache's lock. An entry is valid only at the invalidation
+/// generation it was filled at, so any invalidation since (which moves the unit's
+/// generation) sends the next access down the locked path, which replays it.
+#[derive(Default)]
+struct LastHit {
+    seq: AtomicU64,
+    /// The generation the entry is valid at.
+    gen: AtomicU64,
+    /// IOVA >> page shift.
+    tag: AtomicU64,
+    /// The page's guest-physical base | page shift (bits 5:0; 0 = empty) | read (bit 6)
+    /// | write (bit 7). Pages are at least 4 KiB, so the low 12 bits are free.
+    val: AtomicU64,
+}
+
+impl LastHit {
+    const READ: u64 = 1 << 6;
+    const WRITE: u64 = 1 << 7;
+
+    /// The guest-physical address of `iova` if the entry covers it for this access
+    /// and is current at generation `now`.
+    fn get(&self, now: u64, iova: u64, write: bool) -> Option<u64> {
+        let s1 = self.seq.load(Ordering::Acquire);
+        if s1 & 1 == 1 {
+            return None;
+        }
+        let gen = self.gen.load(Ordering::Relaxed);
+        let tag = self.tag.load(Ordering::Relaxed);
+        let val = self.val.load(Ordering::Relaxed);
+        fence(Ordering::Acquire);
+        if self.seq.load(Ordering::Relaxed) != s1 || gen != now {
+            return None;
+        }
+        let shift = (val & 0x3f) as u32;
+        let allowed = val & if write { Self::WRITE } else { Self::READ } != 0;
+        if shift == 0 || shift >= 64 || iova >> shift != tag || !allowed {
+            return None;
+        }
+        Some((val & !0xfff) | (iova & ((1u64 << shift) - 1)))
+    }
+
+    /// Makes `m` (for `iova`, current at generation `gen`) the entry. The caller holds
+    /// the cache's lock, so writers never race each other.
+    fn set(&self, gen: u64, iova: u64, m: &Mapping) {
+        let s = self.seq.load(Ordering::Relaxed);
+        self.seq.store(s.wrapping_add(1), Ordering::Relaxed);
+        fence(Ordering::Release);
+        self.gen.store(gen, Ordering::Relaxed);
+        self.tag.store(iova >> m.page_shift, Ordering::Relaxed);
+        let val = (m.gpa_base & !0xfff)
+            | u64::from(m.page_shift & 0x3f)
+            | if m.read { Self::READ } else { 0 }
+            | if m.write { Self::WRITE } else { 0 };
+        self.val.store(val, Ordering::Relaxed);
+        self.seq.store(s.wrapping_add(2), Ordering::Release);
+    }
+}
+
 /// A device's path to guest memory.
 pub struct DmaHandle {
     sid: u16,
@@ -161,6 +220,7 @@ enum Inner {
     Translated {
         vtd: Arc<Vtd>,
         cache: Box<Mutex<Cache>>,
+        last: Box<LastHit>,
         requests: Arc<AtomicU64>,
     },
 }
@@ -187,6 +247,7 @@ impl DmaHandle {
             inner: Inner::Translated {
                 vtd,
                 cache: Box::new(Mutex::new(Cache::default())),
+                last: Box::default(),
                 requests,
             },
             interrupts: AtomicU64::new(0),
@@ -305,9 +366,11 @@ impl DmaHandle {
 
     /// Translates one address; records a fault on failure.
     pub fn translate(&self, iova: u64, write: bool) -> Result<u64, DmaError> {
-        let (vtd, cache) = match &self.inner {
+        let (vtd, cache, last) = match &self.inner {
             Inner::Direct(..) => return Ok(iova),
-            Inner::Translated { vtd, cache, .. } => (vtd, cache),
+            Inner::Translated {
+                vtd, cache, last, ..
+            } => (vtd, cache, last),
         };
         if !vtd.translating() {
             return Ok(iova);
@@ -318,6 +381,13 @@ impl DmaHandle {
                 reason: FaultReason::ContextInvalid,
                 write,
             });
+        }
+        // Exact caching checks every use against the tables: always the locked path.
+        let exact = vtd.exact();
+        if !exact {
+            if let Some(gpa) = last.get(vtd.generation(), iova, write) {
+                return Ok(gpa);
+            }
         }
         let mut c = lock(cache);
         let seen = c.seen;
@@ -345,8 +415,11 @@ impl DmaHandle {
             },
         };
         if let Some(m) = c.lookup(ctx.did, iova, write) {
+            if !exact {
+                last.set(c.seen, iova, &m);
+            }
             drop(c);
-            if vtd.exact() {
+            if exact {
                 self.check_stale(vtd, ctx_cached.then_some(ctx), Some(m), iova, write);
             }
             return Ok(m.gpa(iova));
@@ -358,6 +431,9 @@ impl DmaHandle {
         match walk::walk(mem, &ctx, iova, write) {
             Ok(m) => {
                 c.insert(ctx.did, iova, m);
+                if !exact {
+                    last.set(c.seen, iova, &m);
+                }
                 Ok(m.gpa(iova))
             }
             Err(reason) => {
@@ -408,5 +484,63 @@ impl DmaHandle {
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(gpa_base: u64, page_shift: u32, read: bool, write: bool) -> Mapping {
+        Mapping {
+            gpa_base,
+            page_shift,
+            read,
+            write,
+        }
+    }
+
+    #[test]
+    fn last_hit_serves_only_its_page_access_and_generation() {
+        let l = LastHit::default();
+        assert_eq!(l.get(0, 0, false), None, "empty");
+        l.set(7, 0x1234, &page(0x9000, 12, true, false));
+        assert_eq!(l.get(7, 0x1fff, false), Some(0x9fff));
+        assert_eq!(l.get(7, 0x1234, true), None, "read-only page");
+        assert_eq!(l.get(7, 0x2000, false), None, "another page");
+        assert_eq!(l.get(8, 0x1234, false), None, "an invalidation since");
+        l.set(8, 0x4012_3456, &page(0x20_0000, 21, true, true));
+        assert_eq!(l.get(8, 0x401f_ffff, true), Some(0x3f_ffff), "2 MiB page");
+        l.set(9, 0x8000_0000, &page(0x4000_0000, 30, false, true));
+        assert_eq!(l.get(9, 0xbfff_fff0, true), Some(0x7fff_fff0), "1 GiB page");
+        assert_eq!(l.get(9, 0xbfff_fff0, false), None, "write-only");
+    }
+
+    /// A reader never sees half of one entry and half of another.
+    #[test]
+    fn last_hit_reads_are_never_torn() {
+        let l = Arc::new(LastHit::default());
+        let w = {
+            let l = l.clone();
+            std::thread::spawn(move || {
+                for i in 0..200_000u64 {
+                    // Page i maps to frame i + 1 at generation i: each field follows i.
+                    let iova = i << 12;
+                    l.set(i, iova, &page((i + 1) << 12, 12, true, true));
+                }
+            })
+        };
+        let mut hits = 0u64;
+        while !w.is_finished() {
+            let gen = l.gen.load(Ordering::Relaxed);
+            if let Some(gpa) = l.get(gen, gen << 12 | 0x10, false) {
+                assert_eq!(gpa, ((gen + 1) << 12) | 0x10, "torn at {gen}");
+                hits += 1;
+            }
+        }
+        w.join().expect("writer");
+        let last = l.gen.load(Ordering::Relaxed);
+        assert_eq!(l.get(last, last << 12, false), Some((last + 1) << 12));
+        assert!(hits > 0 || last == 199_999, "the reader saw entries");
     }
 }
