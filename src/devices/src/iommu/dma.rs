@@ -150,6 +150,7 @@ impl LastHit {
 
     /// The guest-physical address of `iova` if the entry covers it for this access
     /// and is current at generation `now`.
+    #[inline]
     fn get(&self, now: u64, iova: u64, write: bool) -> Option<u64> {
         let s1 = self.seq.load(Ordering::Acquire);
         if s1 & 1 == 1 {
@@ -365,7 +366,23 @@ impl DmaHandle {
     }
 
     /// Translates one address; records a fault on failure.
+    #[inline]
     pub fn translate(&self, iova: u64, write: bool) -> Result<u64, DmaError> {
+        if let Inner::Translated { vtd, last, .. } = &self.inner {
+            // The hit path: no lock, no call. Exact caching checks every use against
+            // the tables, and armed context faults must be taken: both go the long way.
+            if vtd.translating() && !vtd.exact() && !vtd.context_faults_armed() {
+                if let Some(gpa) = last.get(vtd.generation(), iova, write) {
+                    return Ok(gpa);
+                }
+            }
+        }
+        self.translate_slow(iova, write)
+    }
+
+    /// [`DmaHandle::translate`] through the cache's lock, the walk and fault recording.
+    #[inline(never)]
+    fn translate_slow(&self, iova: u64, write: bool) -> Result<u64, DmaError> {
         let (vtd, cache, last) = match &self.inner {
             Inner::Direct(..) => return Ok(iova),
             Inner::Translated {
@@ -382,13 +399,7 @@ impl DmaHandle {
                 write,
             });
         }
-        // Exact caching checks every use against the tables: always the locked path.
         let exact = vtd.exact();
-        if !exact {
-            if let Some(gpa) = last.get(vtd.generation(), iova, write) {
-                return Ok(gpa);
-            }
-        }
         let mut c = lock(cache);
         let seen = c.seen;
         if seen != vtd.generation() {

@@ -497,6 +497,7 @@ impl Vtd {
         self.caching
     }
 
+    #[inline]
     pub(crate) fn exact(&self) -> bool {
         self.caching == CachingMode::Exact
     }
@@ -673,6 +674,7 @@ impl Vtd {
     }
 
     /// Whether translation is enabled (GSTS.TES).
+    #[inline]
     pub fn translating(&self) -> bool {
         self.te.load(Ordering::Acquire)
     }
@@ -733,6 +735,12 @@ impl Vtd {
 
     /// Consumes one injected context fault of `sid`, if any (one atomic load when none
     /// is armed).
+    /// Whether any injected context fault waits to be taken.
+    #[inline]
+    pub(crate) fn context_faults_armed(&self) -> bool {
+        self.context_faults_armed.load(Ordering::Acquire)
+    }
+
     pub(crate) fn take_context_fault(&self, sid: u16, iova: u64, write: bool) -> bool {
         if !self.context_faults_armed.load(Ordering::Acquire) {
             return false;
@@ -813,6 +821,7 @@ impl Vtd {
         self.anomalies.count()
     }
 
+    #[inline]
     pub(crate) fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
     }
