@@ -118,3 +118,39 @@ fn triple_fault_is_reported_as_a_crash() {
         "{err}"
     );
 }
+
+/// `--load map` maps the kernel's whole pages from the file and `--load copy` reads
+/// them; the guest runs the same either way (its code spans two pages and a bit, and
+/// jumps across both page boundaries before it prints).
+#[test]
+fn kernel_pages_are_mapped_or_copied_with_the_same_result() {
+    // jmp rel32 over 8 KiB of int3 padding into the printing code.
+    let pad = 8192usize;
+    let mut code = vec![0xe9];
+    code.extend_from_slice(&(pad as i32).to_le_bytes());
+    code.extend(std::iter::repeat_n(0xccu8, pad));
+    code.extend(print("loaded\n"));
+    code.extend(debug_exit(2));
+    for (mode, mapped) in [("map", "8 KiB mapped"), ("copy", "0 KiB mapped")] {
+        let Some((rc, out, err)) = boot(
+            &format!("load-{mode}"),
+            &code,
+            &["--load", mode, "--log-level", "debug"],
+        ) else {
+            return;
+        };
+        assert_eq!((rc, out.as_str()), (5, "loaded\n"), "{mode}: {err}");
+        assert!(
+            err.contains(&format!("kernel: {mapped} from the file")),
+            "{mode}: {err}"
+        );
+    }
+    let r = run(&["run", "--kernel", "/nonexistent", "--load", "mmap"]);
+    assert_eq!(r.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        err.contains("not a load mode (expected map or copy)"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}

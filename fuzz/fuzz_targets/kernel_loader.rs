@@ -1,6 +1,8 @@
 //! The kernel loaders (ELF vmlinux and bzImage, through linux-loader) on arbitrary
-//! images, into 32 MiB of guest RAM. Checked: no panic; a loaded kernel's entry point
-//! and end lie in guest RAM.
+//! images, into 32 MiB of guest RAM, copied or (an odd first byte) mapped from the
+//! file. Checked: no panic; a loaded kernel's entry point and end lie in guest RAM.
+//! Mapped loads go to fresh guest RAM each time: the next input truncates the file,
+//! and pages still mapped from it would become unreadable.
 #![no_main]
 
 use std::io::Write;
@@ -31,7 +33,15 @@ fuzz_target!(|data: &[u8]| {
     if file.set_len(0).is_err() || file.write_all(data).is_err() {
         return;
     }
-    if let Ok(k) = arch::boot::load_kernel(mem, file) {
+    let map = data.first().is_some_and(|b| b & 1 == 1);
+    let fresh;
+    let (mem, mode) = if map {
+        fresh = faultvisor_fuzz::memory(MEM);
+        (&fresh, arch::mapload::LoadMode::Map)
+    } else {
+        (&*mem, arch::mapload::LoadMode::Copy)
+    };
+    if let Ok((k, _)) = arch::boot::load_kernel(mem, file, mode) {
         assert!(mem.address_in_range(GuestAddress(k.entry)) || k.entry >= MEM as u64);
         assert!(k.end <= MEM as u64 || k.end >= k.entry);
     }

@@ -45,12 +45,23 @@ JOBS = [
     # Guest RAM's host mapping while the guest runs: 2 MiB-aligned, backed by THP.
     lab.Job("ram-alignment", [], timeout=120, raw=(
         "/lab/faultvisor run --kernel /lab/vmlinux --initrd /lab/initramfs.cpio --vcpus 1 "
-        f"--memory 512M --cmdline '{BASE} fv.checks=pause' > /tmp/ra.log 2>&1 & pid=$!; "
+        f"--memory 512M --load map --log-level debug --cmdline '{BASE} fv.checks=pause' "
+        "> /tmp/ra.log 2>&1 & "
+        "pid=$!; "
         "for i in $(seq 600); do grep -q FAULTVISOR-INIT /tmp/ra.log && break; sleep 0.1; done; "
-        "while read -r r _; do lo=0x${{r%-*}}; hi=0x${{r#*-}}; "
-        "[ ${{#hi}} -le 14 ] && [ $((hi - lo)) = 536870912 ] && {{ echo \"RAM-MAP $r\"; "
-        "awk -v r=\"$r\" '$1 == r {{ f = 1 }} f && /AnonHugePages/ {{ print \"RAM-THP \" $2; exit }}' "
-        "/proc/$pid/smaps; }}; done < /proc/$pid/maps; wait $pid; echo RA-RC=$?")),
+        "grep -E 'guest RAM|mapped from the file' /tmp/ra.log; "
+        "base=$(grep -o 'guest RAM 0x0+0x[0-9a-f]* at host 0x[0-9a-f]*' /tmp/ra.log | "
+        "sed 's/.*at host 0x//'); "
+        # The VMA at the base (the kernel, mapped from vmlinux at 16 MiB, and the initrd
+        # are mappings of their own inside guest RAM), and the huge pages of all of them
+        # (same-length hex addresses compare as strings).
+        "grep \"^$base-\" /proc/$pid/maps | sed 's/^/RAM-MAP /'; "
+        "end=$(printf '%x' $((0x$base + 536870912))); "
+        "awk -v b=\"$base\" -v e=\"$end\" '/^[0-9a-f]+-[0-9a-f]+ / {{ split($1, a, \"-\"); "
+        "in_ram = length(a[1]) == length(b) && a[1] >= b && a[1] < e }} "
+        "in_ram && /^AnonHugePages/ {{ thp += $2 }} END {{ print \"RAM-THP \" thp + 0 }}' "
+        "/proc/$pid/smaps; "
+        "wait $pid; echo RA-RC=$?")),
     # virtio-blk through the VT-d unit: write, flush, read back; the image must hold
     # exactly the flushed pattern afterwards.
     lab.Job("disk", [], timeout=180, raw=(
@@ -118,6 +129,7 @@ JOBS = [
     lab.Job("linux-outcomes", [], timeout=600, raw=(
         "mkdir -p /tmp/fvo/guest && ln -sf /lab/vmlinux /tmp/fvo/guest/vmlinux && "
         "ln -sf /lab/initramfs.cpio /tmp/fvo/guest/initramfs.cpio && "
+        "ln -sf {rootfs} /tmp/fvo/guest/rootfs.ext4 && "
         "FAULTVISOR_CACHE=/tmp/fvo /lab/faultvisor campaign /lab/linux-outcomes.toml "
         "--jobs 1 --out /tmp/lo; rc=$?; cat /tmp/lo/report.md; "
         "echo JUNIT-BEGIN; cat /tmp/lo/junit.xml; echo JUNIT-END; exit $rc")),
@@ -233,6 +245,12 @@ class LinuxBoot(unittest.TestCase):
         maps = re.findall(r"RAM-MAP ([0-9a-f]+)-", r.output)
         self.assertEqual(len(maps), 1, r.output)
         self.assertEqual(int(maps[0], 16) % (2 << 20), 0, "guest RAM 2 MiB-aligned")
+        # With --load map the kernel and initrd were mapped from their files, not
+        # copied, and the guest ran from them to the end (RA-RC=0 above).
+        m = re.search(r"kernel: (\d+) KiB mapped from the file, (\d+) KiB copied", r.output)
+        self.assertIsNotNone(m, r.output)
+        self.assertGreater(int(m.group(1)), 40000, r.output)
+        self.assertLess(int(m.group(2)), 64, r.output)
         thp = re.search(r"RAM-THP (\d+)", r.output)
         self.assertIsNotNone(thp, r.output)
         self.assertGreater(int(thp.group(1)), 0, "transparent huge pages back guest RAM")
@@ -477,6 +495,16 @@ class LinuxCampaign(unittest.TestCase):
         self.assertEqual(outcome("IRTE fault for virtio-rng"), "detected")
         # A lost COM1 interrupt stalls the tty without a word: silent.
         self.assertIn(outcome("lost COM1 interrupts@p0"), ("sdc", "hang"))
+        # Failed disk requests: the block layer says so and the read-back differs.
+        for run in ("disk read-write errors@p0", "disk read-write errors@p1",
+                    "disk DMA faults"):
+            self.assertEqual(outcome(run), "detected", run)
+        # A short delay is absorbed, a long one makes the run slow.
+        self.assertEqual(outcome("slow disk@p0"), "masked")
+        self.assertEqual(outcome("slow disk@p1"), "degraded")
+        # The guest's DMAR handler acknowledged the disk's DMA fault: timed in the trace.
+        self.assertRegex(out, r"\| disk DMA faults \| disk-dma-fault \|.*acknowledged after "
+                              r"\d+ µs", out)
 
     def test_report_shows_the_guest_reactions(self):
         r = job("linux-campaign")

@@ -14,6 +14,7 @@ use linux_loader::loader::{load_cmdline, BzImage, Elf, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::layout::{self, MemoryLayout};
+use crate::mapload::{LoadMode, LoadStats, MappingReader};
 
 /// `boot_flag` magic.
 const BOOT_FLAG: u16 = 0xaa55;
@@ -128,13 +129,22 @@ pub fn detect_format(file: &mut File) -> Result<KernelFormat, BootError> {
     ))
 }
 
-/// Loads the kernel into guest memory.
-pub fn load_kernel(mem: &GuestMemoryMmap, file: &mut File) -> Result<LoadedKernel, BootError> {
+/// Loads the kernel into guest memory (`mode`: see [`crate::mapload`]); says how much
+/// was mapped and how much copied.
+pub fn load_kernel(
+    mem: &GuestMemoryMmap,
+    file: &mut File,
+    mode: LoadMode,
+) -> Result<(LoadedKernel, LoadStats), BootError> {
     let format = detect_format(file)?;
     let himem = Some(GuestAddress(layout::HIMEM_START));
-    match format {
+    let mut reader = MappingReader::new(file, mode).map_err(|source| BootError::Io {
+        what: "the kernel image",
+        source,
+    })?;
+    let kernel = match format {
         KernelFormat::Elf => {
-            let r = Elf::load(mem, None, file, himem).map_err(BootError::Load)?;
+            let r = Elf::load(mem, None, &mut reader, himem).map_err(BootError::Load)?;
             Ok(LoadedKernel {
                 format,
                 entry: r.kernel_load.0,
@@ -143,7 +153,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, file: &mut File) -> Result<LoadedKerne
             })
         }
         KernelFormat::BzImage => {
-            let r = BzImage::load(mem, None, file, himem).map_err(BootError::Load)?;
+            let r = BzImage::load(mem, None, &mut reader, himem).map_err(BootError::Load)?;
             Ok(LoadedKernel {
                 format,
                 entry: r.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
@@ -154,7 +164,8 @@ pub fn load_kernel(mem: &GuestMemoryMmap, file: &mut File) -> Result<LoadedKerne
         KernelFormat::Multiboot => Err(BootError::NotAKernel(
             "a Multiboot kernel is loaded with load_multiboot".into(),
         )),
-    }
+    }?;
+    Ok((kernel, reader.stats()))
 }
 
 /// Largest Multiboot kernel or module file read.
@@ -248,13 +259,14 @@ pub fn place_initrd(
     })
 }
 
-/// Loads the initrd file into guest memory.
+/// Loads the initrd file into guest memory (`mode`: see [`crate::mapload`]).
 pub fn load_initrd(
     mem: &GuestMemoryMmap,
     layout: &MemoryLayout,
     kernel: &LoadedKernel,
     file: &mut File,
-) -> Result<InitrdPlacement, BootError> {
+    mode: LoadMode,
+) -> Result<(InitrdPlacement, LoadStats), BootError> {
     let io = |source| BootError::Io {
         what: "the initrd",
         source,
@@ -266,9 +278,10 @@ pub fn load_initrd(
         size,
         limit: p.address,
     })?;
-    mem.read_exact_volatile_from(GuestAddress(p.address), file, len)
+    let mut reader = MappingReader::new(file, mode).map_err(io)?;
+    mem.read_exact_volatile_from(GuestAddress(p.address), &mut reader, len)
         .map_err(|e| BootError::Memory(e.to_string()))?;
-    Ok(p)
+    Ok((p, reader.stats()))
 }
 
 /// Validates `cmdline` and writes it at [`layout::CMDLINE_START`].
@@ -406,7 +419,7 @@ mod tests {
             &[0u8; 4096][..],
         ] {
             let mut f = tmpfile(data);
-            let e = load_kernel(&m, &mut f).expect_err("must fail");
+            let e = load_kernel(&m, &mut f, LoadMode::Map).expect_err("must fail");
             assert!(e.to_string().starts_with("not a kernel image"), "{e}");
         }
     }
@@ -417,7 +430,10 @@ mod tests {
         let mut data = b"\x7fELF\x02\x01\x01".to_vec();
         data.resize(100, 0xff);
         let mut f = tmpfile(&data);
-        assert!(matches!(load_kernel(&m, &mut f), Err(BootError::Load(_))));
+        assert!(matches!(
+            load_kernel(&m, &mut f, LoadMode::Map),
+            Err(BootError::Load(_))
+        ));
     }
 
     #[test]

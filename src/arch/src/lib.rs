@@ -10,6 +10,7 @@ pub mod acpi;
 pub mod boot;
 pub mod cpuid;
 pub mod layout;
+pub mod mapload;
 pub mod msr;
 pub mod multiboot;
 pub mod regs;

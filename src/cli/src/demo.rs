@@ -172,6 +172,7 @@ pub fn run(args: &DemoArgs, start: Instant) -> Result<i32, CliError> {
         trace_file: None,
         start,
         seccomp: args.seccomp,
+        load: arch::mapload::LoadMode::default(),
         cpu: Default::default(),
     };
     println!(

@@ -153,6 +153,16 @@ pub struct RunArgs {
     /// replaces the vendor string (vendor=GenuineIntel on an AMD host).
     #[arg(long, value_name = "host[,+F][,-F][,vendor=V]", default_value = "host", value_parser = parse_cpu)]
     pub cpu: arch::cpuid::CpuFeatures,
+    /// How the kernel and initrd reach guest RAM: copy (read straight into guest RAM)
+    /// or map (their pages are mapped from the files, copy-on-write: nothing is read
+    /// before the guest touches it, the fastest start, but KVM then maps them with 4 KiB
+    /// pages; the files must not be modified in place while the VM runs).
+    #[arg(long, value_name = "MODE", default_value = "copy", value_parser = parse_load)]
+    pub load: arch::mapload::LoadMode,
+}
+
+fn parse_load(s: &str) -> Result<arch::mapload::LoadMode, String> {
+    s.parse()
 }
 
 fn parse_disk(s: &str) -> Result<vmm::DiskSpec, String> {
@@ -343,6 +353,7 @@ pub fn build_config(args: &RunArgs, start: Instant) -> Result<VmConfig, CliError
         trace_file: args.trace_file.clone(),
         start,
         seccomp: args.seccomp,
+        load: args.load,
         cpu: args.cpu.clone(),
     })
 }

@@ -117,6 +117,8 @@ pub struct VmConfig {
     pub seccomp: seccomp::SeccompMode,
     /// CPUID features added to or removed from the host's set (`--cpu`).
     pub cpu: arch::cpuid::CpuFeatures,
+    /// How the kernel and initrd reach guest RAM (`--load`).
+    pub load: arch::mapload::LoadMode,
 }
 
 /// One virtio-blk disk as the API sees it.
@@ -829,14 +831,26 @@ impl Vm {
                 initrd.as_mut().map(|(n, f)| (n.as_str(), f)),
             )?
         } else {
-            let kernel = arch::boot::load_kernel(&mem, &mut kf)?;
+            let (kernel, ks) = arch::boot::load_kernel(&mem, &mut kf, cfg.load)?;
             let initrd = match &cfg.initrd {
                 Some(p) => {
                     let mut f = open("initrd", p)?;
-                    Some(arch::boot::load_initrd(&mem, &mem_layout, &kernel, &mut f)?)
+                    let (placed, is) =
+                        arch::boot::load_initrd(&mem, &mem_layout, &kernel, &mut f, cfg.load)?;
+                    log::debug!(
+                        "initrd: {} KiB mapped from the file, {} KiB copied",
+                        is.mapped >> 10,
+                        is.copied >> 10
+                    );
+                    Some(placed)
                 }
                 None => None,
             };
+            log::debug!(
+                "kernel: {} KiB mapped from the file, {} KiB copied",
+                ks.mapped >> 10,
+                ks.copied >> 10
+            );
             let cmdline_size = arch::boot::load_command_line(&mem, &cfg.cmdline)?;
             linux = Some((kernel, initrd, cmdline_size));
             arch::regs::BootEntry::Linux64(kernel.entry)

@@ -59,6 +59,11 @@ pub fn guest_ram(ranges: &[(GuestAddress, usize)]) -> io::Result<GuestMemoryMmap
     let mut regions = Vec::with_capacity(ranges.len());
     for &(gpa, size) in ranges {
         let region = map_aligned(size)?;
+        log::debug!(
+            "guest RAM {:#x}+{size:#x} at host {:#x}",
+            gpa.0,
+            region.as_ptr() as usize
+        );
         regions.push(
             GuestRegionMmap::new(region, gpa)
                 .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "guest RAM range"))?,
