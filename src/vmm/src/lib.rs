@@ -324,9 +324,13 @@ fn attach_virtio<D: devices::virtio::VirtioDevice + 'static>(
         c.irqc.clone(),
         Some(line),
     )
-    .map_err(|e| e.to_string())?
-    .with_ioeventfds(Arc::new(kvm_vm::IoeventfdRegistrar(c.vm.clone())))
-    .map_err(|e| format!("cannot create its notification eventfds: {e}"))?;
+    .map_err(|e| e.to_string())?;
+    let dev = if ioeventfds_enabled() {
+        dev.with_ioeventfds(Arc::new(kvm_vm::IoeventfdRegistrar(c.vm.clone())))
+            .map_err(|e| format!("cannot create its notification eventfds: {e}"))?
+    } else {
+        dev
+    };
     let dev = Arc::new(Mutex::new(dev));
     VirtioPci::start_worker(
         dev.clone(),
@@ -335,6 +339,13 @@ fn attach_virtio<D: devices::virtio::VirtioDevice + 'static>(
     )
     .map_err(|e| format!("cannot start its worker thread: {e}"))?;
     root.add(bdf, dev).map_err(|e| e.to_string())
+}
+
+/// Whether virtio queue notifications use ioeventfds (the default). With
+/// `FAULTVISOR_IOEVENTFD=off` each one is an MMIO exit to the VMM instead, which then
+/// wakes the worker: for measuring what ioeventfds save.
+fn ioeventfds_enabled() -> bool {
+    std::env::var_os("FAULTVISOR_IOEVENTFD").is_none_or(|v| v != "off")
 }
 
 fn open(what: &'static str, path: &PathBuf) -> Result<File, VmmError> {
