@@ -215,6 +215,40 @@ fn outcomes_are_classified_against_golden_runs() {
     let again = results(&replay);
     assert_eq!(again.len(), 2, "the run and its golden run");
     assert_eq!(again[1]["plan"], res[2]["plan"], "the same fault plan");
+    // --repeat replaces every experiment's repeat count; golden runs stay one.
+    let rep = dir.join("repeat");
+    let r = common::run(&[
+        "campaign",
+        file.to_str().expect("utf-8"),
+        "--repeat",
+        "3",
+        "--out",
+        rep.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(
+        r.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let runs: Vec<String> = results(&rep)
+        .iter()
+        .map(|l| l["run"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        runs,
+        [
+            "golden-0",
+            "drop two#0",
+            "drop two#1",
+            "drop two#2",
+            "random DMA#0",
+            "random DMA#1",
+            "random DMA#2"
+        ],
+    );
+    let r = common::run(&["campaign", file.to_str().expect("utf-8"), "--repeat", "0"]);
+    assert_eq!(r.status.code(), Some(2));
     let r = common::run(&["campaign", file.to_str().expect("utf-8"), "--only", "nope"]);
     assert_eq!(r.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&r.stderr).contains("no run 'nope'"));

@@ -96,6 +96,8 @@ pub struct RunOptions {
     pub seed: Option<u64>,
     /// Replay one run (with its golden run).
     pub only: Option<String>,
+    /// Runs per sweep point for every experiment, instead of each one's `repeat`.
+    pub repeat: Option<u32>,
     /// The faultvisor executable each run starts (`faultvisor run ...`).
     pub vmm: PathBuf,
     /// The probe guest's ELF (written to the output directory).
@@ -385,6 +387,7 @@ pub struct GuestPaths {
 fn load(
     path: &Path,
     seed_override: Option<u64>,
+    repeat_override: Option<u32>,
     paths: &GuestPaths,
 ) -> Result<(String, Vec<Plan>, u64), Error> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::File {
@@ -392,11 +395,14 @@ fn load(
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
-    parse(&text, path, seed_override, paths)
+    parse(&text, path, seed_override, repeat_override, paths)
 }
 
 /// Runs one campaign may expand to, at most.
 pub const MAX_RUNS: usize = 100_000;
+
+/// The largest `repeat` (and `--repeat`).
+pub const MAX_REPEAT: u32 = 1000;
 
 /// The largest trace file a campaign reads back (the VMM's timeline is bounded well
 /// below this; a results directory is input, though).
@@ -424,7 +430,7 @@ pub fn check_text(text: &str, seed: Option<u64>) -> Result<usize, String> {
         probe: "/probe.elf".into(),
         guest_dir: "/guest".into(),
     };
-    parse(text, Path::new("campaign.toml"), seed, &paths)
+    parse(text, Path::new("campaign.toml"), seed, None, &paths)
         .map(|(_, plans, _)| plans.len())
         .map_err(|e| e.to_string())
 }
@@ -433,6 +439,7 @@ fn parse(
     text: &str,
     path: &Path,
     seed_override: Option<u64>,
+    repeat_override: Option<u32>,
     paths: &GuestPaths,
 ) -> Result<(String, Vec<Plan>, u64), Error> {
     let text = text.to_string();
@@ -478,7 +485,10 @@ fn parse(
                 ),
             ));
         }
-        let repeat = e.repeat.unwrap_or(1).clamp(1, 1000);
+        let repeat = repeat_override
+            .or(e.repeat)
+            .unwrap_or(1)
+            .clamp(1, MAX_REPEAT);
         // The sweep's axes: guest configuration keys, or fault.N.FIELD.
         let mut axes = Vec::new();
         for (k, v) in e.sweep.clone().unwrap_or_default() {
@@ -1697,7 +1707,7 @@ pub fn run(a: &RunOptions) -> Result<i32, Error> {
         probe: probe.clone(),
         guest_dir: a.guest_dir.clone(),
     };
-    let (name, mut plans, seed) = load(&a.file, a.seed, &paths)?;
+    let (name, mut plans, seed) = load(&a.file, a.seed, a.repeat, &paths)?;
     if let Some((i, n)) = shard {
         plans.retain(|p| p.index % n == i);
     }
@@ -1877,7 +1887,7 @@ mod tests {
             probe: "/probe.elf".into(),
             guest_dir: "/guest".into(),
         };
-        load(&p, None, &paths)
+        load(&p, None, None, &paths)
             .map(|(_, plans, _)| plans)
             .map_err(|e| e.to_string())
     }

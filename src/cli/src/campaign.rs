@@ -40,6 +40,11 @@ pub struct CampaignArgs {
     /// configuration's golden run so that its outcome can be classified.
     #[arg(long, value_name = "RUN-ID")]
     pub only: Option<String>,
+    /// Runs per sweep point for every experiment (1 to 1000), instead of each
+    /// experiment's `repeat`: a quick smoke run with 1, narrower intervals with more.
+    /// Golden runs stay one per configuration.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=i64::from(::campaign::run::MAX_REPEAT)))]
+    pub repeat: Option<u32>,
 }
 
 /// Arguments of `faultvisor merge`.
@@ -74,6 +79,7 @@ pub fn run(a: &CampaignArgs) -> Result<i32, CliError> {
         shard: a.shard.clone(),
         seed: a.seed,
         only: a.only.clone(),
+        repeat: a.repeat,
         vmm,
         probe_elf: crate::demo::PROBE_ELF,
         guest_dir: crate::default_guest_dir(),
