@@ -26,6 +26,19 @@ fn write(dir: &Path, text: &str) -> PathBuf {
     p
 }
 
+/// `faultvisor ARGS`, which must exit 0 (the test fails with its stderr otherwise).
+fn succeed(args: &[&str]) -> std::process::Output {
+    let r = common::run(args);
+    assert_eq!(
+        r.status.code(),
+        Some(0),
+        "faultvisor {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&r.stderr)
+    );
+    r
+}
+
 fn results(dir: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(dir.join("results.jsonl"))
         .expect("results.jsonl")
@@ -153,18 +166,12 @@ fn outcomes_are_classified_against_golden_runs() {
     let dir = tmp("outcomes");
     let file = write(&dir, SMALL);
     let out = dir.join("out");
-    let r = common::run(&[
+    succeed(&[
         "campaign",
         file.to_str().expect("utf-8"),
         "--out",
         out.to_str().expect("utf-8"),
     ]);
-    assert_eq!(
-        r.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&r.stderr)
-    );
     let res = results(&out);
     assert_eq!(res.len(), 3);
     assert_eq!(
@@ -198,7 +205,7 @@ fn outcomes_are_classified_against_golden_runs() {
         "{report}"
     );
     let replay = dir.join("replay");
-    let r = common::run(&[
+    succeed(&[
         "campaign",
         file.to_str().expect("utf-8"),
         "--only",
@@ -206,18 +213,12 @@ fn outcomes_are_classified_against_golden_runs() {
         "--out",
         replay.to_str().expect("utf-8"),
     ]);
-    assert_eq!(
-        r.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&r.stderr)
-    );
     let again = results(&replay);
     assert_eq!(again.len(), 2, "the run and its golden run");
     assert_eq!(again[1]["plan"], res[2]["plan"], "the same fault plan");
     // --repeat replaces every experiment's repeat count; golden runs stay one.
     let rep = dir.join("repeat");
-    let r = common::run(&[
+    succeed(&[
         "campaign",
         file.to_str().expect("utf-8"),
         "--repeat",
@@ -225,12 +226,6 @@ fn outcomes_are_classified_against_golden_runs() {
         "--out",
         rep.to_str().expect("utf-8"),
     ]);
-    assert_eq!(
-        r.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&r.stderr)
-    );
     let runs: Vec<String> = results(&rep)
         .iter()
         .map(|l| l["run"].as_str().unwrap_or("").to_string())
@@ -340,7 +335,7 @@ fn shards_merge_and_seeds_reproduce() {
     let mut outs = Vec::new();
     for i in 0..2 {
         let o = dir.join(format!("s{i}"));
-        let r = common::run(&[
+        succeed(&[
             "campaign",
             f,
             "--shard",
@@ -348,12 +343,6 @@ fn shards_merge_and_seeds_reproduce() {
             "--out",
             o.to_str().expect("utf-8"),
         ]);
-        assert_eq!(
-            r.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&r.stderr)
-        );
         // Three runs: the golden run and "random DMA" in shard 0, "drop two" in 1.
         assert_eq!(results(&o).len(), if i == 0 { 2 } else { 1 });
         outs.push(o);
@@ -432,7 +421,7 @@ fn example_sweep_expands_and_classifies_every_run() {
         env!("CARGO_MANIFEST_DIR"),
         "/resources/campaigns/probe-sweep.toml"
     );
-    let r = common::run(&[
+    succeed(&[
         "campaign",
         file,
         "--jobs",
@@ -440,12 +429,6 @@ fn example_sweep_expands_and_classifies_every_run() {
         "--out",
         out.to_str().expect("utf-8"),
     ]);
-    assert_eq!(
-        r.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&r.stderr)
-    );
     let res = results(&out);
     let faulty: Vec<_> = res.iter().filter(|l| l["golden"] == false).collect();
     assert!(faulty.len() >= 200, "{} runs", faulty.len());
@@ -507,18 +490,12 @@ fn html_report_renders_in_a_headless_browser() {
     let dir = tmp("html");
     let file = write(&dir, SMALL);
     let out = dir.join("out");
-    let r = common::run(&[
+    succeed(&[
         "campaign",
         file.to_str().expect("utf-8"),
         "--out",
         out.to_str().expect("utf-8"),
     ]);
-    assert_eq!(
-        r.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&r.stderr)
-    );
     let html = out.join("report.html");
     let shot = dir.join("shot.png");
     let b = std::process::Command::new(browser)
@@ -601,18 +578,12 @@ exit_code = 6
     );
     let file = write(&dir, &text);
     let out = dir.join("out");
-    let r = common::run(&[
+    succeed(&[
         "campaign",
         file.to_str().expect("utf-8"),
         "--out",
         out.to_str().expect("utf-8"),
     ]);
-    assert_eq!(
-        r.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&r.stderr)
-    );
     let res = results(&out);
     assert_eq!(res.len(), 1);
     assert_eq!(res[0]["exit_code"], 6, "{}", res[0]);
