@@ -107,12 +107,49 @@ thread_local! {
     static NAME: Cell<[u8; 16]> = const { Cell::new([0; 16]) };
 }
 
-static PROGRAMS: std::sync::OnceLock<HashMap<String, seccompiler::BpfProgram>> =
-    std::sync::OnceLock::new();
+type Programs = HashMap<String, seccompiler::BpfProgram>;
+
+/// The compiled filters (or why they could not be), compiled once per process.
+static PROGRAMS: std::sync::OnceLock<Result<Programs, String>> = std::sync::OnceLock::new();
+
+/// The SIGSYS handler's installation, once per process.
+static SIGSYS: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+
+/// The filters for `mode`, compiled at the first call (a caller that comes while
+/// another thread compiles them waits for it).
+fn programs(mode: SeccompMode) -> Result<&'static Programs, VmmError> {
+    PROGRAMS
+        .get_or_init(|| {
+            let t0 = std::time::Instant::now();
+            let p = compile(mode).map_err(|e| e.to_string());
+            log::debug!(
+                "seccomp filters compiled in {} us",
+                t0.elapsed().as_micros()
+            );
+            p
+        })
+        .as_ref()
+        .map_err(|e| VmmError::Setup(e.clone()))
+}
+
+/// Starts compiling the filters on a short-lived thread of their own, so that the
+/// VM's set-up runs meanwhile (about 0.5 ms of the start-up otherwise); the first
+/// [`thread_filter`] waits for it. The thread runs no guest-driven code.
+pub fn precompile(mode: SeccompMode) {
+    if mode == SeccompMode::Off || PROGRAMS.get().is_some() {
+        return;
+    }
+    // Without the thread the first thread_filter compiles them itself.
+    let _ = std::thread::Builder::new()
+        .name("fv-seccomp".into())
+        .spawn(move || {
+            let _ = programs(mode);
+        });
+}
 
 /// A closure that installs the filter of `kind` on the thread that calls it (a no-op
-/// with `--seccomp off`). Filters are compiled at the first call, so a broken file is
-/// a set-up error, not a thread's.
+/// with `--seccomp off`). Filters are compiled at the first call (or by
+/// [`precompile`]), so a broken file is a set-up error, not a thread's.
 pub fn thread_filter(
     mode: SeccompMode,
     kind: ThreadKind,
@@ -120,15 +157,13 @@ pub fn thread_filter(
     if mode == SeccompMode::Off {
         return Ok(Arc::new(|| {}));
     }
-    if PROGRAMS.get().is_none() {
-        let p = compile(mode)?;
-        let _ = PROGRAMS.set(p);
-        install_sigsys_handler()?;
-    }
+    let all = programs(mode)?;
+    SIGSYS
+        .get_or_init(|| install_sigsys_handler().map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|e| VmmError::Setup(e.clone()))?;
     let get = |name: &str| {
-        PROGRAMS
-            .get()
-            .and_then(|m| m.get(name))
+        all.get(name)
             .cloned()
             .ok_or_else(|| VmmError::Setup(format!("no seccomp filter named {name}")))
     };
