@@ -58,17 +58,6 @@ pub struct MergeArgs {
     pub shards: Vec<PathBuf>,
 }
 
-impl From<::campaign::run::Error> for CliError {
-    fn from(e: ::campaign::run::Error) -> Self {
-        match e {
-            ::campaign::run::Error::Usage(m) => CliError::Usage(m),
-            ::campaign::run::Error::File { what, path, reason } => {
-                CliError::File { what, path, reason }
-            }
-        }
-    }
-}
-
 /// `faultvisor campaign`.
 pub fn run(a: &CampaignArgs) -> Result<i32, CliError> {
     let vmm = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("faultvisor"));

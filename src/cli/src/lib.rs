@@ -207,6 +207,9 @@ pub enum CliError {
     /// The VMM failed.
     #[error(transparent)]
     Vmm(#[from] vmm::VmmError),
+    /// A campaign could not run (its file, an option, a file it writes).
+    #[error(transparent)]
+    Campaign(#[from] ::campaign::run::Error),
     /// A running VMM could not be reached (exit status 2).
     #[error("{0}")]
     Unreachable(String),
