@@ -81,6 +81,17 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// [`Error::File`] for `path`, with `e` as the reason.
+    fn file(what: &'static str, path: &Path, e: impl std::fmt::Display) -> Self {
+        Error::File {
+            what,
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        }
+    }
+}
+
 /// What `faultvisor campaign` asks for.
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -390,11 +401,7 @@ fn load(
     repeat_override: Option<u32>,
     paths: &GuestPaths,
 ) -> Result<(String, Vec<Plan>, u64), Error> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::File {
-        what: "campaign file",
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|e| Error::file("campaign file", path, e))?;
     parse(&text, path, seed_override, repeat_override, paths)
 }
 
@@ -1587,11 +1594,7 @@ fn write_report(
         ));
     }
     let path = out.join("report.md");
-    std::fs::write(&path, md).map_err(|e| Error::File {
-        what: "report",
-        path,
-        reason: e.to_string(),
-    })?;
+    std::fs::write(&path, md).map_err(|e| Error::file("report", &path, e))?;
     // The HTML report: the same tables as plots, and the timelines of runs that went
     // wrong (failed expectations first, then hang, crash, SDC, detected).
     let mut wrong: Vec<(u8, &Value, String)> = Vec::new();
@@ -1651,19 +1654,10 @@ fn write_report(
         &timelines,
     );
     let path = out.join("report.html");
-    std::fs::write(&path, page).map_err(|e| Error::File {
-        what: "HTML report",
-        path,
-        reason: e.to_string(),
-    })?;
+    std::fs::write(&path, page).map_err(|e| Error::file("HTML report", &path, e))?;
     let path = out.join("junit.xml");
-    std::fs::write(&path, crate::report::junit(title, &records, &classified)).map_err(|e| {
-        Error::File {
-            what: "JUnit report",
-            path,
-            reason: e.to_string(),
-        }
-    })?;
+    std::fs::write(&path, crate::report::junit(title, &records, &classified))
+        .map_err(|e| Error::file("JUnit report", &path, e))?;
     Ok((pass, fail))
 }
 
@@ -1692,17 +1686,9 @@ pub fn run(a: &RunOptions) -> Result<i32, Error> {
     if a.jobs == Some(0) {
         return Err(Error::Usage("--jobs must be at least 1".into()));
     }
-    std::fs::create_dir_all(&a.out).map_err(|e| Error::File {
-        what: "output directory",
-        path: a.out.clone(),
-        reason: e.to_string(),
-    })?;
+    std::fs::create_dir_all(&a.out).map_err(|e| Error::file("output directory", &a.out, e))?;
     let probe = a.out.join("probe.elf");
-    std::fs::write(&probe, a.probe_elf).map_err(|e| Error::File {
-        what: "probe output",
-        path: probe.clone(),
-        reason: e.to_string(),
-    })?;
+    std::fs::write(&probe, a.probe_elf).map_err(|e| Error::file("probe output", &probe, e))?;
     let paths = GuestPaths {
         probe: probe.clone(),
         guest_dir: a.guest_dir.clone(),
@@ -1812,17 +1798,9 @@ pub fn run(a: &RunOptions) -> Result<i32, Error> {
 
 fn write_results(out: &Path, lines: &[Value]) -> Result<(), Error> {
     let path = out.join("results.jsonl");
-    let mut f = std::fs::File::create(&path).map_err(|e| Error::File {
-        what: "results",
-        path: path.clone(),
-        reason: e.to_string(),
-    })?;
+    let mut f = std::fs::File::create(&path).map_err(|e| Error::file("results", &path, e))?;
     for l in lines {
-        writeln!(f, "{l}").map_err(|e| Error::File {
-            what: "results",
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
+        writeln!(f, "{l}").map_err(|e| Error::file("results", &path, e))?;
     }
     Ok(())
 }
@@ -1834,11 +1812,8 @@ pub fn merge(out: &Path, shards: &[PathBuf]) -> Result<i32, Error> {
     let mut lines = Vec::new();
     for dir in shards {
         let path = dir.join("results.jsonl");
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::File {
-            what: "shard results",
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| Error::file("shard results", &path, e))?;
         for (i, l) in text
             .lines()
             .enumerate()
@@ -1854,11 +1829,7 @@ pub fn merge(out: &Path, shards: &[PathBuf]) -> Result<i32, Error> {
             lines.push(v);
         }
     }
-    std::fs::create_dir_all(out).map_err(|e| Error::File {
-        what: "output directory",
-        path: out.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+    std::fs::create_dir_all(out).map_err(|e| Error::file("output directory", out, e))?;
     let title = lines
         .first()
         .and_then(|l| l["campaign"].as_str())
