@@ -359,7 +359,6 @@ fn open(what: &'static str, path: &PathBuf) -> Result<File, VmmError> {
 impl Vm {
     /// Builds the VM described by `cfg`.
     pub fn build(cfg: &VmConfig) -> Result<Self, VmmError> {
-        seccomp::precompile(cfg.seccomp);
         // Disk images first: their errors (missing, odd size, locked) come before
         // anything else is set up or logged.
         let mut dir_images = Vec::new();

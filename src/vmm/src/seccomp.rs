@@ -115,8 +115,7 @@ static PROGRAMS: std::sync::OnceLock<Result<Programs, String>> = std::sync::Once
 /// The SIGSYS handler's installation, once per process.
 static SIGSYS: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
 
-/// The filters for `mode`, compiled at the first call (a caller that comes while
-/// another thread compiles them waits for it).
+/// The filters for `mode`, compiled at the first call.
 fn programs(mode: SeccompMode) -> Result<&'static Programs, VmmError> {
     PROGRAMS
         .get_or_init(|| {
@@ -132,24 +131,9 @@ fn programs(mode: SeccompMode) -> Result<&'static Programs, VmmError> {
         .map_err(|e| VmmError::Setup(e.clone()))
 }
 
-/// Starts compiling the filters on a short-lived thread of their own, so that the
-/// VM's set-up runs meanwhile (about 0.5 ms of the start-up otherwise); the first
-/// [`thread_filter`] waits for it. The thread runs no guest-driven code.
-pub fn precompile(mode: SeccompMode) {
-    if mode == SeccompMode::Off || PROGRAMS.get().is_some() {
-        return;
-    }
-    // Without the thread the first thread_filter compiles them itself.
-    let _ = std::thread::Builder::new()
-        .name("fv-seccomp".into())
-        .spawn(move || {
-            let _ = programs(mode);
-        });
-}
-
 /// A closure that installs the filter of `kind` on the thread that calls it (a no-op
-/// with `--seccomp off`). Filters are compiled at the first call (or by
-/// [`precompile`]), so a broken file is a set-up error, not a thread's.
+/// with `--seccomp off`). Filters are compiled at the first call, so a broken file is
+/// a set-up error, not a thread's.
 pub fn thread_filter(
     mode: SeccompMode,
     kind: ThreadKind,
