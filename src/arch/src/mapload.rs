@@ -113,31 +113,15 @@ impl<'a> MappingReader<'a> {
         self.stats.copied += n as u64;
         Ok(n)
     }
-}
 
-impl Read for MappingReader<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.file.read(buf)?;
-        self.pos += n as u64;
-        Ok(n)
-    }
-}
-
-impl Seek for MappingReader<'_> {
-    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
-        self.pos = self.file.seek(to)?;
-        Ok(self.pos)
-    }
-}
-
-impl MappingReader<'_> {
     /// Maps the whole pages at the start of `buf` from the file if it can; returns how
     /// many bytes it mapped (0: none, read them instead).
     fn map_pages<B: BitmapSlice>(
         &mut self,
         buf: &mut VolatileSlice<B>,
     ) -> Result<usize, VolatileMemoryError> {
-        let addr = buf.ptr_guard_mut().as_ptr() as u64;
+        let dst = buf.ptr_guard_mut().as_ptr();
+        let addr = dst as u64;
         let whole = self.mappable(addr, buf.len() as u64);
         let Ok(offset) = libc::off_t::try_from(self.pos) else {
             return Ok(0);
@@ -145,13 +129,13 @@ impl MappingReader<'_> {
         if whole == 0 {
             return Ok(0);
         }
-        let dst = buf.ptr_guard_mut().as_ptr();
-        // SAFETY: `dst` points to at least `whole` bytes of guest RAM that the
-        // VolatileSlice covers, page-aligned, inside one private anonymous mapping of this
-        // process (the module's contract with its caller). MAP_FIXED replaces exactly
-        // those pages with a private mapping of the file, with the same protection;
-        // nothing holds references into their old contents (a loader is filling them),
-        // and KVM, which maps guest RAM by host address, follows the change.
+        // SAFETY: `dst..dst + whole` is page-aligned and lies inside the writable memory
+        // the VolatileSlice covers, which this read is asked to fill. MAP_FIXED replaces
+        // exactly those pages, readable and writable as before, with a private mapping
+        // of the file whose bytes are the ones a read would have written there (the
+        // range ends before the file does); no memory outside the slice is touched. KVM,
+        // which maps guest RAM by host address, follows the change. (That the pages are
+        // no longer shared with anything is the module's documented caller contract.)
         let got = unsafe {
             libc::mmap(
                 dst.cast(),
@@ -173,6 +157,21 @@ impl MappingReader<'_> {
         self.stats.mapped += whole;
         buf.bitmap().mark_dirty(0, whole as usize);
         Ok(whole as usize)
+    }
+}
+
+impl Read for MappingReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.file.read(buf)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Seek for MappingReader<'_> {
+    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
+        self.pos = self.file.seek(to)?;
+        Ok(self.pos)
     }
 }
 
