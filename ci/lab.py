@@ -31,6 +31,15 @@ from cpio import CpioWriter  # noqa: E402
 
 TARGET = "x86_64-unknown-linux-gnu"
 L1_MEMORY = "3072"
+# L1's CPUs and QEMU's accelerator options, for experiments. One CPU is the setting
+# that works: with two, Debian's QEMU 7.2 under multi-threaded TCG crashed L1 (nested
+# page faults recursing in L1's kernel) and round-robin TCG left L2 guests stalled.
+# One CPU has its own failure, about once in 50 L2 boots of a 2-vCPU guest: L2 spins
+# on a lock its other vCPU holds, and L1's timer interrupt stays pending in its APIC
+# (seen in `info lapic`) without ending L2's run, so L1 never gets its CPU back. The
+# watchdog below sees that through QEMU's monitor, and the jobs run once more.
+L1_CPUS = os.environ.get("FV_LAB_CPUS", "1")
+L1_ACCEL = os.environ.get("FV_LAB_ACCEL", "tcg")
 L1_CMDLINE = "console=ttyS0 quiet panic=-1 loglevel=3"
 BEGIN = "@@LAB-BEGIN "
 END = "@@LAB-END "
@@ -207,6 +216,50 @@ def _chunks(stream, live):
                 yield None, new
 
 
+def _monitor(sock, commands, timeout=3.0):
+    """Sends human-monitor commands to L0's QEMU; returns what it answered, without
+    the line editor's escape sequences."""
+    import socket
+    out = b""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(timeout)
+        s.connect(sock)
+        for cmd in commands:
+            s.sendall(cmd.encode() + b"\n")
+        try:
+            # The banner's prompt, then one prompt after each command's answer.
+            while out.count(b"(qemu) ") <= len(commands) and len(out) < 1 << 20:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                out += chunk
+        except OSError:
+            pass
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", out.decode(errors="replace"))
+    return text.replace("\r", "")
+
+
+def _l1_sample(sock):
+    """L1's RIP, halt state and pending APIC interrupts, or None without a monitor."""
+    try:
+        text = _monitor(sock, ["info registers", "info lapic"])
+    except OSError:
+        return None
+    keep = [ln.strip() for ln in text.splitlines()
+            if re.match(r"\s*(RIP=|IRR|ISR|Timer)", ln)]
+    return tuple(keep) if keep else None
+
+
+def _wedged(sample):
+    """An interrupt pending in L1's APIC while its CPU runs on: in one sample that is
+    normal, the same in samples taken many seconds apart means L1 is wedged."""
+    if sample is None:
+        return False
+    irr = [ln for ln in sample if ln.startswith("IRR")]
+    rip = [ln for ln in sample if ln.startswith("RIP=")]
+    return bool(irr and rip) and "(none)" not in irr[0] and "HLT=1" not in rip[0]
+
+
 def _run_nested(jobs, echo, extra_files=None):
     gdir = guest_dir()
     vmm = build_vmm(static=True)
@@ -232,13 +285,14 @@ def _run_nested(jobs, echo, extra_files=None):
         w.add_bytes("lab/job.sh", _job_script(jobs, files).encode(), 0o755)
         w.close()
         initrd = os.path.join(tmp, "l1.cpio")
+        monitor = os.path.join(tmp, "monitor.sock")
         with open(initrd, "wb") as out:
             for part in (os.path.join(gdir, "lab-base.cpio"), extra):
                 with open(part, "rb") as f:
                     shutil.copyfileobj(f, out)
-        cmd = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "EPYC,+svm,+npt",
-               "-smp", "1", "-m", L1_MEMORY, "-display", "none", "-serial", "stdio",
-               "-monitor", "none", "-no-reboot", "-nodefaults",
+        cmd = ["qemu-system-x86_64", "-accel", L1_ACCEL, "-cpu", "EPYC,+svm,+npt",
+               "-smp", L1_CPUS, "-m", L1_MEMORY, "-display", "none", "-serial", "stdio",
+               "-monitor", f"unix:{monitor},server,nowait", "-no-reboot", "-nodefaults",
                "-kernel", os.path.join(gdir, "bzImage"), "-initrd", initrd,
                "-append", L1_CMDLINE]
         total = 120 + sum(j.timeout for j in jobs)
@@ -256,9 +310,25 @@ def _run_nested(jobs, echo, extra_files=None):
         timeouts = {j.name: j.timeout for j in jobs}
 
         def watchdog():
+            # Two signs of a wedged L1: a job far over its own timeout, or the same
+            # interrupt pending in L1's APIC at the same RIP for a minute (a working
+            # L1 takes it within microseconds).
+            same, last, next_sample = 0, None, time.monotonic() + 15
             while p.poll() is None:
-                if time.monotonic() > watch["until"]:
-                    log(f"the nested lab is stuck in {watch['job']}: stopping it")
+                now = time.monotonic()
+                why = None
+                if now > watch["until"]:
+                    why = "far over its timeout"
+                elif now > next_sample:
+                    next_sample = now + 15
+                    sample = _l1_sample(monitor)
+                    same = same + 1 if _wedged(sample) and sample == last else 0
+                    last = sample
+                    if same >= 4:
+                        why = "L1's timer interrupt pending for a minute at one RIP: " + \
+                            "; ".join(sample)
+                if why:
+                    log(f"the nested lab is stuck in {watch['job']} ({why}): stopping it")
                     watch["stuck"] = watch["job"]
                     p.kill()
                     return
