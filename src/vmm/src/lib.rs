@@ -203,6 +203,53 @@ fn missing_cpu_feature(
     })
 }
 
+/// Gives KVM guest RAM: one memory slot per region of `mem`.
+fn register_ram(vm: &KvmVm, mem: &GuestMemoryMmap) -> Result<(), VmmError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mmap of `mem`, a clone of the memory `vm` (a
+        // `KvmVm`) holds and drops only after closing the VM fd; every vCPU thread
+        // holds the `KvmVm` until its vCPU fd is closed. So the mapping outlives every
+        // KVM object that can reach this slot, and the host range given is exactly
+        // the mapping's.
+        unsafe { vm.set_user_memory_region(r) }
+            .map_err(|e| VmmError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+    }
+    Ok(())
+}
+
+/// Creates `nr` vCPUs of `vm` with the host's CPUID as `cpu` changes it, each prepared
+/// by [`vcpu::prepare`] (the boot vCPU's registers are set later).
+fn create_vcpus(
+    kvm: &Kvm,
+    vm: &KvmVm,
+    nr: u32,
+    cpu: &arch::cpuid::CpuFeatures,
+) -> Result<Vec<kvm_ioctls::VcpuFd>, VmmError> {
+    let mut base_cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| VmmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+    missing_cpu_feature(kvm, &base_cpuid, cpu).map_or(Ok(()), |f| Err(VmmError::CpuFeature(f)))?;
+    if let Some(f) = cpu.apply(&mut base_cpuid).first() {
+        return Err(VmmError::CpuFeature(f));
+    }
+    let mut vcpus = Vec::with_capacity(nr as usize);
+    for id in 0..nr {
+        let v = vm
+            .create_vcpu(u64::from(id))
+            .map_err(|e| VmmError::Kvm("KVM_CREATE_VCPU", e))?;
+        vcpu::prepare(&v, id, nr, &base_cpuid)?;
+        vcpus.push(v);
+    }
+    Ok(vcpus)
+}
+
 /// Whether the host's KVM offers every feature `cpu` adds (`Err` names the first it
 /// does not; a host without KVM offers nothing beyond what it names).
 pub fn host_offers(cpu: &arch::cpuid::CpuFeatures) -> Result<(), &'static str> {
@@ -444,21 +491,27 @@ impl Vm {
             log::warn!("host KVM lacks KVM_CAP_X2APIC_API; APIC IDs above 254 are unusable");
         }
 
-        for (slot, region) in mem.iter().enumerate() {
-            let r = kvm_userspace_memory_region {
-                slot: slot as u32,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: region.as_ptr() as u64,
-                flags: 0,
-            };
-            // SAFETY: the region is a live mmap of `mem`, and `vm` (a `KvmVm`) holds a
-            // clone of `mem` that it drops only after closing the VM fd; every vCPU
-            // thread holds the `KvmVm` until its vCPU fd is closed. So the mapping
-            // outlives every KVM object that can reach this slot, and the host range
-            // given is exactly the mapping's.
-            unsafe { vm.set_user_memory_region(r) }
-                .map_err(|e| VmmError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+        // On a thread of its own, while guest RAM, the devices and the kernel are set up
+        // here: guest RAM's memory slots (half a millisecond on a software KVM), the
+        // vCPUs (KVM_GET_SUPPORTED_CPUID, KVM_CREATE_VCPU, CPUID, MSRs, LAPIC: about a
+        // millisecond). Only the boot vCPU's registers wait for the kernel. `kvm` comes
+        // back with the result.
+        let vcpu_setup = {
+            let vm = vm.clone();
+            let cpu = cfg.cpu.clone();
+            let nr = cfg.vcpus;
+            let ram = mem.clone();
+            std::thread::Builder::new()
+                .name("fv-setup".into())
+                .spawn(move || {
+                    let r =
+                        register_ram(&vm, &ram).and_then(|()| create_vcpus(&kvm, &vm, nr, &cpu));
+                    (kvm, r)
+                })
+                .map_err(|e| VmmError::Setup(format!("cannot start the vCPU set-up thread: {e}")))?
+        };
+
+        for region in mem.iter() {
             // Transparent huge pages: loading a 50 MB vmlinux then takes a few hundred
             // page faults instead of thousands, and the guest gets 2 MiB mappings.
             // SAFETY: advisory call on a range we own; it cannot change the contents.
@@ -898,22 +951,15 @@ impl Vm {
         }
         log::debug!("boot entry {boot_entry:x?}, rsdp {rsdp:#x}");
 
-        // vCPUs.
-        let mut base_cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|e| VmmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
-        missing_cpu_feature(&kvm, &base_cpuid, &cfg.cpu)
-            .map_or(Ok(()), |f| Err(VmmError::CpuFeature(f)))?;
-        if let Some(f) = cfg.cpu.apply(&mut base_cpuid).first() {
-            return Err(VmmError::CpuFeature(f));
-        }
-        let mut vcpus = Vec::new();
-        for id in 0..cfg.vcpus {
-            let v = vm
-                .create_vcpu(u64::from(id))
-                .map_err(|e| VmmError::Kvm("KVM_CREATE_VCPU", e))?;
-            vcpu::configure(&v, id, cfg.vcpus, &base_cpuid, &mem, boot_entry)?;
-            vcpus.push(v);
+        // The seccomp filters while the set-up thread finishes (it takes longer), then
+        // the vCPUs it created.
+        seccomp::precompile(cfg.seccomp);
+        let (kvm, prepared) = vcpu_setup
+            .join()
+            .map_err(|_| VmmError::Setup("the vCPU set-up thread panicked".into()))?;
+        let vcpus = prepared?;
+        if let Some(boot_vcpu) = vcpus.first() {
+            vcpu::set_boot_state(boot_vcpu, &mem, boot_entry)?;
         }
 
         let vcpu_stats: Vec<Arc<vcpu::VcpuStats>> = (0..cfg.vcpus)
@@ -1046,7 +1092,7 @@ impl Vm {
             subscribers.push(Arc::new(Mutex::new(api)));
         }
         let filter = |k| seccomp::thread_filter(self.seccomp, k);
-        stdin::spawn_event_loop(subscribers, filter(seccomp::ThreadKind::EventLoop)?)?;
+        let event_loop_filter = filter(seccomp::ThreadKind::EventLoop)?;
         vcpu::register_kick_signal()?;
         let vcpu_filter = filter(seccomp::ThreadKind::Vcpu)?;
         // From here on the guest drives the log: every call site is rate-limited.
@@ -1083,6 +1129,11 @@ impl Vm {
                 })
                 .map_err(|e| VmmError::Setup(format!("cannot start a vCPU thread: {e}")))?;
             threads.push(handle);
+        }
+        // The console input and API thread after the vCPUs: the guest starts sooner.
+        if let Err(e) = stdin::spawn_event_loop(subscribers, event_loop_filter) {
+            self.stop_vcpus(threads);
+            return Err(e);
         }
         // The main thread only waits and tears down from here on.
         filter(seccomp::ThreadKind::Main)?();

@@ -131,6 +131,15 @@ fn programs(mode: SeccompMode) -> Result<&'static Programs, VmmError> {
         .map_err(|e| VmmError::Setup(e.clone()))
 }
 
+/// Compiles the filters for `mode` now, while the vCPU set-up thread is still busy,
+/// rather than on the start-up's critical path. An error is kept
+/// and reported by the first [`thread_filter`].
+pub fn precompile(mode: SeccompMode) {
+    if mode != SeccompMode::Off {
+        let _ = programs(mode);
+    }
+}
+
 /// A closure that installs the filter of `kind` on the thread that calls it (a no-op
 /// with `--seccomp off`). Filters are compiled at the first call, so a broken file is
 /// a set-up error, not a thread's.

@@ -28,16 +28,11 @@ const APIC_MODE_NMI: u32 = 0x4 << 8;
 const SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const SYSTEM_EVENT_RESET: u32 = 2;
 
-/// Configures a freshly created vCPU. The boot vCPU (`id == 0`) also gets long-mode
-/// state and starts at `entry`; the others wait for INIT/SIPI in the in-kernel LAPIC.
-pub fn configure(
-    vcpu: &VcpuFd,
-    id: u32,
-    nr_vcpus: u32,
-    base_cpuid: &CpuId,
-    mem: &GuestMemoryMmap,
-    boot: arch::regs::BootEntry,
-) -> Result<(), VmmError> {
+/// Gives a freshly created vCPU its CPUID, boot MSRs and LAPIC LINT1: everything that
+/// does not depend on guest RAM's contents, so it can run while the kernel loads. The
+/// boot vCPU then gets [`set_boot_state`]; the others wait for INIT/SIPI in the
+/// in-kernel LAPIC.
+pub fn prepare(vcpu: &VcpuFd, id: u32, nr_vcpus: u32, base_cpuid: &CpuId) -> Result<(), VmmError> {
     let kvm_err = |what: &'static str| move |e: kvm_ioctls::Error| VmmError::Kvm(what, e);
     let mut cpuid = base_cpuid.clone();
     arch::cpuid::configure(&mut cpuid, id, nr_vcpus);
@@ -70,25 +65,33 @@ pub fn configure(
         *d = s as _;
     }
     vcpu.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
+    Ok(())
+}
 
-    if id == 0 {
-        let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-        let setup = |e: arch::regs::RegsError| VmmError::Setup(e.to_string());
-        let (sregs, regs) = match boot {
-            arch::regs::BootEntry::Linux64(entry) => (
-                arch::regs::setup_long_mode(mem, sregs).map_err(setup)?,
-                arch::regs::boot_regs(entry),
-            ),
-            arch::regs::BootEntry::Multiboot { entry, info } => (
-                arch::regs::setup_protected_mode(mem, sregs).map_err(setup)?,
-                arch::regs::multiboot_regs(entry, info),
-            ),
-        };
-        vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
-        vcpu.set_fpu(&arch::regs::boot_fpu())
-            .map_err(kvm_err("KVM_SET_FPU"))?;
-        vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
-    }
+/// Puts the boot vCPU at `boot`: long mode (Linux) or protected mode (Multiboot), with
+/// the page tables or descriptors written into `mem`, so after the kernel is loaded.
+pub fn set_boot_state(
+    vcpu: &VcpuFd,
+    mem: &GuestMemoryMmap,
+    boot: arch::regs::BootEntry,
+) -> Result<(), VmmError> {
+    let kvm_err = |what: &'static str| move |e: kvm_ioctls::Error| VmmError::Kvm(what, e);
+    let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+    let setup = |e: arch::regs::RegsError| VmmError::Setup(e.to_string());
+    let (sregs, regs) = match boot {
+        arch::regs::BootEntry::Linux64(entry) => (
+            arch::regs::setup_long_mode(mem, sregs).map_err(setup)?,
+            arch::regs::boot_regs(entry),
+        ),
+        arch::regs::BootEntry::Multiboot { entry, info } => (
+            arch::regs::setup_protected_mode(mem, sregs).map_err(setup)?,
+            arch::regs::multiboot_regs(entry, info),
+        ),
+    };
+    vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+    vcpu.set_fpu(&arch::regs::boot_fpu())
+        .map_err(kvm_err("KVM_SET_FPU"))?;
+    vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
     Ok(())
 }
 
