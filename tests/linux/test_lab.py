@@ -73,5 +73,47 @@ class Watchdog(unittest.TestCase):
         self.assertIsNone(lab._l1_sample("/nonexistent/monitor.sock"))
 
 
+class Retries(unittest.TestCase):
+    """run_jobs reruns what a wedged L1 left unfinished, in fresh L1s, a bounded number
+    of times (ci/lab.py's _run_nested replaced by a script of L1 boots)."""
+
+    def run_with(self, boots):
+        calls = []
+
+        def fake(todo, echo, extra_files):
+            calls.append([j.name for j in todo])
+            res = {}
+            for name, rc in boots[len(calls) - 1].items():
+                if name == "__stuck__":
+                    res[name] = lab.JobResult("__stuck__", None, rc)
+                else:
+                    res[name] = lab.JobResult(name, rc)
+            return res
+
+        saved = lab.mode, lab._run_nested
+        lab.mode, lab._run_nested = (lambda: "nested"), fake
+        try:
+            res = lab.run_jobs([lab.Job("a", []), lab.Job("b", []), lab.Job("c", [])])
+        finally:
+            lab.mode, lab._run_nested = saved
+        return calls, res
+
+    def test_unfinished_jobs_run_again_until_an_l1_finishes(self):
+        calls, res = self.run_with([
+            {"a": 0, "b": None, "__stuck__": "b"},
+            {"b": 0, "c": None, "__stuck__": "c"},
+            {"c": 1},
+        ])
+        self.assertEqual(calls, [["a", "b", "c"], ["b", "c"], ["c"]])
+        self.assertEqual({n: r.rc for n, r in res.items()}, {"a": 0, "b": 0, "c": 1})
+
+    def test_the_number_of_l1_boots_is_bounded(self):
+        stuck = {"a": None, "__stuck__": "a"}
+        calls, res = self.run_with([stuck] * (lab.L1_BOOTS + 3))
+        self.assertEqual(len(calls), lab.L1_BOOTS)
+        self.assertIsNone(res["a"].rc)
+        self.assertNotIn("__stuck__", res)
+
+
 if __name__ == "__main__":
     unittest.main()
