@@ -34,10 +34,11 @@ L1_MEMORY = "3072"
 # L1's CPUs and QEMU's accelerator options, for experiments. One CPU is the setting
 # that works: with two, Debian's QEMU 7.2 under multi-threaded TCG crashed L1 (nested
 # page faults recursing in L1's kernel) and round-robin TCG left L2 guests stalled.
-# One CPU has its own failure, about once in 50 L2 boots of a 2-vCPU guest: L2 spins
+# One CPU has its own failure, about once in 20-50 boots of a 2-vCPU L2 guest: L2 spins
 # on a lock its other vCPU holds, and L1's timer interrupt stays pending in its APIC
 # (seen in `info lapic`) without ending L2's run, so L1 never gets its CPU back. The
-# watchdog below sees that through QEMU's monitor, and the jobs run once more.
+# watchdog below sees that through QEMU's monitor, and run_jobs reruns the unfinished
+# jobs in a fresh L1 (at most L1_BOOTS boots in all).
 L1_CPUS = os.environ.get("FV_LAB_CPUS", "1")
 L1_ACCEL = os.environ.get("FV_LAB_ACCEL", "tcg")
 # How many L1 boots a set of jobs may take when L1 wedges.
@@ -107,8 +108,9 @@ def build_vmm(static):
     if static:
         # Static and not position-independent: at a fixed address, L1's TCG finds the
         # code it translated for the previous faultvisor process again (a PIE lands
-        # elsewhere each time and is translated anew): start to first KVM_RUN 40-44 ms
-        # instead of 124-176 ms in the lab. Release builds for hosts stay PIE.
+        # elsewhere each time and is translated anew): start to first KVM_RUN 33 ms
+        # median instead of 124-176 ms in the lab (BENCHMARKS.md). Release builds for
+        # hosts stay PIE.
         flags = " -C target-feature=+crt-static -C relocation-model=static"
         env["RUSTFLAGS"] = (env.get("RUSTFLAGS", "") + flags).strip()
         env["CARGO_TARGET_DIR"] = os.path.join(ROOT, "target", "lab")

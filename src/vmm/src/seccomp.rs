@@ -132,8 +132,8 @@ fn programs(mode: SeccompMode) -> Result<&'static Programs, VmmError> {
 }
 
 /// Compiles the filters for `mode` now, while the vCPU set-up thread is still busy,
-/// rather than on the start-up's critical path. An error is kept
-/// and reported by the first [`thread_filter`].
+/// rather than on the start-up's critical path. An error is kept and reported by the
+/// first [`thread_filter`].
 pub fn precompile(mode: SeccompMode) {
     if mode != SeccompMode::Off {
         let _ = programs(mode);
